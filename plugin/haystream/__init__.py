@@ -1,0 +1,26 @@
+"""haystream: generator-based streaming for Haystack, served as OpenAI-compatible chat endpoints."""
+
+from haystream.streaming import (
+    AsyncChunkStream,
+    ChunkStream,
+    LazyChunkStream,
+    StreamCancelled,
+    StreamingChatGenerator,
+    astream,
+    chunks_to_message,
+    stream,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncChunkStream",
+    "ChunkStream",
+    "LazyChunkStream",
+    "StreamCancelled",
+    "StreamingChatGenerator",
+    "__version__",
+    "astream",
+    "chunks_to_message",
+    "stream",
+]

@@ -1,0 +1,17 @@
+"""The streaming core: Haystack only, no web imports."""
+
+from haystream.streaming.channel import StreamCancelled
+from haystream.streaming.component import LazyChunkStream, StreamingChatGenerator
+from haystream.streaming.message import chunks_to_message
+from haystream.streaming.stream import AsyncChunkStream, ChunkStream, astream, stream
+
+__all__ = [
+    "AsyncChunkStream",
+    "ChunkStream",
+    "LazyChunkStream",
+    "StreamCancelled",
+    "StreamingChatGenerator",
+    "astream",
+    "chunks_to_message",
+    "stream",
+]

@@ -1,0 +1,192 @@
+"""Bounded hand-off of chunks from a producer to one consumer.
+
+Two twins with the same contract:
+
+- `ThreadChannel`: the producer runs in a worker thread; the consumer reads from a thread (`get`) or from an event
+  loop (`aget`, woken with `loop.call_soon_threadsafe` only when it is actually waiting).
+- `AsyncChannel`: producer and consumer are tasks on one event loop.
+
+Both are bounded: a producer that gets ahead of its consumer by `capacity` items waits, so a slow reader throttles
+generation instead of growing memory. When the consumer leaves (`close`), the producer's next `put` raises
+`StreamCancelled`. Nothing polls: waiting is done on conditions and futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class StreamCancelled(BaseException):
+    """Raised inside a producer when the consumer of its stream has gone away.
+
+    It derives from `BaseException` so that `except Exception` blocks in pipelines and components do not swallow it.
+    """
+
+
+class _End:
+    """Marker returned by `get` once the producer has finished and every item has been taken."""
+
+    __slots__ = ()
+
+
+END: Any = _End()
+
+
+class _ChannelState(Generic[T]):
+    """State and consumer-side logic shared by both channel twins."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = capacity
+        self._items: deque[T] = deque()
+        self._closed = False
+        self._done = False
+        self._error: BaseException | None = None
+        self.result: Any = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the consumer has gone away."""
+        return self._closed
+
+    @property
+    def done(self) -> bool:
+        """True once the producer has finished, with or without an error."""
+        return self._done
+
+    def _finish(self, result: Any, error: BaseException | None) -> None:
+        self._done = True
+        self.result = result
+        self._error = error
+
+    def _take(self) -> T:
+        # Items produced before a failure are delivered first, then the failure is raised (once).
+        if self._items:
+            return self._items.popleft()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return END
+
+
+class ThreadChannel(_ChannelState[T]):
+    """Hand-off from producer thread(s) to a sync consumer or to a consumer on `loop`."""
+
+    def __init__(self, capacity: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(capacity)
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._not_empty = threading.Condition(self._lock)
+        self._waiter: asyncio.Future[None] | None = None
+
+    # producer side (any thread)
+    def put(self, item: T) -> None:
+        """Hand one item over; waits while the consumer is `capacity` items behind."""
+        with self._lock:
+            while len(self._items) >= self._capacity and not self._closed:
+                self._not_full.wait()
+            if self._closed:
+                raise StreamCancelled()
+            self._items.append(item)
+            self._wake_consumer()
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Mark the end of production, with the run's result or the error that ended it."""
+        with self._lock:
+            self._finish(result, error)
+            self._wake_consumer()
+
+    def _wake_consumer(self) -> None:
+        if self._loop is None:
+            self._not_empty.notify()
+        elif self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody left to wake
+                self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    # consumer side
+    def get(self) -> T:
+        """Next item, blocking the calling thread; `END` after the last one; raises the producer's error."""
+        with self._lock:
+            while not self._items and not self._done:
+                self._not_empty.wait()
+            item = self._take()
+            self._not_full.notify()
+            return item
+
+    async def aget(self) -> T:
+        """Next item without blocking the event loop; `END` after the last one; raises the producer's error."""
+        while True:
+            with self._lock:
+                if self._items or self._done:
+                    item = self._take()
+                    self._not_full.notify()
+                    return item
+                assert self._loop is not None, "aget needs a channel created with a loop"
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
+    def close(self) -> None:
+        """The consumer leaves: drop buffered items and make the producer's next `put` raise `StreamCancelled`."""
+        with self._lock:
+            self._closed = True
+            self._items.clear()
+            self._not_full.notify_all()
+
+
+class AsyncChannel(_ChannelState[T]):
+    """Hand-off between a producer task and a consumer task on the same event loop."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+
+    async def put(self, item: T) -> None:
+        """Hand one item over; waits while the consumer is `capacity` items behind."""
+        while len(self._items) >= self._capacity and not self._closed:
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+        if self._closed:
+            raise StreamCancelled()
+        self._items.append(item)
+        self._getter = _wake(self._getter)
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Mark the end of production, with the run's result or the error that ended it."""
+        self._finish(result, error)
+        self._getter = _wake(self._getter)
+
+    async def get(self) -> T:
+        """Next item; `END` after the last one; raises the producer's error."""
+        while not self._items and not self._done:
+            self._getter = asyncio.get_running_loop().create_future()
+            await self._getter
+        item = self._take()
+        self._putter = _wake(self._putter)
+        return item
+
+    def close(self) -> None:
+        """The consumer leaves: drop buffered items and make the producer's next `put` raise `StreamCancelled`."""
+        self._closed = True
+        self._items.clear()
+        self._putter = _wake(self._putter)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None:
+        _resolve(future)
+    return None

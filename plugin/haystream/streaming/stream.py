@@ -1,0 +1,215 @@
+"""`stream()` and `astream()`: iterate the chunks of a Pipeline, chat generator or Agent as they are produced."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Any
+
+from haystack.dataclasses import ChatMessage, StreamingChunk
+
+from haystream.streaming.channel import END, AsyncChannel, StreamCancelled, ThreadChannel
+from haystream.streaming.producer import start_producer
+from haystream.streaming.targets import StreamingComponents, StreamTarget, resolve_target
+
+DEFAULT_BUFFER_SIZE = 64
+_CANCEL_TIMEOUT_SECONDS = 2.0
+
+
+class _Outcome:
+    """Result bookkeeping shared by both stream twins."""
+
+    _target: StreamTarget
+    _channel: Any = None
+    _finished = False
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The run's output (as `Pipeline.run` or the component's `run` returns it), once the stream is exhausted."""
+        if not self._finished:
+            raise RuntimeError("The stream has not been fully consumed; iterate it to the end first.")
+        return self._channel.result
+
+    @property
+    def reply(self) -> ChatMessage | None:
+        """The final reply `ChatMessage` of the run, once the stream is exhausted (None if the run has none)."""
+        return self._target.reply(self.result)
+
+
+class ChunkStream(_Outcome, Iterator[StreamingChunk]):
+    """A synchronous iterator over the `StreamingChunk`s of one run.
+
+    The run starts on the first `next()`, in a producer thread of haystream's own executor. Closing the stream
+    (`close()`, leaving a `with` block, or dropping the last reference) stops the run at its next chunk and closes
+    the upstream HTTP stream. Errors raised by the run are re-raised here after the chunks produced before them.
+    """
+
+    def __init__(self, target: StreamTarget, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+        self._target = target
+        self._buffer_size = buffer_size
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> StreamingChunk:
+        if self._channel is None:
+            self._channel = ThreadChannel(self._buffer_size)
+            start_producer(self._target, self._channel)
+        if self._finished:
+            raise StopIteration
+        item = self._channel.get()
+        if item is END:
+            self._finished = True
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the run (if it is still going) and release the producer thread."""
+        if self._channel is not None and not self._finished:
+            self._channel.close()
+
+    def __enter__(self) -> ChunkStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
+    """An asynchronous iterator over the `StreamingChunk`s of one run.
+
+    Runs natively on the event loop (`run_async`) when every streamed component supports it; otherwise the sync run
+    goes to a producer thread whose chunks are handed to the loop without polling or per-chunk thread hops.
+    `aclose()`, leaving an `async with` block, cancelling the consuming task, or dropping the last reference stops
+    the run.
+    """
+
+    def __init__(self, target: StreamTarget, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+        self._target = target
+        self._buffer_size = buffer_size
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __aiter__(self) -> AsyncChunkStream:
+        return self
+
+    async def __anext__(self) -> StreamingChunk:
+        if self._channel is None:
+            self._start()
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._next_item()
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+        if item is END:
+            self._finished = True
+            raise StopAsyncIteration
+        return item
+
+    def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._target.supports_async:
+            channel: Any = AsyncChannel(self._buffer_size)
+            self._task = self._loop.create_task(self._run_on_loop(channel))
+            self._next_item = channel.get
+        else:
+            channel = ThreadChannel(self._buffer_size, loop=self._loop)
+            start_producer(self._target, channel)
+            self._next_item = channel.aget
+        self._channel = channel
+
+    async def _run_on_loop(self, channel: AsyncChannel[StreamingChunk]) -> None:
+        try:
+            result = await self._target.run_async(channel.put)
+        except StreamCancelled:
+            channel.finish()
+        except asyncio.CancelledError:
+            channel.finish(error=asyncio.CancelledError())
+            raise
+        except Exception as error:
+            channel.finish(error=error)
+        else:
+            channel.finish(result=result)
+
+    def _abort(self) -> None:
+        if self._channel is None or self._finished:
+            return
+        self._channel.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def aclose(self) -> None:
+        """Stop the run (if it is still going) and wait briefly for it to wind down."""
+        self._abort()
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({self._task}, timeout=_CANCEL_TIMEOUT_SECONDS)
+
+    async def __aenter__(self) -> AsyncChunkStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if self._channel is None or self._finished:
+            return
+        if self._task is None:
+            self._channel.close()  # thread-safe
+        elif self._loop is not None and not self._loop.is_closed():
+            self._channel.close()
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+
+def stream(
+    target: Any,
+    data: dict[str, Any] | None = None,
+    *,
+    messages: list[ChatMessage] | None = None,
+    streaming_components: StreamingComponents = None,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    **run_kwargs: Any,
+) -> ChunkStream:
+    """Stream a Pipeline, a chat generator or an Agent as a sync iterator of `StreamingChunk`s.
+
+    :param target: a `Pipeline`, an `Agent`, or any component whose `run` takes a `streaming_callback`.
+    :param data: pipeline inputs (nested or flat, as `Pipeline.run` takes them), or extra run inputs of a component.
+    :param messages: chat messages; for a pipeline they go to every component with an unconnected `messages` input.
+    :param streaming_components: pipelines only: `None` for the final streaming component(s), `"all"`, or names.
+    :param buffer_size: how many chunks the producer may get ahead of the consumer before it waits.
+    :param run_kwargs: further keyword arguments of the target's `run` (e.g. `generation_kwargs`,
+        `include_outputs_from`).
+    :raises ValueError: at once, for unknown or non-streaming `streaming_components`.
+    """
+    resolved = resolve_target(
+        target, data, messages=messages, streaming_components=streaming_components, run_kwargs=run_kwargs
+    )
+    return ChunkStream(resolved, buffer_size)
+
+
+def astream(
+    target: Any,
+    data: dict[str, Any] | None = None,
+    *,
+    messages: list[ChatMessage] | None = None,
+    streaming_components: StreamingComponents = None,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    **run_kwargs: Any,
+) -> AsyncChunkStream:
+    """Stream a Pipeline, a chat generator or an Agent as an async iterator of `StreamingChunk`s.
+
+    Same parameters as `stream()`. The run starts at the first `__anext__` on the running event loop.
+    """
+    resolved = resolve_target(
+        target, data, messages=messages, streaming_components=streaming_components, run_kwargs=run_kwargs
+    )
+    return AsyncChunkStream(resolved, buffer_size)

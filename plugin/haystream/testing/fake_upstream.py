@@ -1,0 +1,592 @@
+"""Honest fake OpenAI-compatible chat-completions server for tests and benchmarks.
+
+`FakeUpstream` serves a pure ASGI app with uvicorn on a loopback socket, in a daemon thread that runs its own
+event loop. It speaks real HTTP/1.1 and real SSE, so clients exercise their genuine network stack. The behaviour of
+each request is encoded in the ``model`` string, e.g. ``"fake?tokens=20&delay=0.01&fail_after=3"`` (see
+`parse_scenario`). Every chat-completions request is recorded as an `UpstreamRecord`, including whether the client
+hung up before the response finished and how many content tokens really reached the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+from urllib.parse import parse_qsl
+
+import orjson
+import uvicorn
+
+__all__ = ["FakeUpstream", "Scenario", "UpstreamRecord", "parse_scenario"]
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+_MODELS_PATHS = frozenset({"/v1/models", "/models"})
+_MODELS = {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "fake"}]}
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_DONE = b"data: [DONE]\n\n"
+_TOOL_CALL_ID = "call_fake_1"
+_START_TIMEOUT = 10.0
+_STOP_TIMEOUT = 10.0
+_GRACEFUL_SHUTDOWN = 5
+
+
+class Scenario(TypedDict):
+    """Behaviour of one request, parsed from the ``model`` string by `parse_scenario`."""
+
+    name: str
+    tokens: int
+    delay: float
+    ttft: float
+    text: str
+    echo: bool
+    fail_after: int | None
+    fail_mode: str
+    status: int | None
+    tool: str | None
+    args: str
+    reasoning: int
+
+
+def parse_scenario(model: str) -> Scenario:
+    """Parse ``"name?key=value&..."`` into a `Scenario`; unknown keys are ignored, bad values raise ValueError."""
+    name, _, query = model.partition("?")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+
+    def _int(key: str, default: int | None) -> int | None:
+        raw = params.get(key)
+        if raw is None or raw == "":
+            return default
+        value = int(raw)
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+        return value
+
+    def _float(key: str) -> float:
+        raw = params.get(key)
+        value = float(raw) if raw else 0.0
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {raw}")
+        return value
+
+    fail_mode = params.get("fail_mode") or "error"
+    if fail_mode not in ("error", "drop"):
+        raise ValueError(f"fail_mode must be 'error' or 'drop', got {fail_mode!r}")
+    status = _int("status", None)
+    if status is not None and not 100 <= status <= 599:
+        raise ValueError(f"status must be an HTTP status code, got {status}")
+    return Scenario(
+        name=name,
+        tokens=_int("tokens", 8) or 0,
+        delay=_float("delay"),
+        ttft=_float("ttft"),
+        text=params.get("text", "t"),
+        echo=params.get("echo", "0").lower() in ("1", "true", "yes"),
+        fail_after=_int("fail_after", None),
+        fail_mode=fail_mode,
+        status=status,
+        tool=params.get("tool") or None,
+        args=params.get("args") or "{}",
+        reasoning=_int("reasoning", 0) or 0,
+    )
+
+
+@dataclass
+class UpstreamRecord:
+    """What the fake saw and did for one chat-completions request (mutated live by the server thread)."""
+
+    id: str
+    model: str
+    body: dict[str, Any]
+    stream: bool
+    planned_tokens: int
+    tokens_sent: int = 0
+    client_hung_up: bool = False
+    completed: bool = False
+    finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    def wait(self, timeout: float = 10) -> UpstreamRecord:
+        """Block until the response ended for any reason; raise TimeoutError otherwise."""
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"{self.id}: response still running after {timeout}s ({self.tokens_sent} tokens sent)")
+        return self
+
+
+class _UpstreamDrop(Exception):
+    """Raised inside the ASGI app so uvicorn aborts the connection mid-body (``fail_mode=drop``)."""
+
+
+class _HideDropTracebacks(logging.Filter):
+    """Keeps uvicorn from logging a traceback for deliberate ``fail_mode=drop`` aborts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _UpstreamDrop))
+
+
+def _install_log_filter() -> None:
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _HideDropTracebacks) for f in uvicorn_error.filters):
+        uvicorn_error.addFilter(_HideDropTracebacks())
+
+
+def _content_text(content: Any) -> str:
+    """Text of a message ``content``: the string itself, or its concatenated ``text`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return []
+    return [m for m in messages if isinstance(m, dict)]
+
+
+def _error_body(message: str, type_: str, code: int | str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+def _split_args(args: str) -> list[str]:
+    """Split tool-call arguments into 2-3 pieces, as real streams do."""
+    if len(args) < 2:
+        return [args]
+    step = math.ceil(len(args) / min(3, len(args)))
+    return [args[i : i + step] for i in range(0, len(args), step)]
+
+
+@dataclass
+class _Plan:
+    """The deltas a scenario will stream: ``(delta, is_content_token)`` plus the final message."""
+
+    steps: list[tuple[dict[str, Any], bool]]
+    finish_reason: str
+    message: dict[str, Any]
+
+    @property
+    def planned_tokens(self) -> int:
+        return sum(1 for _, is_token in self.steps if is_token)
+
+
+def _plan(scenario: Scenario, body: dict[str, Any]) -> _Plan:
+    messages = _messages(body)
+    steps: list[tuple[dict[str, Any], bool]] = [
+        ({"reasoning_content": f"r{i} "}, False) for i in range(scenario["reasoning"])
+    ]
+    reasoning = "".join(delta["reasoning_content"] for delta, _ in steps)
+    tool = scenario["tool"]
+    if tool is not None and not (messages and messages[-1].get("role") == "tool"):
+        header = {"index": 0, "id": _TOOL_CALL_ID, "type": "function", "function": {"name": tool, "arguments": ""}}
+        steps.append(({"tool_calls": [header]}, False))
+        steps.extend(
+            ({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, True)
+            for piece in _split_args(scenario["args"])
+        )
+        call = {"id": _TOOL_CALL_ID, "type": "function", "function": {"name": tool, "arguments": scenario["args"]}}
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        finish_reason = "tool_calls"
+    else:
+        prefix = scenario["text"]
+        if scenario["echo"]:
+            user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+            if user is not None:
+                prefix = _content_text(user.get("content"))
+        tokens = [f"{prefix}{i} " for i in range(scenario["tokens"])]
+        if tool is not None:
+            tokens.insert(0, f"result={_content_text(messages[-1].get('content'))} ")
+        steps.extend(({"content": token}, True) for token in tokens)
+        message = {"role": "assistant", "content": "".join(tokens)}
+        finish_reason = "stop"
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return _Plan(steps=steps, finish_reason=finish_reason, message=message)
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    return sum(len(_content_text(m.get("content")).split()) for m in _messages(body))
+
+
+async def _send_json(send: Send, status: int, payload: Any) -> None:
+    data = orjson.dumps(payload)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> None:
+    """Wait for ``http.disconnect`` (uvicorn also sends it once the response completes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    disconnected.set()
+
+
+def _failure(tokens: int) -> dict[str, Any]:
+    return _error_body(f"upstream failed after {tokens} tokens", "server_error", "upstream_failure")
+
+
+class _Exchange:
+    """One chat-completions request/response, driven by its scenario."""
+
+    def __init__(
+        self, record: UpstreamRecord, scenario: Scenario, plan: _Plan, send: Send, disconnected: asyncio.Event
+    ) -> None:
+        self.record = record
+        self.scenario = scenario
+        self.plan = plan
+        self.send = send
+        self.disconnected = disconnected
+        self.created = int(time.time())
+        self.aborted = False
+
+    def abort(self) -> None:
+        """Drop the connection at the next checkpoint (the server is stopping); wakes a pending pause."""
+        self.aborted = True
+        self.disconnected.set()
+
+    def _hung_up(self) -> bool:
+        """Checkpoint: True once the client is gone; raises `_UpstreamDrop` if the server is stopping."""
+        if self.aborted:
+            raise _UpstreamDrop(f"{self.record.id}: fake upstream stopped")
+        if self.disconnected.is_set():
+            self.record.client_hung_up = True
+        return self.record.client_hung_up
+
+    async def _pause(self, seconds: float) -> bool:
+        """Pace output; return False (client hung up) as soon as a disconnect is seen."""
+        if seconds > 0 and not self.disconnected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.disconnected.wait(), timeout=seconds)
+        return not self._hung_up()
+
+    async def _write(self, data: bytes, *, more_body: bool = True) -> bool:
+        """Hand ``data`` to the socket; return False if the client is gone."""
+        if self._hung_up():
+            return False
+        try:
+            await self.send({"type": "http.response.body", "body": data, "more_body": more_body})
+        except OSError:  # includes uvicorn's ClientDisconnected
+            self.record.client_hung_up = True
+            return False
+        # A send blocked on back-pressure returns silently, without writing, if the client left meanwhile.
+        return not self._hung_up()
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._event({"choices": [choice]})
+
+    def _event(self, extra: dict[str, Any]) -> bytes:
+        payload = {
+            "id": self.record.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.scenario["name"],
+            **extra,
+        }
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
+        prompt = _prompt_tokens(self.record.body)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        }
+
+    async def run(self) -> None:
+        status = self.scenario["status"]
+        if status is not None:
+            await _send_json(self.send, status, _error_body(f"fake upstream status {status}", "fake_error", status))
+            self.record.completed = True
+        elif self.record.stream:
+            await self._stream()
+        else:
+            await self._complete()
+
+    async def _stream(self) -> None:
+        fail_after = self.scenario["fail_after"]
+        try:
+            await self.send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        except OSError:  # includes uvicorn's ClientDisconnected
+            self.record.client_hung_up = True
+            return
+        if not await self._write(self._chunk({"role": "assistant", "content": ""})):
+            return
+        first = True
+        for delta, is_token in self.plan.steps:
+            if not await self._pause(self.scenario["delay"] + (self.scenario["ttft"] if first else 0.0)):
+                return
+            first = False
+            if is_token and self.record.tokens_sent == fail_after:
+                break
+            if not await self._write(self._chunk(delta)):
+                return
+            if is_token:
+                self.record.tokens_sent += 1
+        if fail_after is not None:
+            if self.scenario["fail_mode"] == "drop":
+                raise _UpstreamDrop(f"{self.record.id}: dropped after {self.record.tokens_sent} tokens")
+            await self._write(b"data: " + orjson.dumps(_failure(self.record.tokens_sent)) + b"\n\n", more_body=False)
+            return
+        if not await self._write(self._chunk({}, self.plan.finish_reason)):
+            return
+        options = self.record.body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage = self._event({"choices": [], "usage": self._usage(self.record.tokens_sent)})
+            if not await self._write(usage):
+                return
+        if await self._write(_DONE, more_body=False):
+            self.record.completed = True
+
+    async def _complete(self) -> None:
+        fail_after = self.scenario["fail_after"]
+        planned = self.plan.planned_tokens
+        steps = len(self.plan.steps)
+        if fail_after is not None and fail_after < planned:
+            token_positions = [i for i, (_, is_token) in enumerate(self.plan.steps) if is_token]
+            steps = token_positions[fail_after] + 1
+        if not await self._pause(self.scenario["ttft"] + self.scenario["delay"] * steps):
+            return
+        if fail_after is None:
+            choice = {
+                "index": 0,
+                "message": self.plan.message,
+                "logprobs": None,
+                "finish_reason": self.plan.finish_reason,
+            }
+            payload = {
+                "id": self.record.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.scenario["name"],
+                "choices": [choice],
+                "usage": self._usage(planned),
+            }
+            await _send_json(self.send, 200, payload)
+            self.record.tokens_sent = planned
+            self.record.completed = True
+        elif self.scenario["fail_mode"] == "error":
+            await _send_json(self.send, 500, _failure(min(fail_after, planned)))
+        else:
+            data = orjson.dumps({"id": self.record.id, "object": "chat.completion", "choices": []})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+            await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self._write(data[: len(data) // 2])
+            raise _UpstreamDrop(f"{self.record.id}: dropped mid-body")
+
+
+class _FakeApp:
+    """Pure ASGI callable implementing the OpenAI routes the fake supports."""
+
+    def __init__(self, upstream: FakeUpstream) -> None:
+        self.upstream = upstream
+        self.active: set[_Exchange] = set()  # touched only on the server loop
+        self.stopping = False
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if method == "POST" and path in _CHAT_PATHS:
+            await self._chat(receive, send)
+        elif method == "GET" and path in _MODELS_PATHS:
+            await _send_json(send, 200, _MODELS)
+        else:
+            await _send_json(send, 404, _error_body(f"no route for {method} {path}", "not_found", 404))
+
+    async def _chat(self, receive: Receive, send: Send) -> None:
+        raw = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            raw += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        try:
+            body = orjson.loads(raw)
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+                raise ValueError("request body must be a JSON object with a string 'model'")
+            scenario = parse_scenario(body["model"])
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            await _send_json(send, 400, _error_body(str(exc), "invalid_request_error", None))
+            return
+        plan = _plan(scenario, body)
+        record = self.upstream._new_record(body, plan.planned_tokens)
+        disconnected = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
+        exchange = _Exchange(record, scenario, plan, send, disconnected)
+        self.active.add(exchange)
+        if self.stopping:
+            exchange.abort()
+        try:
+            await exchange.run()
+        finally:
+            self.active.discard(exchange)
+            watcher.cancel()
+            record.finished.set()
+
+    def abort_all(self) -> None:
+        """Make every in-flight and future exchange drop its connection (called on the server loop)."""
+        self.stopping = True
+        for exchange in self.active:
+            exchange.abort()
+
+
+class _ThreadedServer(uvicorn.Server):
+    """uvicorn server for a non-main thread: no signal handlers, reports start-up via a threading.Event."""
+
+    def __init__(self, config: uvicorn.Config, app: _FakeApp, ready: threading.Event) -> None:
+        super().__init__(config)
+        self.app = app
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = ready
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self._ready.set()
+
+
+class FakeUpstream:
+    """Fake OpenAI-compatible chat-completions server on a loopback socket; use as a context manager."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self._port = port
+        self.records: list[UpstreamRecord] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._server: _ThreadedServer | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """Listening port (the requested one until `start` binds a free port for ``port=0``)."""
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
+        if self._port == 0:
+            raise RuntimeError("FakeUpstream is not started; the port is not known yet")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._port}/v1"
+
+    def _make_config(self, app: _FakeApp) -> uvicorn.Config:
+        return uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_keep_alive=30,
+            backlog=2048,
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
+        )
+
+    def start(self) -> FakeUpstream:
+        """Serve in a daemon thread with its own event loop; return once the socket is listening."""
+        if self._thread is not None:
+            raise RuntimeError("FakeUpstream is already running")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._port))
+            sock.listen(2048)
+            app = _FakeApp(self)
+            config = self._make_config(app)
+        except BaseException:
+            sock.close()
+            raise
+        _install_log_filter()
+        self._port = sock.getsockname()[1]
+        ready = threading.Event()
+        self._error = None
+        self._server = _ThreadedServer(config, app, ready)
+        self._thread = threading.Thread(
+            target=self._serve, args=(self._server, sock, ready), name=f"fake-upstream-{self._port}", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(_START_TIMEOUT) or not self._server.started:
+            self.stop()
+            raise RuntimeError(f"fake upstream failed to start on {self.host}:{self._port}") from self._error
+        return self
+
+    def _serve(self, server: _ThreadedServer, sock: socket.socket, ready: threading.Event) -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # SystemExit from a failed start-up included
+            self._error = exc
+        finally:
+            sock.close()
+            ready.set()
+
+    def stop(self) -> None:
+        """Stop uvicorn gracefully and join its thread; responses still streaming are dropped mid-body."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        if server.loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                server.loop.call_soon_threadsafe(server.app.abort_all)
+        thread.join(_STOP_TIMEOUT)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(_STOP_TIMEOUT)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _new_record(self, body: dict[str, Any], planned_tokens: int) -> UpstreamRecord:
+        with self._cond:
+            record = UpstreamRecord(
+                id=f"chatcmpl-fake-{next(self._ids)}",
+                model=body["model"],
+                body=body,
+                stream=bool(body.get("stream")),
+                planned_tokens=planned_tokens,
+            )
+            self.records.append(record)
+            self._cond.notify_all()
+        return record
+
+    def wait_for_requests(self, n: int, timeout: float = 10) -> list[UpstreamRecord]:
+        """Block until at least ``n`` requests arrived; return the first ``n`` records."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.records) >= n, timeout):
+                raise TimeoutError(f"expected {n} upstream requests within {timeout}s, got {len(self.records)}")
+            return self.records[:n]
+
+    def reset(self) -> None:
+        """Forget all records (ids keep counting so they stay unique)."""
+        with self._cond:
+            self.records.clear()
