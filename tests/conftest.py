@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import gc
+import os
+from pathlib import Path
 
+import openai
 import pytest
+
+# No telemetry from Haystack during tests (the machines have no network; retries would only add noise and delay).
+os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
+
 from haystack.components.generators.chat import OpenAIChatGenerator
 from haystack.utils import Secret
 
-from haystream.testing import FakeUpstream
+from haystream.server import ServerSettings, create_app
+from haystream.testing import FakeUpstream, ServerThread
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +40,37 @@ def make_llm(upstream: FakeUpstream):
 def _collect_garbage():
     yield
     gc.collect()
+
+
+WRAPPERS_DIR = Path(__file__).parent / "wrappers"
+
+
+def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
+    """haystream's app (hayhooks inside) under a real uvicorn on loopback, serving tests/wrappers."""
+    os.environ["FAKE_UPSTREAM_URL"] = upstream.base_url
+    settings.setdefault("pipelines_dir", str(WRAPPERS_DIR))
+    return ServerThread(create_app(ServerSettings(**settings)), lifespan="on").start()
+
+
+@pytest.fixture(scope="session")
+def server(upstream: FakeUpstream) -> ServerThread:
+    srv = start_server(upstream)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> openai.OpenAI:
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def aclient(server: ServerThread) -> openai.AsyncOpenAI:
+    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as sdk:
+        yield sdk
+
+
+def sse_events(lines: list[str]) -> list[str]:
+    """The `data:` payloads of an SSE body (comments and blank lines dropped)."""
+    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]

@@ -86,6 +86,8 @@ class ThreadChannel(_ChannelState[T]):
         self._not_full = threading.Condition(self._lock)
         self._not_empty = threading.Condition(self._lock)
         self._waiter: asyncio.Future[None] | None = None
+        #: The thread currently producing into this channel (set by the producer), for `producer.abandon`.
+        self.producer_ident: int | None = None
 
     # producer side (any thread)
     def put(self, item: T) -> None:

@@ -9,15 +9,21 @@ closes every HTTP response it finds in the failed call's frames instead, which c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import os
+import socket
+import sys
 import threading
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, TypeVar
 
-from haystream.streaming.channel import StreamCancelled, ThreadChannel
-from haystream.streaming.targets import StreamTarget
+from haystream.streaming.channel import END, StreamCancelled, ThreadChannel
+
+T = TypeVar("T")
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -35,10 +41,30 @@ def producer_executor() -> ThreadPoolExecutor:
         return _executor
 
 
-def start_producer(target: StreamTarget, channel: ThreadChannel[Any]) -> None:
-    """Run `target` in a producer thread, feeding `channel`; the context (tracing, request ids) goes along."""
+def start_producer(produce: Callable[[Callable[[Any], None]], Any], channel: ThreadChannel[Any]) -> None:
+    """Call `produce(channel.put)` in a producer thread; its return value becomes the channel's result.
+
+    The caller's context (tracing spans, request ids) goes along.
+    """
     context = contextvars.copy_context()
-    producer_executor().submit(context.run, _produce, target, channel)
+    producer_executor().submit(context.run, _produce, produce, channel)
+
+
+async def iterate_in_thread(
+    produce: Callable[[Callable[[T], None]], Any], *, buffer_size: int = 64
+) -> AsyncIterator[T]:
+    """Async-iterate what `produce(sink)` hands to `sink` from a producer thread.
+
+    Items reach the event loop without polling or per-item thread hops; leaving the iteration (break, `aclose()`,
+    cancellation) makes the producer's next `sink` call raise `StreamCancelled`.
+    """
+    channel: ThreadChannel[T] = ThreadChannel(buffer_size, loop=asyncio.get_running_loop())
+    start_producer(produce, channel)
+    try:
+        while (item := await channel.aget()) is not END:
+            yield item
+    finally:
+        abandon(channel)
 
 
 def running_producers() -> int:
@@ -52,10 +78,26 @@ def wait_for_idle_producers(timeout: float) -> bool:
         return _running_changed.wait_for(lambda: _running == 0, timeout=timeout)
 
 
-def _produce(target: StreamTarget, channel: ThreadChannel[Any]) -> None:
+def abandon(channel: ThreadChannel[Any]) -> None:
+    """The consumer leaves: stop the producer at its next chunk, and at once if it is waiting on the network.
+
+    A producer blocked in a read (a slow first token, a stalled upstream) would otherwise run on until the next
+    chunk arrives; the HTTP streams and sockets it is reading are closed from here, which ends the read with an
+    error in the producer thread.
+    """
+    channel.close()
+    ident = channel.producer_ident
+    if ident is not None:
+        frame = sys._current_frames().get(ident)
+        if frame is not None:
+            _close_network_in_frames(frame)
+
+
+def _produce(produce: Callable[[Callable[[Any], None]], Any], channel: ThreadChannel[Any]) -> None:
     _count_running(+1)
+    channel.producer_ident = threading.get_ident()
     try:
-        result = target.run(channel.put)
+        result = produce(channel.put)
     except StreamCancelled as cancelled:
         close_http_responses(cancelled.__traceback__)
         channel.finish()
@@ -65,6 +107,7 @@ def _produce(target: StreamTarget, channel: ThreadChannel[Any]) -> None:
     else:
         channel.finish(result=result)
     finally:
+        channel.producer_ident = None
         _count_running(-1)
 
 
@@ -84,13 +127,41 @@ def close_http_responses(tb: TracebackType | None) -> int:
     while tb is not None:
         for value in list(tb.tb_frame.f_locals.values()):
             if _is_http_stream(value):
-                try:
-                    value.close()
-                    closed += 1
-                except Exception:
-                    pass
+                closed += _close_quietly(value)
         tb = tb.tb_next
     return closed
+
+
+def _close_network_in_frames(frame: FrameType | None) -> None:
+    # Innermost first: the socket a read is blocked on, then the responses and SDK streams around it.
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            sock = _socket_of(value)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in the producer thread
+            elif _is_http_stream(value):
+                _close_quietly(value)
+        frame = frame.f_back
+
+
+def _socket_of(value: Any) -> socket.socket | None:
+    # httpcore's sync network stream keeps its socket as `_sock`; a frame may also hold a socket directly.
+    if isinstance(value, socket.socket):
+        return value
+    try:
+        sock = getattr(value, "_sock", None) if not isinstance(value, type) else None
+    except Exception:  # an arbitrary object's attribute access may fail in any way
+        return None
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _close_quietly(stream: Any) -> int:
+    try:
+        stream.close()
+    except Exception:  # best effort: the stream may already be broken, or be closing in its own thread
+        return 0
+    return 1
 
 
 def _is_http_stream(value: Any) -> bool:

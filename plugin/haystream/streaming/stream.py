@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 from haystack.dataclasses import ChatMessage, StreamingChunk
 
 from haystream.streaming.channel import END, AsyncChannel, StreamCancelled, ThreadChannel
-from haystream.streaming.producer import start_producer
+from haystream.streaming.producer import abandon, start_producer
 from haystream.streaming.targets import StreamingComponents, StreamTarget, resolve_target
 
 DEFAULT_BUFFER_SIZE = 64
@@ -38,6 +38,13 @@ class _Outcome:
         return self._target.reply(self.result)
 
 
+class _Ran:
+    """Stands in for the channel of a stream that `run_into` ran directly."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.result = result
+
+
 class ChunkStream(_Outcome, Iterator[StreamingChunk]):
     """A synchronous iterator over the `StreamingChunk`s of one run.
 
@@ -56,7 +63,7 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
     def __next__(self) -> StreamingChunk:
         if self._channel is None:
             self._channel = ThreadChannel(self._buffer_size)
-            start_producer(self._target, self._channel)
+            start_producer(self._target.run, self._channel)
         if self._finished:
             raise StopIteration
         item = self._channel.get()
@@ -65,10 +72,21 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
             raise StopIteration
         return item
 
+    def run_into(self, sink: Callable[[StreamingChunk], None]) -> dict[str, Any]:
+        """Run this (not yet started) stream in the calling thread, handing each chunk to `sink`.
+
+        For bridges that already own a thread: it saves the hand-off through a second one. Returns the result.
+        """
+        if self._channel is not None:
+            raise RuntimeError("run_into() needs a stream that has not been iterated yet.")
+        self._channel = _Ran(self._target.run(sink))
+        self._finished = True
+        return self._channel.result
+
     def close(self) -> None:
         """Stop the run (if it is still going) and release the producer thread."""
         if self._channel is not None and not self._finished:
-            self._channel.close()
+            abandon(self._channel)
 
     def __enter__(self) -> ChunkStream:
         return self
@@ -121,7 +139,7 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
             self._next_item = channel.get
         else:
             channel = ThreadChannel(self._buffer_size, loop=self._loop)
-            start_producer(self._target, channel)
+            start_producer(self._target.run, channel)
             self._next_item = channel.aget
         self._channel = channel
 
@@ -141,9 +159,12 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
     def _abort(self) -> None:
         if self._channel is None or self._finished:
             return
-        self._channel.close()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        if self._task is None:
+            abandon(self._channel)
+        else:
+            self._channel.close()
+            if not self._task.done():
+                self._task.cancel()
 
     async def aclose(self) -> None:
         """Stop the run (if it is still going) and wait briefly for it to wind down."""
@@ -164,7 +185,7 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
         if self._channel is None or self._finished:
             return
         if self._task is None:
-            self._channel.close()  # thread-safe
+            abandon(self._channel)  # thread-safe
         elif self._loop is not None and not self._loop.is_closed():
             self._channel.close()
             self._loop.call_soon_threadsafe(self._task.cancel)

@@ -14,16 +14,16 @@ import contextlib
 import itertools
 import logging
 import math
-import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl
 
 import orjson
-import uvicorn
+
+from haystream.testing.server_thread import ServerThread
 
 __all__ = ["FakeUpstream", "Scenario", "UpstreamRecord", "parse_scenario"]
 
@@ -449,116 +449,41 @@ class _FakeApp:
             exchange.abort()
 
 
-class _ThreadedServer(uvicorn.Server):
-    """uvicorn server for a non-main thread: no signal handlers, reports start-up via a threading.Event."""
-
-    def __init__(self, config: uvicorn.Config, app: _FakeApp, ready: threading.Event) -> None:
-        super().__init__(config)
-        self.app = app
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._ready = ready
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self.loop = asyncio.get_running_loop()
-        try:
-            await super().startup(sockets=sockets)
-        finally:
-            self._ready.set()
-
-
 class FakeUpstream:
     """Fake OpenAI-compatible chat-completions server on a loopback socket; use as a context manager."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
-        self._port = port
         self.records: list[UpstreamRecord] = []
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
-        self._server: _ThreadedServer | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._app = _FakeApp(self)
+        # Streams still running at stop() are dropped mid-body instead of delaying the shutdown.
+        self._server = ServerThread(
+            self._app, host, port, graceful_shutdown=_GRACEFUL_SHUTDOWN, before_stop=self._app.abort_all
+        )
 
     @property
     def port(self) -> int:
         """Listening port (the requested one until `start` binds a free port for ``port=0``)."""
-        return self._port
+        return self._server.port
 
     @property
     def base_url(self) -> str:
         """OpenAI-style base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
-        if self._port == 0:
+        if self.port == 0:
             raise RuntimeError("FakeUpstream is not started; the port is not known yet")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._port}/v1"
-
-    def _make_config(self, app: _FakeApp) -> uvicorn.Config:
-        return uvicorn.Config(
-            app,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            timeout_keep_alive=30,
-            backlog=2048,
-            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
-        )
+        return self._server.url + "/v1"
 
     def start(self) -> FakeUpstream:
         """Serve in a daemon thread with its own event loop; return once the socket is listening."""
-        if self._thread is not None:
-            raise RuntimeError("FakeUpstream is already running")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self._port))
-            sock.listen(2048)
-            app = _FakeApp(self)
-            config = self._make_config(app)
-        except BaseException:
-            sock.close()
-            raise
         _install_log_filter()
-        self._port = sock.getsockname()[1]
-        ready = threading.Event()
-        self._error = None
-        self._server = _ThreadedServer(config, app, ready)
-        self._thread = threading.Thread(
-            target=self._serve, args=(self._server, sock, ready), name=f"fake-upstream-{self._port}", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(_START_TIMEOUT) or not self._server.started:
-            self.stop()
-            raise RuntimeError(f"fake upstream failed to start on {self.host}:{self._port}") from self._error
+        self._server.start()
         return self
-
-    def _serve(self, server: _ThreadedServer, sock: socket.socket, ready: threading.Event) -> None:
-        try:
-            server.run(sockets=[sock])
-        except BaseException as exc:  # SystemExit from a failed start-up included
-            self._error = exc
-        finally:
-            sock.close()
-            ready.set()
 
     def stop(self) -> None:
         """Stop uvicorn gracefully and join its thread; responses still streaming are dropped mid-body."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.should_exit = True
-        if server.loop is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                server.loop.call_soon_threadsafe(server.app.abort_all)
-        thread.join(_STOP_TIMEOUT)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(_STOP_TIMEOUT)
-        self._server = self._thread = None
+        self._server.stop()
 
     def __enter__(self) -> FakeUpstream:
         return self.start()

@@ -1,0 +1,5 @@
+"""`python -m haystream`."""
+
+from haystream.cli import main
+
+main()

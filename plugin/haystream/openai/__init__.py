@@ -1,0 +1,22 @@
+"""The OpenAI wire format: request model, item-to-delta mapping, SSE frames, aggregation, errors. No web imports."""
+
+from haystream.openai.completion import CompletionBuilder
+from haystream.openai.deltas import DeltaMapper, Event
+from haystream.openai.errors import OpenAIError, describe_failure, status_for_failure
+from haystream.openai.frames import DONE, PING, ChunkFramer, data_frame
+from haystream.openai.request import ChatCompletionRequest, parse_chat_request
+
+__all__ = [
+    "DONE",
+    "PING",
+    "ChatCompletionRequest",
+    "ChunkFramer",
+    "CompletionBuilder",
+    "DeltaMapper",
+    "Event",
+    "OpenAIError",
+    "data_frame",
+    "describe_failure",
+    "parse_chat_request",
+    "status_for_failure",
+]

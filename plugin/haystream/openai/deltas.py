@@ -1,0 +1,169 @@
+"""From what wrappers yield to OpenAI `delta` objects.
+
+Wrappers yield `str`, Haystack `StreamingChunk`s, hayhooks `PipelineEvent`s, Open WebUI event dicts
+(`{"event": {...}}`) or ready OpenAI chunk dicts (`{"choices": [...]}`). `DeltaMapper` turns each into zero or more
+deltas (`{"content": ...}`, `{"reasoning_content": ...}`, `{"tool_calls": [...]}`) or events, and keeps what the end
+of the response needs: one finish reason, summed usage, and tool calls that turned out to be for the client.
+
+Tool calls are held back until it is clear who they are for: an Agent's own calls are followed by their results
+(`tool_call_result` chunks) and are never sent as client-side `tool_calls` (a client such as Open WebUI would try to
+execute them); calls that end the run unanswered are the client's and are sent before the finish chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from haystack.dataclasses import StreamingChunk
+
+from haystream.streaming.message import TOOL_CALL_RESULTS, usage_dict
+
+logger = logging.getLogger(__name__)
+
+OPENAI_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+
+
+@dataclass
+class Event:
+    """An Open WebUI event (`{"type": ..., "data": ...}`); not an OpenAI chunk."""
+
+    type: str
+    data: Any
+
+
+@dataclass
+class _PendingCall:
+    id: str | None
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class DeltaMapper:
+    """Stateful translation of one response's items into OpenAI deltas."""
+
+    def __init__(self) -> None:
+        self._finish_reason: str | None = None
+        self._pending: dict[int, _PendingCall] = {}
+        self._turn_usage: dict[str, Any] = {}
+        self._usage: dict[str, int] = {}
+        self._warned_types: set[type] = set()
+
+    def feed(self, item: Any) -> list[dict[str, Any] | Event]:
+        """The deltas (and events) that one item amounts to, in order."""
+        if isinstance(item, StreamingChunk):
+            return self._chunk(item)
+        if isinstance(item, str):
+            return [{"content": item}] if item else []
+        if isinstance(item, dict):
+            return self._dict(item)
+        if _is_pipeline_event(item):
+            return [Event(item.type, _plain(item.data))]
+        if type(item) not in self._warned_types:
+            self._warned_types.add(type(item))
+            logger.warning("Ignoring an item of type %s yielded by a wrapper", type(item).__name__)
+        return []
+
+    def finish(self) -> tuple[list[dict[str, Any]], str, dict[str, int]]:
+        """At the end: client-facing tool-call deltas still pending, the finish reason, and the usage."""
+        self._end_turn()
+        tool_deltas = self._release_pending()
+        finish_reason = "tool_calls" if tool_deltas else self._finish_reason or "stop"
+        if finish_reason == "tool_calls" and not tool_deltas:
+            finish_reason = "stop"  # the calls were an agent's own, answered inside the run
+        return tool_deltas, finish_reason, dict(self._usage)
+
+    def _chunk(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event]:
+        out: list[dict[str, Any] | Event] = []
+        usage = usage_dict(chunk.meta.get("usage")) if chunk.meta else None
+        if usage:
+            self._turn_usage.update({k: v for k, v in usage.items() if v is not None})
+        if chunk.tool_call_result is not None:
+            self._pending.clear()  # answered inside the run: those calls were the agent's
+            return out
+        if chunk.tool_calls:
+            for delta in chunk.tool_calls:
+                call = self._pending.get(delta.index)
+                if call is None or (delta.id and call.id and delta.id != call.id):
+                    # A new id at an index in use: a provider that sends whole calls; keep both, in order.
+                    key = delta.index if call is None else max(self._pending) + 1
+                    call = self._pending[key] = _PendingCall(delta.id)
+                if delta.tool_name and not call.name:
+                    call.name = delta.tool_name
+                if delta.arguments:
+                    call.arguments.append(delta.arguments)
+        elif self._pending and (chunk.content or chunk.reasoning):
+            # The model went on talking after its calls without a result in between: they were not the client's.
+            self._pending.clear()
+        if chunk.content:
+            out.append({"content": chunk.content})
+        if chunk.reasoning is not None and chunk.reasoning.reasoning_text:
+            out.append({"reasoning_content": chunk.reasoning.reasoning_text})
+        if chunk.finish_reason:
+            if chunk.finish_reason == TOOL_CALL_RESULTS:
+                self._pending.clear()
+            elif chunk.finish_reason in OPENAI_FINISH_REASONS:
+                self._finish_reason = chunk.finish_reason
+            self._end_turn()
+        return out
+
+    def _dict(self, item: dict[str, Any]) -> list[dict[str, Any] | Event]:
+        if "event" in item and isinstance(item["event"], dict):
+            event = item["event"]
+            return [Event(str(event.get("type", "")), event.get("data"))]
+        if "type" in item and "data" in item and "choices" not in item:
+            return [Event(str(item["type"]), item["data"])]
+        out: list[dict[str, Any] | Event] = []
+        for choice in item.get("choices") or ():
+            delta = choice.get("delta") or choice.get("message") or {}
+            for key in ("content", "reasoning_content"):
+                if delta.get(key):
+                    out.append({key: delta[key]})
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") or {}
+                index = call.get("index", 0)
+                pending = self._pending.setdefault(index, _PendingCall(call.get("id")))
+                pending.id = pending.id or call.get("id")
+                pending.name = pending.name or function.get("name") or ""
+                if function.get("arguments"):
+                    pending.arguments.append(function["arguments"])
+            if choice.get("finish_reason") in OPENAI_FINISH_REASONS:
+                self._finish_reason = choice["finish_reason"]
+        if item.get("usage"):
+            self._turn_usage.update(item["usage"])
+        return out
+
+    def _end_turn(self) -> None:
+        if not self._turn_usage:
+            return
+        usage = self._turn_usage
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+        completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+        for key, value in (("prompt_tokens", prompt), ("completion_tokens", completion)):
+            self._usage[key] = self._usage.get(key, 0) + int(value)
+        self._usage["total_tokens"] = self._usage["prompt_tokens"] + self._usage["completion_tokens"]
+        self._turn_usage = {}
+
+    def _release_pending(self) -> list[dict[str, Any]]:
+        deltas = []
+        for position, (_, call) in enumerate(sorted(self._pending.items())):
+            first = {
+                "index": position,
+                "id": call.id or f"call_{position}",
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            deltas.append({"tool_calls": [first]})
+            for piece in call.arguments:
+                deltas.append({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
+        self._pending.clear()
+        return deltas
+
+
+def _is_pipeline_event(item: Any) -> bool:
+    return type(item).__name__ == "PipelineEvent" and hasattr(item, "type") and hasattr(item, "data")
+
+
+def _plain(data: Any) -> Any:
+    return data.model_dump() if hasattr(data, "model_dump") else data

@@ -1,0 +1,92 @@
+"""Small pure-ASGI helpers: reading a bounded body, sending JSON, watching for the client leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from haystream.openai import OpenAIError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away while the request was still being read."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refusing more than `limit` bytes (413) before reading it all."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise OpenAIError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def send_json(send: Send, status: int, payload: Any, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A complete `application/json` response."""
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or ()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: OpenAIError, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """An OpenAI error envelope with its HTTP status."""
+    extra = list(headers or ())
+    if error.status == 401:
+        extra.append((b"www-authenticate", b'Bearer realm="haystream"'))
+    await send_json(send, error.status, error.to_json(), headers=extra)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return when the client disconnects (the body has already been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+    """Run `work`, cancelling it if the client disconnects first. Returns True if the client left."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work_task.cancel()
+        watcher.cancel()
+        raise
+    if work_task.done():
+        watcher.cancel()
+        work_task.result()  # re-raise what the work raised
+        return False
+    work_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work_task
+    return True

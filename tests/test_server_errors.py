@@ -1,0 +1,147 @@
+"""Every error path answers with the OpenAI envelope and the right status; auth and deploy lock-down."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import start_server
+
+USER = [{"role": "user", "content": "hello"}]
+FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def test_unknown_model_is_404(http, client):
+    assert_envelope(http.post("/v1/chat/completions", json={"model": "nope", "messages": USER}), 404, "model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=USER)
+
+
+def test_wrapper_without_chat_method_is_404(http):
+    error = assert_envelope(http.post("/v1/chat/completions", json={"model": "api_only", "messages": USER}), 404)
+    assert "does not implement chat completions" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "fake_async"}', "messages"),
+        (b'{"model": "fake_async", "messages": []}', "messages"),
+        (b'{"model": "fake_async", "messages": [{"content": "x"}]}', "messages.0.role"),
+        (b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+    ],
+)
+def test_malformed_and_invalid_bodies_are_400(http, content, param):
+    response = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert assert_envelope(response, 400)["param"] == param
+
+
+def test_body_over_the_limit_is_413(upstream):
+    small = start_server(upstream, max_body_bytes=2048)
+    try:
+        big = {"model": "fake_async", "messages": [{"role": "user", "content": "x" * 5000}]}
+        assert_envelope(httpx.post(small.url + "/v1/chat/completions", json=big), 413, "body_too_large")
+    finally:
+        small.stop()
+
+
+def test_wrapper_exception_is_500_without_traceback(http):
+    body = {"model": "fake_sync", "messages": USER, "mode": "fail_early"}
+    error = assert_envelope(http.post("/v1/chat/completions", json=body), 500, "pipeline_error")
+    assert "ValueError: the wrapper refused this request" in error["message"]
+    assert "request id" in error["message"]
+
+
+def test_wrong_method_is_405(http):
+    assert_envelope(http.get("/v1/chat/completions"), 405)
+
+
+def test_open_webui_requests_are_accepted(http):
+    for name in ("chat_stream_history.json", "chat_image_params_usage.json", "chat_nonstream_history.json"):
+        recorded = json.loads((FIXTURES / name).read_text())
+        body = {**recorded["body"], "model": "fake_async", "scenario": "fake?tokens=2"}
+        body["user"] = {"id": "u1", "name": "Ada", "role": "admin"}  # Open WebUI sends an object for pipelines
+        response = http.post("/v1/chat/completions", json=body, headers={"X-OpenWebUI-Chat-Id": "c1"})
+        assert response.status_code == 200, (name, response.text)
+        if body.get("stream"):
+            assert response.text.endswith("data: [DONE]\n\n")
+        else:
+            assert response.json()["choices"][0]["message"]["content"] == "t0 t1 "
+
+
+# --- auth ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def locked(upstream):
+    server = start_server(upstream, api_keys="k-one, k-two", enable_deploy=True)
+    yield server
+    server.stop()
+
+
+def test_api_keys_guard_chat_and_models(locked):
+    chat = {"model": "fake_async", "messages": USER, "scenario": "fake?tokens=1"}
+    assert_envelope(httpx.get(locked.url + "/v1/models"), 401, "invalid_api_key")
+    assert_envelope(httpx.post(locked.url + "/v1/chat/completions", json=chat), 401)
+    wrong = {"Authorization": "Bearer k-three"}
+    assert_envelope(httpx.post(locked.url + "/v1/chat/completions", json=chat, headers=wrong), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=locked.url + "/v1", api_key="bad", max_retries=0).models.list()
+    sdk = openai.OpenAI(base_url=locked.url + "/v1", api_key="k-two", max_retries=0)
+    assert "fake_async" in {m.id for m in sdk.models.list()}
+    assert sdk.chat.completions.create(model="fake_async", messages=USER, extra_body=chat).choices[0].message.content
+    # hayhooks' own routes (status) are untouched
+    assert httpx.get(locked.url + "/status").status_code == 200
+
+
+def test_deploy_routes_are_disabled_by_default(http):
+    files = {"pipeline_wrapper.py": "print('owned')"}
+    assert_envelope(http.post("/deploy_files", json={"name": "x", "files": files}), 403, "deploy_disabled")
+    assert_envelope(http.post("/undeploy/fake_async"), 403, "deploy_disabled")
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"name": "evil", "files": {"../escape.py": "x"}}, "files"),
+        ({"name": "evil", "files": {"/etc/cron.d/x": "x"}}, "files"),
+        ({"name": "evil", "files": {"a/../../b.py": "x"}}, "files"),
+        ({"name": "../evil", "files": {"pipeline_wrapper.py": "x"}}, "name"),
+        ({"name": "evil name", "files": {"pipeline_wrapper.py": "x"}}, "name"),
+    ],
+)
+def test_deploy_rejects_unsafe_names_before_writing(locked, tmp_path, payload, param):
+    response = httpx.post(locked.url + "/deploy_files", json=payload, headers={"Authorization": "Bearer k-one"})
+    assert assert_envelope(response, 400)["param"] == param
+
+
+def test_deploy_needs_a_key_and_accepts_basic_auth_from_netrc(locked):
+    payload = {"name": "evil", "files": {"../escape.py": "x"}}
+    assert_envelope(httpx.post(locked.url + "/deploy_files", json=payload), 401)
+    basic = "Basic " + base64.b64encode(b"anyone:k-one").decode()
+    assert_envelope(httpx.post(locked.url + "/deploy_files", json=payload, headers={"Authorization": basic}), 400)

@@ -1,0 +1,68 @@
+"""Disconnects cancel the work (before and after the first token); keep-alive pings while idle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from conftest import sse_events, start_server
+from haystream.streaming.producer import wait_for_idle_producers
+
+USER = [{"role": "user", "content": "hello"}]
+SLOW = "fake?tokens=300&delay=0.01"
+
+
+@pytest.mark.parametrize(
+    ("model", "mode"), [("fake_async", "astream"), ("fake_sync", "stream"), ("fake_sync", "generator")]
+)
+def test_client_leaving_mid_stream_cuts_the_upstream(server, upstream, model, mode):
+    upstream.reset()
+    body = {"model": model, "messages": USER, "stream": True, "mode": mode, "scenario": SLOW}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
+        contents = 0
+        for line in response.iter_lines():
+            if '"content":"t' in line:
+                contents += 1
+                if contents == 3:
+                    break
+    record = upstream.wait_for_requests(1)[0].wait(10)
+    assert record.client_hung_up
+    assert record.tokens_sent < 60, record.tokens_sent  # of 300: cut within a few tokens, not at the end
+    assert wait_for_idle_producers(10), "a producer thread kept running after the client left"
+
+
+@pytest.mark.parametrize("model", ["fake_async", "fake_sync"])
+async def test_client_leaving_before_the_first_token_cancels_the_run(server, upstream, model):
+    upstream.reset()
+    body = json.dumps({"model": model, "messages": USER, "stream": True, "scenario": "fake?ttft=30&tokens=5"}).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    record = (await asyncio.to_thread(upstream.wait_for_requests, 1))[0]  # the run has reached the upstream
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.to_thread(record.wait, 10)
+    assert record.client_hung_up and record.tokens_sent == 0
+    assert await asyncio.to_thread(wait_for_idle_producers, 10)
+
+
+def test_idle_stream_gets_keepalive_pings_and_slow_first_token_commits_headers(upstream):
+    fast_pings = start_server(upstream, keepalive_seconds=0.2)
+    try:
+        body = {"model": "fake_async", "messages": USER, "stream": True, "scenario": "fake?ttft=0.7&tokens=2&delay=0.5"}
+        with httpx.stream("POST", fast_pings.url + "/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            lines = list(response.iter_lines())
+    finally:
+        fast_pings.stop()
+    assert lines.count(": ping") >= 2
+    events = sse_events(lines)
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "t0 t1 "

@@ -1,0 +1,91 @@
+"""Async test wrapper: returns one of the shapes a `run_chat_completion_async` may return (picked by `mode`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from functools import cache
+from typing import Any
+
+from hayhooks import BasePipelineWrapper, async_streaming_generator
+from hayhooks.events import create_status_event
+from haystack import Pipeline
+from haystack.components.agents import Agent
+from haystack.components.generators.chat import OpenAIChatGenerator
+from haystack.dataclasses import ChatMessage, ReasoningContent, StreamingChunk
+from haystack.tools import Tool
+from haystack.utils import Secret
+
+import haystream
+
+
+@cache
+def llm(scenario: str) -> OpenAIChatGenerator:
+    return OpenAIChatGenerator(
+        api_key=Secret.from_token("x"),
+        api_base_url=os.environ["FAKE_UPSTREAM_URL"],
+        model=scenario,
+        max_retries=0,
+        generation_kwargs={"stream_options": {"include_usage": True}},
+    )
+
+
+@cache
+def pipeline(scenario: str) -> Pipeline:
+    pipe = Pipeline()
+    pipe.add_component("llm", llm(scenario))
+    return pipe
+
+
+def multiply(a: float, b: float) -> str:
+    """Multiply two numbers."""
+    return str(a * b)
+
+
+MULTIPLY = Tool(
+    name="multiply",
+    description="Multiply two numbers",
+    parameters={"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+    function=multiply,
+)
+
+
+def to_messages(messages: list[dict]) -> list[ChatMessage]:
+    return [ChatMessage.from_openai_dict_format(m) for m in messages]
+
+
+class PipelineWrapper(BasePipelineWrapper):
+    def setup(self) -> None:
+        pass
+
+    async def run_chat_completion_async(self, model: str, messages: list[dict], body: dict) -> Any:
+        mode = body.get("mode", "astream")
+        scenario = body.get("scenario", "fake")
+        history = to_messages(messages)
+        if mode == "astream":
+            return haystream.astream(pipeline(scenario), messages=history)
+        if mode == "client_tools":
+            tools = [
+                Tool(name=t["function"]["name"], description="", parameters={}, function=print) for t in body["tools"]
+            ]
+            return haystream.astream(llm(scenario), messages=history, tools=tools)
+        if mode == "agent":
+            agent = Agent(chat_generator=llm(scenario), tools=[MULTIPLY])
+            return haystream.astream(agent, messages=history)
+        if mode == "hayhooks":
+            return async_streaming_generator(pipeline(scenario), pipeline_run_args={"llm": {"messages": history}})
+        if mode == "string":
+            return "a plain string answer"
+        if mode == "fail_early":
+            raise ValueError("the wrapper refused this request")
+        if mode == "mixed":
+            return self._mixed()
+        raise ValueError(f"unknown mode {mode}")
+
+    async def _mixed(self) -> AsyncIterator[Any]:
+        yield create_status_event("working")
+        yield StreamingChunk(content="", reasoning=ReasoningContent(reasoning_text="thinking..."), index=0)
+        yield "plain "
+        yield StreamingChunk(content="chunk ")
+        yield {"event": {"type": "status", "data": {"description": "done", "done": True}}}
+        yield {"choices": [{"index": 0, "delta": {"content": "dict"}, "finish_reason": None}]}

@@ -1,0 +1,61 @@
+"""Sync test wrapper: returns one of the shapes a `run_chat_completion` may return (picked by `mode`)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+from hayhooks import BasePipelineWrapper, streaming_generator
+from haystack import Pipeline
+from haystack.components.generators.chat import OpenAIChatGenerator
+from haystack.dataclasses import ChatMessage
+from haystack.utils import Secret
+
+import haystream
+
+
+@cache
+def pipeline(scenario: str) -> Pipeline:
+    pipe = Pipeline()
+    pipe.add_component(
+        "llm",
+        OpenAIChatGenerator(
+            api_key=Secret.from_token("x"),
+            api_base_url=os.environ["FAKE_UPSTREAM_URL"],
+            model=scenario,
+            max_retries=0,
+            generation_kwargs={"stream_options": {"include_usage": True}},
+        ),
+    )
+    return pipe
+
+
+class PipelineWrapper(BasePipelineWrapper):
+    def setup(self) -> None:
+        pass
+
+    def run_chat_completion(self, model: str, messages: list[dict], body: dict) -> Any:
+        mode = body.get("mode", "stream")
+        scenario = body.get("scenario", "fake")
+        history = [ChatMessage.from_openai_dict_format(m) for m in messages]
+        if mode == "stream":
+            return haystream.stream(pipeline(scenario), messages=history)
+        if mode == "generator":
+            return self._relay(scenario, history)
+        if mode == "hayhooks":
+            return streaming_generator(pipeline(scenario), pipeline_run_args={"llm": {"messages": history}})
+        if mode == "string":
+            result = pipeline(scenario).run({"llm": {"messages": history}})
+            return result["llm"]["replies"][0].text
+        if mode == "whoami":
+            return threading.current_thread().name
+        if mode == "fail_early":
+            raise ValueError("the wrapper refused this request")
+        raise ValueError(f"unknown mode {mode}")
+
+    def _relay(self, scenario: str, history: list[ChatMessage]) -> Iterator[Any]:
+        with haystream.stream(pipeline(scenario), messages=history) as chunks:
+            yield from chunks
