@@ -289,6 +289,7 @@ class Measurements:
 
     rates: list[float] = field(default_factory=list)  # per stream (A) or aggregate per repetition (B)
     ttfcs: list[float] = field(default_factory=list)  # per stream
+    cpu_per_chunk: list[float] = field(default_factory=list)  # per stream (A) or per repetition (B)
     walls: list[float] = field(default_factory=list)  # per repetition (B only)
 
 
@@ -320,7 +321,6 @@ class Bench:
     # A: sequential streams -------------------------------------------------------------------------------------------
 
     def one_stream(self, contender: Contender, pipe: Pipeline, expected: int) -> StreamStats:
-        gc.collect()
         if contender.mode == "sync":
             return consume_sync(contender, pipe, self.data, expected, time.perf_counter())
         return self.loop.run_until_complete(self._one_stream_async(contender, pipe, expected))
@@ -334,15 +334,19 @@ class Bench:
         for contender in contenders:  # warm-up
             self.one_stream(contender, pipe, FAST_TOKENS)
         for contender in _interleaved(contenders, runs):
+            gc.collect()
+            cpu = time.process_time()
             stats = self.one_stream(contender, pipe, FAST_TOKENS)
-            results[contender.name].rates.append(stats.rate)
-            results[contender.name].ttfcs.append(stats.first - stats.start)
+            cpu = time.process_time() - cpu
+            measured = results[contender.name]
+            measured.rates.append(stats.rate)
+            measured.ttfcs.append(stats.first - stats.start)
+            measured.cpu_per_chunk.append(cpu / stats.chunks)
         return results
 
     # B: concurrent streams -------------------------------------------------------------------------------------------
 
     def burst(self, contender: Contender, pipe: Pipeline, streams: int) -> list[StreamStats]:
-        gc.collect()
         if contender.mode == "sync":
             return self._burst_threads(contender, pipe, streams)
         return self.loop.run_until_complete(self._burst_async(contender, pipe, streams))
@@ -385,13 +389,18 @@ class Bench:
         for contender in contenders:  # warm-up: fills the connection pools and thread pools
             self.burst(contender, pipe, CONCURRENT_STREAMS)
         for contender in _interleaved(contenders, repetitions):
+            gc.collect()
+            cpu = time.process_time()
             streams = self.burst(contender, pipe, CONCURRENT_STREAMS)
+            cpu = time.process_time() - cpu
             start = streams[0].start
             wall = max(s.end for s in streams) - start
+            chunks = sum(s.chunks for s in streams)
             measured = results[contender.name]
             measured.walls.append(wall)
-            measured.rates.append(sum(s.chunks for s in streams) / wall)
+            measured.rates.append(chunks / wall)
             measured.ttfcs.extend(s.first - start for s in streams)
+            measured.cpu_per_chunk.append(cpu / chunks)
         return results
 
 
@@ -427,7 +436,9 @@ class Row:
     rate: float
     ttfc_p50: float
     ttfc_p99: float | None
+    cpu_per_chunk: float
     wall: float | None
+    wall_range: tuple[float, float] | None
 
 
 def summarise(contenders: Sequence[Contender], scenario: str, results: dict[str, Measurements]) -> list[Row]:
@@ -444,7 +455,9 @@ def summarise(contenders: Sequence[Contender], scenario: str, results: dict[str,
                 rate=statistics.median(measured.rates),
                 ttfc_p50=percentile(measured.ttfcs, 50),
                 ttfc_p99=percentile(measured.ttfcs, 99) if concurrent else None,
+                cpu_per_chunk=statistics.median(measured.cpu_per_chunk),
                 wall=statistics.median(measured.walls) if concurrent else None,
+                wall_range=(min(measured.walls), max(measured.walls)) if concurrent else None,
             )
         )
     return rows
@@ -456,16 +469,17 @@ def _ms(seconds: float | None) -> str:
 
 def print_table(rows: Sequence[Row]) -> None:
     header = (
-        f"{'contender':<36} {'mode':<5} {'scenario':<11} {'n':>3} {'chunks/s':>10} "
-        f"{'TTFC p50 ms':>12} {'TTFC p99 ms':>12} {'wall s':>7}"
+        f"{'contender':<36} {'mode':<5} {'scenario':<11} {'n':>3} {'chunks/s':>9} {'TTFC p50 ms':>12} "
+        f"{'TTFC p99 ms':>12} {'CPU us/chunk':>13} {'wall s':>7} {'wall min-max':>13}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         wall = "-" if row.wall is None else f"{row.wall:.3f}"
+        spread = "-" if row.wall_range is None else f"{row.wall_range[0]:.2f}-{row.wall_range[1]:.2f}"
         print(
-            f"{row.contender.name:<36} {row.contender.mode:<5} {row.scenario:<11} {row.samples:>3} {row.rate:>10,.0f} "
-            f"{_ms(row.ttfc_p50):>12} {_ms(row.ttfc_p99):>12} {wall:>7}"
+            f"{row.contender.name:<36} {row.contender.mode:<5} {row.scenario:<11} {row.samples:>3} {row.rate:>9,.0f} "
+            f"{_ms(row.ttfc_p50):>12} {_ms(row.ttfc_p99):>12} {row.cpu_per_chunk * 1e6:>13.1f} {wall:>7} {spread:>13}"
         )
 
 
@@ -478,6 +492,7 @@ class Ratios:
     rate: float  # chunks/s haystream / hayhooks
     ttfc_p50: float  # hayhooks / haystream
     ttfc_p99: float | None
+    cpu: float  # client CPU time per chunk hayhooks / haystream
 
 
 def ratios(rows: Sequence[Row]) -> list[Ratios]:
@@ -496,6 +511,7 @@ def ratios(rows: Sequence[Row]) -> list[Ratios]:
                     ttfc_p99=None
                     if ours.ttfc_p99 is None or theirs.ttfc_p99 is None
                     else theirs.ttfc_p99 / ours.ttfc_p99,
+                    cpu=theirs.cpu_per_chunk / ours.cpu_per_chunk,
                 )
             )
     return found
@@ -507,9 +523,14 @@ def _x(value: float | None) -> str:
 
 def print_ratios(found: Sequence[Ratios]) -> None:
     print("Ratios haystream vs hayhooks (> 1 means haystream is better):")
-    print(f"  {'mode':<5} {'scenario':<11} {'chunks/s hs/hh':>15} {'TTFC p50 hh/hs':>15} {'TTFC p99 hh/hs':>15}")
+    print(
+        f"  {'mode':<5} {'scenario':<11} {'chunks/s hs/hh':>15} {'TTFC p50 hh/hs':>15} {'TTFC p99 hh/hs':>15} "
+        f"{'CPU/chunk hh/hs':>16}"
+    )
     for r in found:
-        print(f"  {r.mode:<5} {r.scenario:<11} {_x(r.rate):>15} {_x(r.ttfc_p50):>15} {_x(r.ttfc_p99):>15}")
+        print(
+            f"  {r.mode:<5} {r.scenario:<11} {_x(r.rate):>15} {_x(r.ttfc_p50):>15} {_x(r.ttfc_p99):>15} {_x(r.cpu):>16}"
+        )
     total = CONCURRENT_STREAMS * CONCURRENT_TOKENS
     print(f"  (concurrent: aggregate chunks/s = {total} chunks / wall time, so its ratio is also the wall-time ratio)")
 
@@ -520,6 +541,7 @@ def summary_line(found: Sequence[Ratios], cores: int) -> str:
         text = f"{r.scenario} {r.mode}: {r.rate:.2f}x chunks/s, {r.ttfc_p50:.2f}x TTFC p50"
         if r.ttfc_p99 is not None:
             text += f", {r.ttfc_p99:.2f}x TTFC p99"
+        text += f", {r.cpu:.2f}x CPU/chunk"
         parts.append(text)
     return f"haystream vs hayhooks 2.1 (one run, {cores} cores, >1 = haystream better): " + "; ".join(parts)
 

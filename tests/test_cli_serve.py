@@ -13,12 +13,29 @@ import openai
 import pytest
 
 DEPLOYABLE = Path(__file__).parent / "deployable" / "echo"
+REPO = Path(__file__).parent.parent
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_serve(args: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
+    """Start `haystream serve ARGS`; returns once uvicorn reports the app started (fails if the process dies)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "haystream", "serve", *args], env=env, cwd=cwd, stderr=subprocess.PIPE, text=True
+    )
+    for line in process.stderr:  # blocks until uvicorn reports it is up (or the process dies)
+        if "Application startup complete" in line:
+            return process
+    pytest.fail(f"haystream serve exited with {process.wait()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(20)
 
 
 @pytest.fixture
@@ -33,7 +50,7 @@ def served(tmp_path):
     )
     netrc.chmod(0o600)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")},
         "HAYSTREAM_ENABLE_DEPLOY": "true",
         "HAYSTREAM_API_KEYS": "secret-key",
         "HAYSTACK_TELEMETRY_ENABLED": "False",
@@ -41,22 +58,11 @@ def served(tmp_path):
         "HAYHOOKS_PORT": str(port),
         "NETRC": str(netrc),  # hayhooks' CLI (requests) sends these credentials as Basic auth
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "haystream", "serve", "--port", str(port), "--pipelines-dir", str(pipelines)],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_serve(["--port", str(port), "--pipelines-dir", str(pipelines)], env)
     try:
-        for line in process.stderr:  # blocks until uvicorn reports it is up (or the process dies)
-            if "Uvicorn running on" in line or "Application startup complete" in line:
-                break
-        else:
-            pytest.fail(f"haystream serve exited with {process.wait()}")
         yield port, env
     finally:
-        process.terminate()
-        process.wait(20)
+        stop(process)
 
 
 def hayhooks(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -85,3 +91,37 @@ def test_hayhooks_cli_without_credentials_is_refused(served):
     assert deployed.returncode != 0 or "401" in deployed.stdout + deployed.stderr
     sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret-key", max_retries=0)
     assert "echo" not in {model.id for model in sdk.models.list()}
+
+
+def haystream_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "haystream", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_new_wrapper_deploys_with_haystream_deploy_and_streams(served, tmp_path):
+    port, env = served
+    url = f"http://127.0.0.1:{port}"
+    assert haystream_cli("new", "demo", "--dir", str(tmp_path / "mine"), env=env).returncode == 0
+    key = ("--url", url, "--api-key", "secret-key")
+    deployed = haystream_cli("deploy", str(tmp_path / "mine" / "demo"), *key, env=env)
+    assert deployed.returncode == 0, deployed.stderr
+    answer = haystream_cli("chat", "demo", "Say hello.", *key, env=env)
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr  # the local model answered
+    removed = haystream_cli("undeploy", "demo", *key, env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert "demo" not in haystream_cli("models", *key, env=env).stdout
+
+
+def test_readme_first_command_serves_the_local_model(tmp_path):
+    """`haystream serve` from the repository root, with no configuration, answers `haystream chat local_chat`."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HAYSTREAM_"))}
+    env["HAYSTREAM_PORT"] = str(port)
+    process = start_serve([], env, cwd=REPO)
+    try:
+        answer = haystream_cli("chat", "local_chat", "hi", "--url", f"http://127.0.0.1:{port}", env=env)
+    finally:
+        stop(process)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip()

@@ -1,5 +1,6 @@
 """haystream: generator-based streaming for Haystack, served as OpenAI-compatible chat endpoints."""
 
+from haystream.openai.messages import chat_messages
 from haystream.streaming import (
     AsyncChunkStream,
     ChunkStream,
@@ -21,6 +22,7 @@ __all__ = [
     "StreamingChatGenerator",
     "__version__",
     "astream",
+    "chat_messages",
     "chunks_to_message",
     "stream",
 ]

@@ -1,59 +1,60 @@
-"""The `haystream` command line."""
+"""The `haystream` command line: serve, chat, models, deploy, undeploy, new."""
 
 from __future__ import annotations
 
+import os
+import re
+import string
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(
-    name="haystream", help="Serve Haystack pipelines as streaming OpenAI-compatible endpoints.", no_args_is_help=True
+    name="haystream",
+    help="Serve Haystack pipelines as streaming OpenAI-compatible endpoints.",
+    no_args_is_help=True,
+    add_completion=False,
 )
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
-
-@app.callback()
-def _root() -> None:
-    """Serve Haystack pipelines as streaming OpenAI-compatible endpoints."""
+DEFAULT_URL = "http://127.0.0.1:1416"
+UrlOption = Annotated[str, typer.Option("--url", envvar="HAYSTREAM_URL", help="Server URL.")]
+KeyOption = Annotated[
+    str | None, typer.Option("--api-key", envvar="HAYSTREAM_API_KEY", help="API key, if the server needs one.")
+]
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 @app.command()
 def serve(
     pipelines_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--pipelines-dir",
-            "-d",
-            help="Wrappers folder (env HAYSTREAM_PIPELINES_DIR, default pipeline_wrappers).",
-        ),
+        Path | None, typer.Option("--pipelines-dir", "-d", help="Wrappers folder (env HAYSTREAM_PIPELINES_DIR).")
     ] = None,
-    host: Annotated[
-        str | None, typer.Option(help="Interface to listen on (env HAYSTREAM_HOST, default 127.0.0.1).")
-    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface (env HAYSTREAM_HOST, default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env HAYSTREAM_PORT, default 1416).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (env HAYSTREAM_WORKERS, default 1).")] = None,
 ) -> None:
     """Run the server: hayhooks' app with haystream's OpenAI routes in front."""
-    import os
-
     import uvicorn
 
     from haystream.server.settings import ServerSettings
 
     overrides = {
-        key: value
-        for key, value in {
-            "pipelines_dir": str(pipelines_dir) if pipelines_dir else None,
-            "host": host,
-            "port": port,
-            "workers": workers,
-        }.items()
-        if value is not None
+        "pipelines_dir": str(pipelines_dir) if pipelines_dir else None,
+        "host": host,
+        "port": port,
+        "workers": workers,
     }
-    settings = ServerSettings(**overrides)
+    settings = ServerSettings(**{key: value for key, value in overrides.items() if value is not None})
     # Worker processes build their own app from the environment: hand the resolved settings down that way.
     for key, value in settings.model_dump().items():
         os.environ[f"HAYSTREAM_{key.upper()}"] = str(value)
+    os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
     uvicorn.run(
         "haystream.server.app:create_app",
         factory=True,
@@ -65,9 +66,202 @@ def serve(
     )
 
 
+@app.command()
+def chat(
+    model: Annotated[str | None, typer.Argument(help="Model (wrapper) name; the only one if omitted.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="One prompt; without it, an interactive session.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+) -> None:
+    """Stream an answer to the terminal as it arrives (reasoning dimmed, tool activity as status lines)."""
+    with _client(url, api_key) as client:
+        model = model or _only_model(client)
+        if prompt is not None:
+            _stream_answer(client, model, [{"role": "user", "content": prompt}])
+            return
+        err.print(f"[dim]Chatting with {model} at {url}. Empty line or Ctrl-D to quit.[/dim]")
+        history: list[dict[str, str]] = []
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line:
+                break
+            history.append({"role": "user", "content": line})
+            history.append({"role": "assistant", "content": _stream_answer(client, model, history)})
+
+
+@app.command()
+def models(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    """List the models (chat wrappers) a server offers."""
+    with _client(url, api_key) as client:
+        table = Table("id", "name", box=None)
+        for entry in _model_list(client):
+            table.add_row(entry["id"], entry.get("name", entry["id"]))
+        out.print(table)
+
+
+@app.command()
+def deploy(
+    directory: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder with pipeline_wrapper.py.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Pipeline name (default: the folder's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a pipeline of the same name.")] = False,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+) -> None:
+    """Deploy a wrapper folder (like `hayhooks pipeline deploy-files`; needs HAYSTREAM_ENABLE_DEPLOY on the server)."""
+    from hayhooks.server.utils.deploy_utils import read_pipeline_files_from_dir
+
+    files = read_pipeline_files_from_dir(directory)
+    if not files:
+        _fail(f"No pipeline files found in {directory}.")
+    name = name or directory.resolve().name
+    payload = {"name": name, "files": files, "overwrite": overwrite, "save_files": True}
+    with _client(url, api_key) as client:
+        _check(client.post("/deploy_files", json=payload), what=f"deploy {name}")
+    out.print(f"Deployed [bold]{name}[/bold].")
+
+
+@app.command()
+def undeploy(name: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    """Remove a deployed pipeline."""
+    with _client(url, api_key) as client:
+        _check(client.post(f"/undeploy/{name}"), what=f"undeploy {name}")
+    out.print(f"Undeployed [bold]{name}[/bold].")
+
+
+@app.command()
+def new(
+    name: Annotated[str, typer.Argument(help="Wrapper name: letters, digits, '_' and '-'.")],
+    directory: Annotated[Path, typer.Option("--dir", help="Where wrappers live.")] = Path("pipeline_wrappers"),
+) -> None:
+    """Scaffold DIR/NAME/pipeline_wrapper.py (using haystream.stream) and a test for it."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", name):
+        _fail(f"Invalid name {name!r}: use letters, digits, '_' and '-'.")
+    target = directory / name
+    if target.exists():
+        _fail(f"{target} already exists; choose another name or remove it.")
+    target.mkdir(parents=True)
+    for template in ("pipeline_wrapper.py", "test_pipeline_wrapper.py"):
+        text = string.Template((TEMPLATES / f"{template}.tmpl").read_text()).substitute(name=name)
+        (target / template).write_text(text)
+    out.print(f"Created {target}/pipeline_wrapper.py and its test. Serve it with: haystream serve -d {directory}")
+
+
 def main() -> None:
     """Entry point of the `haystream` script."""
     app()
+
+
+# --- client helpers -------------------------------------------------------------------------------------------
+
+
+class _client:
+    """An httpx client with friendly one-line errors for the usual failures."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10, read=300))
+
+    def __enter__(self) -> Any:
+        return self.http
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        import httpx
+
+        self.http.close()
+        if isinstance(exc, httpx.ConnectError):
+            _fail(f"Cannot reach haystream at {self.url}: is `haystream serve` running?")
+        if isinstance(exc, httpx.TimeoutException):
+            _fail(f"haystream at {self.url} did not answer in time.")
+        return False
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _check(response: Any, *, what: str) -> Any:
+    if response.status_code < 400:
+        return response
+    try:
+        body = response.json()
+        message = (body.get("error") or {}).get("message") or body.get("detail") or response.text
+    except ValueError:
+        message = response.text
+    if response.status_code == 401:
+        _fail(f"The server refused the API key (401): pass --api-key or set HAYSTREAM_API_KEY. ({message})")
+    _fail(f"Could not {what}: {message} (HTTP {response.status_code})")
+
+
+def _model_list(client: Any) -> list[dict[str, Any]]:
+    return _check(client.get("/v1/models"), what="list models").json()["data"]
+
+
+def _only_model(client: Any) -> str:
+    names = [entry["id"] for entry in _model_list(client)]
+    if len(names) == 1:
+        return names[0]
+    _fail(f"Name a model: {', '.join(names) or '(none deployed)'}.")
+
+
+def _stream_answer(client: Any, model: str, messages: list[dict[str, str]]) -> str:
+    body = {"model": model, "messages": messages, "stream": True}
+    answer: list[str] = []
+    at_line_start = True
+    with client.stream("POST", "/v1/chat/completions", json=body, headers={"X-Haystream-Events": "true"}) as response:
+        if response.status_code >= 400:
+            response.read()
+            if response.status_code == 404:
+                names = ", ".join(entry["id"] for entry in _model_list(client))
+                _fail(f"Unknown model {model!r}; available: {names or '(none deployed)'}.")
+            _check(response, what="chat")
+        for kind, text in _sse_items(response.iter_lines()):
+            if kind == "status":
+                if not at_line_start:
+                    out.print()
+                out.print(f"[dim]• {text}[/dim]")
+                at_line_start = True
+                continue
+            if kind == "error":
+                if not at_line_start:
+                    out.print()
+                _fail(text)
+            out.print(text, end="", style="dim" if kind == "reasoning" else None, soft_wrap=True, markup=False)
+            at_line_start = text.endswith("\n")
+            if kind == "content":
+                answer.append(text)
+    if not at_line_start:
+        out.print()
+    return "".join(answer)
+
+
+def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(kind, text) pairs from a chat-completions SSE stream: content, reasoning, status, error."""
+    import orjson
+
+    for line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        payload = orjson.loads(line[6:])
+        if "error" in payload:
+            yield "error", str(payload["error"].get("message", payload["error"]))
+        elif "event" in payload:
+            event = payload["event"]
+            if event.get("type") == "status" and not (event.get("data") or {}).get("hidden"):
+                yield "status", str((event.get("data") or {}).get("description", ""))
+        else:
+            for choice in payload.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if delta.get("reasoning_content"):
+                    yield "reasoning", delta["reasoning_content"]
+                if delta.get("content"):
+                    yield "content", delta["content"]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from haystream.openai.completion import CompletionBuilder
 from haystream.openai.deltas import DeltaMapper, Event
 from haystream.openai.errors import OpenAIError, describe_failure, status_for_failure
 from haystream.openai.frames import DONE, PING, ChunkFramer, data_frame
+from haystream.openai.messages import chat_messages
 from haystream.openai.request import ChatCompletionRequest, parse_chat_request
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "DeltaMapper",
     "Event",
     "OpenAIError",
+    "chat_messages",
     "data_frame",
     "describe_failure",
     "parse_chat_request",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import secrets
 import time
 from typing import Any
@@ -35,6 +36,7 @@ from haystream.server.wrappers import is_chat_wrapper, open_items
 
 logger = logging.getLogger("haystream.server")
 
+OPENWEBUI_PREFIX = "/openwebui"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
 DEPLOY_PREFIXES = ("/deploy", "/undeploy")
@@ -55,9 +57,12 @@ class HaystreamApp:
             await self.hayhooks_app(scope, receive, send)
             return
         path = _route_path(scope)
+        for_openwebui = path.startswith(OPENWEBUI_PREFIX + "/")
+        if for_openwebui:
+            path = path[len(OPENWEBUI_PREFIX) :]
         try:
             if path in CHAT_PATHS:
-                await self._chat(scope, receive, send)
+                await self._chat(scope, receive, send, for_openwebui=for_openwebui)
             elif path in MODEL_PATHS:
                 await self._models(scope, send)
             elif path.startswith(DEPLOY_PREFIXES):
@@ -81,7 +86,7 @@ class HaystreamApp:
                 data.append({"id": name, "object": "model", "created": created, "owned_by": "haystream", "name": name})
         await send_json(send, 200, {"object": "list", "data": data})
 
-    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _chat(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool = False) -> None:
         _require_method(scope, "POST")
         self._authorize(scope)
         raw = await read_body(scope, receive, self.settings.max_body_bytes)
@@ -117,7 +122,11 @@ class HaystreamApp:
                 )
                 return
             response = ChatResponse(
-                request, items, request_id=request_id, keepalive_seconds=self.settings.keepalive_seconds
+                request,
+                items,
+                request_id=request_id,
+                keepalive_seconds=self.settings.keepalive_seconds,
+                events=self._wants_events(scope, for_openwebui),
             )
             await response.send(send)
 
@@ -144,6 +153,14 @@ class HaystreamApp:
         check_deploy_request(path, body)
         await self.hayhooks_app(scope, _replay(raw, receive), send)
 
+    def _wants_events(self, scope: Scope, for_openwebui: bool) -> bool:
+        mode = self.settings.openwebui_events
+        if mode != "auto":
+            return mode == "always"
+        if for_openwebui or (_header(scope, b"x-haystream-events") or "").lower() in ("1", "true", "yes"):
+            return True
+        return any(name.startswith(b"x-openwebui-") for name, _ in scope.get("headers", ()))
+
     def _authorize(self, scope: Scope) -> None:
         self._keys.check(_bearer_or_basic(_header(scope, b"authorization")))
 
@@ -152,12 +169,17 @@ def create_app(settings: ServerSettings | None = None) -> HaystreamApp:
     """Build hayhooks' app (deploying the wrappers in `settings.pipelines_dir` at startup) with haystream in front."""
     settings = settings or ServerSettings()
     from hayhooks.server.pipelines.registry import registry
+    from hayhooks.settings import StartupDeployStrategy
     from hayhooks.settings import settings as hayhooks_settings
 
     # hayhooks reads these when its app starts; its CLI finds the server through host and port.
     hayhooks_settings.pipelines_dir = settings.pipelines_dir
     hayhooks_settings.host = settings.host
     hayhooks_settings.port = settings.port
+    if "HAYHOOKS_STARTUP_DEPLOY_STRATEGY" not in os.environ:
+        # hayhooks' parallel start-up imports wrapper modules from several threads at once, which races in
+        # Haystack's lazy imports ("cannot import name 'ComponentTool' from 'haystack.tools'"): one at a time.
+        hayhooks_settings.startup_deploy_strategy = StartupDeployStrategy.SEQUENTIAL
     from hayhooks import create_app as create_hayhooks_app
 
     return HaystreamApp(create_hayhooks_app(), settings, registry)

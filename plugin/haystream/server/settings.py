@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,6 +23,11 @@ class ServerSettings(BaseSettings):
     keepalive_seconds: float = Field(15.0, gt=0, description="Idle time after which a `: ping` comment is sent.")
     stream_buffer: int = Field(64, ge=1, description="Chunks a producer may run ahead of a slow client.")
     log_level: str = Field("info", description="Uvicorn log level.")
+    openwebui_events: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Send Open WebUI event lines: auto = to clients that ask for them (the /openwebui/v1 base path, "
+        "X-OpenWebUI-* headers, or X-Haystream-Events: true); plain OpenAI clients never get them.",
+    )
 
     @field_validator("api_keys")
     @classmethod

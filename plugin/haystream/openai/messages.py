@@ -1,0 +1,55 @@
+"""OpenAI request messages as Haystack `ChatMessage`s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from haystack.dataclasses import ChatMessage
+
+from haystream.openai.errors import OpenAIError
+
+
+def chat_messages(messages: list[dict[str, Any]], *, images: bool = True) -> list[ChatMessage]:
+    """Convert a request's `messages` (string or parts content, tool turns) to Haystack `ChatMessage`s.
+
+    Image parts become `ImageContent` when they are base64 data URLs (what Open WebUI sends). Image URLs that
+    Haystack cannot carry, and every image when `images=False` (for text-only models), become a short text
+    placeholder instead of failing the request.
+
+    :raises OpenAIError: 400 for a message Haystack cannot represent.
+    """
+    converted = []
+    for position, message in enumerate(messages):
+        if not images or _has_remote_image(message):
+            message = _images_as_text(message, keep_data_urls=images)
+        try:
+            converted.append(ChatMessage.from_openai_dict_format(message))
+        except (ValueError, TypeError, KeyError) as error:
+            raise OpenAIError(400, f"messages.{position}: {error}", param=f"messages.{position}") from None
+    return converted
+
+
+def _has_remote_image(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        part.get("type") == "image_url" and not _image_url(part).startswith("data:") for part in content
+    )
+
+
+def _images_as_text(message: dict[str, Any], *, keep_data_urls: bool) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for part in content:
+        if part.get("type") == "image_url" and not (keep_data_urls and _image_url(part).startswith("data:")):
+            url = _image_url(part)
+            parts.append({"type": "text", "text": "[image]" if url.startswith("data:") else f"[image: {url}]"})
+        else:
+            parts.append(part)
+    return {**message, "content": parts}
+
+
+def _image_url(part: dict[str, Any]) -> str:
+    image = part.get("image_url")
+    return (image.get("url") if isinstance(image, dict) else image) or ""
