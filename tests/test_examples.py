@@ -106,8 +106,12 @@ def test_agent_tools_answers_with_the_real_tool_and_shows_activity_as_status(exa
     assert all(not p["choices"][0]["delta"].get("tool_calls") for p in plain if p.get("choices"))
     assert all("event" not in p for p in plain)
     webui = stream_events(examples, "agent_tools", "What is 6*7?", prefix="/openwebui")
-    statuses = [p["event"]["data"]["description"] for p in webui if "event" in p]
-    assert statuses == ["Using the calculator tool…", "calculator answered"]
+    statuses = [(p["event"]["data"]["description"], p["event"]["data"]["done"]) for p in webui if "event" in p]
+    assert statuses == [("Using calculator…", False), ("calculator done", True)]
+    text = content_of(webui)
+    assert text.endswith("result=42 ok0 ")
+    assert '<details type="tool_calls" done="true"' in text and 'name="calculator"' in text
+    assert 'arguments="{&quot;expression&quot;:&quot;6*7&quot;}"' in text and 'result="&quot;42&quot;"' in text
 
 
 def test_local_model_streams_and_completes_for_real(examples):
@@ -148,4 +152,4 @@ def test_cli_chat_shows_agent_activity_as_status_lines(examples):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["• Using the calculator tool…", "• calculator answered", "result=42 ok0 "]
+    assert result.stdout.splitlines() == ["• Using calculator…", "• calculator done", "result=42 ok0 "]

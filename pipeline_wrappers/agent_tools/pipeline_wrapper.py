@@ -1,21 +1,20 @@
 """A Haystack Agent with real tools (a calculator and a clock), streaming its answer.
 
-The agent's own tool calls are run inside the pipeline and are never sent to the client as `tool_calls` (a client
-such as Open WebUI would try to execute them); people see the activity as status lines instead.
+The agent's own tool calls run inside the pipeline; haystream never sends them to the client as `tool_calls` (a client
+such as Open WebUI would try to execute them) and shows them to people instead: status lines and a collapsed tool
+block in Open WebUI, status lines in `haystream chat`, optionally a text line for other clients.
 """
 
 import ast
 import operator
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 from hayhooks import BasePipelineWrapper
 from haystack.components.agents import Agent
 from haystack.tools import tool
 
 import haystream
-from haystream import openwebui
 from haystream.local import chat_generator_from_env
 
 _OPERATORS = {
@@ -64,15 +63,6 @@ class PipelineWrapper(BasePipelineWrapper):
         self.agent.warm_up()
 
     async def run_chat_completion_async(self, model: str, messages: list[dict], body: dict) -> AsyncIterator:
-        return self._answer(haystream.chat_messages(messages))
-
-    async def _answer(self, history: list) -> AsyncIterator[Any]:
-        async with haystream.astream(self.agent, messages=history) as chunks:
-            async for chunk in chunks:
-                for delta in chunk.tool_calls or ():
-                    if delta.tool_name:
-                        yield openwebui.status(f"Using the {delta.tool_name} tool…")
-                if chunk.tool_call_result is not None:
-                    result = chunk.tool_call_result
-                    yield openwebui.status(f"{result.origin.tool_name} answered", done=True)
-                yield chunk
+        # haystream shows the agent's tool calls to people (Open WebUI: a status line and a tool block) and never
+        # sends them to the client as tool_calls.
+        return haystream.astream(self.agent, messages=haystream.chat_messages(messages))

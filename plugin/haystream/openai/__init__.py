@@ -1,7 +1,7 @@
 """The OpenAI wire format: request model, item-to-delta mapping, SSE frames, aggregation, errors. No web imports."""
 
 from haystream.openai.completion import CompletionBuilder
-from haystream.openai.deltas import DeltaMapper, Event
+from haystream.openai.deltas import DeltaMapper, Event, ToolActivity
 from haystream.openai.errors import OpenAIError, describe_failure, status_for_failure
 from haystream.openai.frames import DONE, PING, ChunkFramer, data_frame
 from haystream.openai.messages import chat_messages
@@ -16,6 +16,7 @@ __all__ = [
     "DeltaMapper",
     "Event",
     "OpenAIError",
+    "ToolActivity",
     "chat_messages",
     "data_frame",
     "describe_failure",

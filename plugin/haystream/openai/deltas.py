@@ -34,6 +34,17 @@ class Event:
 
 
 @dataclass
+class ToolActivity:
+    """A tool call that ran inside the run (an Agent's), with its result: shown to people, never a client call."""
+
+    id: str | None
+    name: str
+    arguments: dict[str, Any]
+    result: str
+    error: bool
+
+
+@dataclass
 class _PendingCall:
     id: str | None
     name: str = ""
@@ -50,7 +61,7 @@ class DeltaMapper:
         self._usage: dict[str, int] = {}
         self._warned_types: set[type] = set()
 
-    def feed(self, item: Any) -> list[dict[str, Any] | Event]:
+    def feed(self, item: Any) -> list[dict[str, Any] | Event | ToolActivity]:
         """The deltas (and events) that one item amounts to, in order."""
         if isinstance(item, StreamingChunk):
             return self._chunk(item)
@@ -74,14 +85,13 @@ class DeltaMapper:
             finish_reason = "stop"  # the calls were an agent's own, answered inside the run
         return tool_deltas, finish_reason, dict(self._usage)
 
-    def _chunk(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event]:
-        out: list[dict[str, Any] | Event] = []
+    def _chunk(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event | ToolActivity]:
+        out: list[dict[str, Any] | Event | ToolActivity] = []
         usage = usage_dict(chunk.meta.get("usage")) if chunk.meta else None
         if usage:
             self._turn_usage.update({k: v for k, v in usage.items() if v is not None})
         if chunk.tool_call_result is not None:
-            self._pending.clear()  # answered inside the run: those calls were the agent's
-            return out
+            return self._tool_result(chunk)
         if chunk.tool_calls:
             for delta in chunk.tool_calls:
                 call = self._pending.get(delta.index)
@@ -91,6 +101,7 @@ class DeltaMapper:
                     call = self._pending[key] = _PendingCall(delta.id)
                 if delta.tool_name and not call.name:
                     call.name = delta.tool_name
+                    out.append(Event("status", {"description": f"Using {call.name}…", "done": False, "hidden": False}))
                 if delta.arguments:
                     call.arguments.append(delta.arguments)
         elif self._pending and (chunk.content or chunk.reasoning):
@@ -107,6 +118,20 @@ class DeltaMapper:
                 self._finish_reason = chunk.finish_reason
             self._end_turn()
         return out
+
+    def _tool_result(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event | ToolActivity]:
+        # Answered inside the run: that call was the agent's, not the client's.
+        result = chunk.tool_call_result
+        assert result is not None
+        origin = result.origin
+        for key, call in list(self._pending.items()):
+            if call.id == origin.id or (origin.id is None and call.name == origin.tool_name):
+                del self._pending[key]
+        verb = "failed" if result.error else "done"
+        return [
+            ToolActivity(origin.id, origin.tool_name, origin.arguments, str(result.result), bool(result.error)),
+            Event("status", {"description": f"{origin.tool_name} {verb}", "done": True, "hidden": False}),
+        ]
 
     def _dict(self, item: dict[str, Any]) -> list[dict[str, Any] | Event]:
         if "event" in item and isinstance(item["event"], dict):

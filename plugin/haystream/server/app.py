@@ -7,12 +7,15 @@ included, to hayhooks. Editing hayhooks' nested route list would be fragile; sta
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import inspect
 import logging
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -32,7 +35,8 @@ from haystream.server.asgi import (
 from haystream.server.auth import KeyCheck, check_deploy_request
 from haystream.server.chat import ChatResponse, failure_error
 from haystream.server.settings import ServerSettings
-from haystream.server.wrappers import is_chat_wrapper, open_items
+from haystream.server.tasks import Task, answer_as_text, detect_task, heuristic_answer
+from haystream.server.wrappers import as_async_items, is_chat_wrapper, open_items
 
 logger = logging.getLogger("haystream.server")
 
@@ -104,18 +108,20 @@ class HaystreamApp:
                 code="model_not_found",
             )
         request_id = _header(scope, b"x-request-id") or secrets.token_hex(8)
-        response: ChatResponse | None = None
+        task = detect_task(body["messages"]) if self.settings.openwebui_tasks != "pipeline" else None
 
         async def respond() -> None:
-            nonlocal response
             try:
-                items = await open_items(
-                    wrapper,
-                    model=request.model,
-                    body=body,
-                    headers=_headers(scope),
-                    buffer_size=self.settings.stream_buffer,
-                )
+                if task is not None:
+                    items = await self._task_items(task, wrapper, body)
+                else:
+                    items = await open_items(
+                        wrapper,
+                        model=request.model,
+                        body=body,
+                        headers=_headers(scope),
+                        buffer_size=self.settings.stream_buffer,
+                    )
             except Exception as error:
                 await send_error(
                     send, failure_error(error, request_id), headers=[(b"x-request-id", request_id.encode())]
@@ -126,7 +132,7 @@ class HaystreamApp:
                 items,
                 request_id=request_id,
                 keepalive_seconds=self.settings.keepalive_seconds,
-                events=self._wants_events(scope, for_openwebui),
+                **self._client_style(scope, for_openwebui),
             )
             await response.send(send)
 
@@ -153,13 +159,27 @@ class HaystreamApp:
         check_deploy_request(path, body)
         await self.hayhooks_app(scope, _replay(raw, receive), send)
 
-    def _wants_events(self, scope: Scope, for_openwebui: bool) -> bool:
+    async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """Items answering an Open WebUI background task without running the pipeline."""
+        run_task = getattr(wrapper, "run_task", None) if self.settings.openwebui_tasks == "wrapper" else None
+        answer: Any = None
+        if run_task is not None and inspect.iscoroutinefunction(run_task):
+            answer = await run_task(task.kind, body["messages"], body)
+        elif run_task is not None:
+            answer = await asyncio.to_thread(run_task, task.kind, body["messages"], body)
+        if answer is None:  # no run_task, or it declined this task
+            answer = heuristic_answer(task)
+        logger.debug("answered the Open WebUI %s task without the pipeline", task.kind)
+        return as_async_items(answer_as_text(answer), self.settings.stream_buffer)
+
+    def _client_style(self, scope: Scope, for_openwebui: bool) -> dict[str, Any]:
+        """Whether this client gets event lines, and how it sees an agent's tool calls."""
+        is_openwebui = for_openwebui or any(name.startswith(b"x-openwebui-") for name, _ in scope.get("headers", ()))
+        asked = (_header(scope, b"x-haystream-events") or "").lower() in ("1", "true", "yes")
         mode = self.settings.openwebui_events
-        if mode != "auto":
-            return mode == "always"
-        if for_openwebui or (_header(scope, b"x-haystream-events") or "").lower() in ("1", "true", "yes"):
-            return True
-        return any(name.startswith(b"x-openwebui-") for name, _ in scope.get("headers", ()))
+        events = mode == "always" or (mode == "auto" and (is_openwebui or asked))
+        tool_style = "details" if events and is_openwebui else self.settings.tool_trace
+        return {"events": events, "tool_style": tool_style}
 
     def _authorize(self, scope: Scope) -> None:
         self._keys.check(_bearer_or_basic(_header(scope, b"authorization")))

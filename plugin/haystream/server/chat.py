@@ -18,9 +18,11 @@ from haystream.openai import (
     DeltaMapper,
     Event,
     OpenAIError,
+    ToolActivity,
     data_frame,
     describe_failure,
     status_for_failure,
+    webui,
 )
 from haystream.server.asgi import Send, send_error, send_json
 
@@ -50,12 +52,14 @@ class ChatResponse:
         request_id: str,
         keepalive_seconds: float,
         events: bool = False,
+        tool_style: str = "none",
     ) -> None:
         self._request = request
         self._items = items
         self._request_id = request_id
         self._keepalive = keepalive_seconds
         self._events = events
+        self._tool_style = tool_style
         self._framer = ChunkFramer(request.model)
         self._mapper = DeltaMapper()
         self._last_send = 0.0
@@ -81,7 +85,9 @@ class ChatResponse:
         try:
             async for item in self._items:
                 for delta in self._mapper.feed(item):
-                    if not isinstance(delta, Event):
+                    if isinstance(delta, ToolActivity):
+                        delta = self._render_tool(delta)
+                    if isinstance(delta, dict):
                         builder.add(delta)
         except Exception as error:
             await send_error(send, failure_error(error, self._request_id), headers=self._id_header())
@@ -145,13 +151,25 @@ class ChatResponse:
     async def _send_item(self, send: Send, item: Any) -> None:
         frames = []
         for delta in self._mapper.feed(item):
+            if isinstance(delta, ToolActivity):
+                delta = self._render_tool(delta)
             if isinstance(delta, Event):
                 if self._events:
                     frames.append(data_frame({"event": {"type": delta.type, "data": delta.data}}))
-            else:
+            elif delta is not None:
                 frames.append(self._framer.delta(delta))
         if frames:
             await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _render_tool(self, activity: ToolActivity) -> dict[str, Any] | None:
+        """An agent's tool call as people see it: Open WebUI's tool block, a text line, or nothing."""
+        if self._tool_style == "details":
+            block = webui.tool_call_block(activity.id, activity.name, activity.arguments, activity.result)
+            return {"content": block}
+        if self._tool_style == "text":
+            arguments = ", ".join(f"{key}={value!r}" for key, value in activity.arguments.items())
+            return {"content": f"\n[{activity.name}({arguments}) → {activity.result}]\n"}
+        return None
 
     async def _finish(self, send: Send) -> None:
         tool_deltas, finish_reason, usage = self._mapper.finish()

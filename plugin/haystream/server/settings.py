@@ -23,6 +23,14 @@ class ServerSettings(BaseSettings):
     keepalive_seconds: float = Field(15.0, gt=0, description="Idle time after which a `: ping` comment is sent.")
     stream_buffer: int = Field(64, ge=1, description="Chunks a producer may run ahead of a slow client.")
     log_level: str = Field("info", description="Uvicorn log level.")
+    openwebui_tasks: Literal["heuristic", "wrapper", "pipeline"] = Field(
+        "heuristic",
+        description="Open WebUI background tasks (title, tags, ...): a fast built-in answer, the wrapper's "
+        "run_task(), or the pipeline like any chat turn.",
+    )
+    tool_trace: Literal["none", "text"] = Field(
+        "none", description="How plain clients see an agent's tool calls: not at all, or as a short text line."
+    )
     openwebui_events: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Send Open WebUI event lines: auto = to clients that ask for them (the /openwebui/v1 base path, "

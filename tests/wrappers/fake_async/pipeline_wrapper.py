@@ -80,7 +80,13 @@ class PipelineWrapper(BasePipelineWrapper):
             raise ValueError("the wrapper refused this request")
         if mode == "mixed":
             return self._mixed()
+        if mode == "think":
+            return iter(["<think>", "weighing it", "</think>", "The answer."])
         raise ValueError(f"unknown mode {mode}")
+
+    def run_task(self, task: str, messages: list[dict], body: dict) -> Any:
+        """Open WebUI background tasks, when the server runs with HAYSTREAM_OPENWEBUI_TASKS=wrapper."""
+        return {"title": "From the wrapper"} if task == "title" else None  # None: haystream's built-in answer
 
     async def _mixed(self) -> AsyncIterator[Any]:
         yield create_status_event("working")

@@ -1,0 +1,118 @@
+"""Open WebUI's background tasks (title, tags, follow-ups, queries, autocomplete, emoji), answered without the
+user's pipeline.
+
+Open WebUI sends them through the same chat endpoint as chat turns, as one user message built from a template that
+starts with `### Task:`, and parses a JSON object out of the reply. Running a RAG pipeline or an agent for a chat
+title wastes time and often returns prose that Open WebUI cannot parse; a fast deterministic answer in the expected
+shape is the default (`HAYSTREAM_OPENWEBUI_TASKS=heuristic`). `wrapper` asks the wrapper's own
+`run_task(task, messages, body)` (falling back to the heuristic), `pipeline` treats them as ordinary chat turns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+TASK_PREFIX = "### Task:"
+KNOWN_TASKS = ("title", "tags", "follow_ups", "queries", "autocomplete", "emoji")
+
+_OUTPUT_KEY = re.compile(r'###\s*Output:.*?\{\s*"(\w+)"', re.DOTALL)
+_HISTORY = re.compile(r"<chat_history>\s*(.*?)\s*</chat_history>", re.DOTALL)
+_TURN = re.compile(r"^(USER|ASSISTANT):\s?(.*)$")
+_WORD = re.compile(r"[\w'-]+", re.UNICODE)
+_LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "hi", "hello", "hey", "please"})
+_KEY_TO_TASK = {
+    "title": "title",
+    "tags": "tags",
+    "follow_ups": "follow_ups",
+    "queries": "queries",
+    "text": "autocomplete",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A recognised background task and the chat history it is about."""
+
+    kind: str
+    history: list[tuple[str, str]]  # (role, text) pairs, oldest first
+
+    @property
+    def user_texts(self) -> list[str]:
+        """The user's messages in the history."""
+        return [text for role, text in self.history if role == "user"]
+
+
+def detect_task(messages: list[dict[str, Any]]) -> Task | None:
+    """The Open WebUI task a request carries, or None for an ordinary chat turn."""
+    if not messages or messages[-1].get("role") != "user":
+        return None
+    prompt = _text(messages[-1].get("content"))
+    if not prompt.lstrip().startswith(TASK_PREFIX):
+        return None
+    match = _OUTPUT_KEY.search(prompt)
+    kind = _KEY_TO_TASK.get(match.group(1)) if match else None
+    if kind is None and "emoji" in " ".join(prompt.strip().splitlines()[:2]).lower():
+        kind = "emoji"
+    if kind is None:
+        return None
+    return Task(kind=kind, history=_history(prompt))
+
+
+def heuristic_answer(task: Task) -> str:
+    """A fast, deterministic reply in the JSON shape Open WebUI parses for `task`."""
+    if task.kind == "title":
+        return _json({"title": _title(task)})
+    if task.kind == "tags":
+        return _json({"tags": ["General"]})  # the template's own rule for short or mixed chats
+    if task.kind == "follow_ups":
+        return _json({"follow_ups": []})  # nothing invented: Open WebUI then shows no suggestions
+    if task.kind == "queries":
+        last = task.user_texts[-1] if task.user_texts else ""
+        return _json({"queries": [last] if last else []})
+    if task.kind == "autocomplete":
+        return _json({"text": ""})
+    return "💬"
+
+
+def answer_as_text(answer: Any) -> str:
+    """A `run_task` return value (str or JSON-able object) as reply text."""
+    return answer if isinstance(answer, str) else _json(answer)
+
+
+def _title(task: Task) -> str:
+    # The first thing the user asked, trimmed: what a person would call the chat, and never invented.
+    source = task.user_texts[0] if task.user_texts else (task.history[0][1] if task.history else "")
+    words = _WORD.findall(source.split("\n", 1)[0])
+    while words and words[0].lower() in _LEADING_FILLER:
+        words.pop(0)
+    title = " ".join(words[:7])
+    return (title[:1].upper() + title[1:])[:60] or "New Chat"
+
+
+def _history(prompt: str) -> list[tuple[str, str]]:
+    match = _HISTORY.search(prompt)
+    turns: list[tuple[str, str]] = []
+    for line in (match.group(1) if match else "").splitlines():
+        turn = _TURN.match(line.strip())
+        if turn:
+            turns.append((turn.group(1).lower(), turn.group(2).strip()))
+        elif turns and line.strip():
+            role, text = turns[-1]
+            turns[-1] = (role, f"{text}\n{line.strip()}")
+    return turns
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()

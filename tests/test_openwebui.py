@@ -1,0 +1,163 @@
+"""Open WebUI as a client: event lines only for it, reasoning, agent activity, background tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from haystack import Document
+
+from conftest import sse_events, start_server
+from haystream import openwebui
+from haystream.server.tasks import detect_task, heuristic_answer
+
+USER = [{"role": "user", "content": "hello"}]
+FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"
+TASKS = {
+    "task_title.json": ("title", {"title": "How long does it need to set"}),
+    "task_tags.json": ("tags", {"tags": ["General"]}),
+    "task_follow_ups.json": ("follow_ups", {"follow_ups": []}),
+    "task_queries.json": ("queries", {"queries": ["And how long does it need to set?"]}),
+}
+
+
+def recorded(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def stream(url: str, body: dict, headers: dict | None = None) -> list[dict]:
+    with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers or {}, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        events = sse_events(list(response.iter_lines()))
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def event_types(payloads: list[dict]) -> list[str]:
+    return [p["event"]["type"] for p in payloads if "event" in p]
+
+
+MIXED = {"model": "fake_async", "messages": USER, "mode": "mixed"}
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "expected"),
+    [
+        ("/v1/chat/completions", {}, []),
+        ("/openwebui/v1/chat/completions", {}, ["status", "status"]),
+        ("/v1/chat/completions", {"X-OpenWebUI-Chat-Id": "c1", "X-OpenWebUI-User-Id": "u1"}, ["status", "status"]),
+        ("/v1/chat/completions", {"X-Haystream-Events": "true"}, ["status", "status"]),
+    ],
+)
+def test_event_lines_reach_only_clients_that_render_them(server, path, headers, expected):
+    payloads = stream(server.url + path, MIXED, headers)
+    assert event_types(payloads) == expected
+    content = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if "choices" in p)
+    assert content == "plain chunk dict"
+
+
+def test_openwebui_models_path(server):
+    ids = {m["id"] for m in httpx.get(server.url + "/openwebui/v1/models").json()["data"]}
+    assert "fake_async" in ids
+
+
+@pytest.mark.parametrize(
+    ("mode", "plain", "openwebui"), [("never", [], []), ("always", ["status", "status"], ["status", "status"])]
+)
+def test_events_setting_overrides_detection(upstream, mode, plain, openwebui):
+    srv = start_server(upstream, openwebui_events=mode)
+    try:
+        assert event_types(stream(srv.url + "/v1/chat/completions", MIXED)) == plain
+        assert event_types(stream(srv.url + "/openwebui/v1/chat/completions", MIXED)) == openwebui
+    finally:
+        srv.stop()
+
+
+def test_think_tags_pass_through_for_open_webui_to_fold(server):
+    payloads = stream(
+        server.url + "/openwebui/v1/chat/completions", {"model": "fake_async", "messages": USER, "mode": "think"}
+    )
+    content = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if "choices" in p)
+    assert content == "<think>weighing it</think>The answer."
+
+
+def test_agent_tool_calls_as_a_text_trace_for_plain_clients_when_configured(upstream):
+    srv = start_server(upstream, tool_trace="text")
+    try:
+        body = {
+            "model": "fake_async",
+            "messages": USER,
+            "mode": "agent",
+            "scenario": 'fake?tool=multiply&args={"a": 6, "b": 7}&tokens=1&text=ok',
+        }
+        payloads = stream(srv.url + "/v1/chat/completions", body)
+    finally:
+        srv.stop()
+    content = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads)
+    assert content == "\n[multiply(a=6, b=7) → 42]\nresult=42 ok0 "
+    assert all("tool_calls" not in p["choices"][0]["delta"] for p in payloads)
+
+
+@pytest.mark.parametrize("fixture", sorted(TASKS))
+def test_background_tasks_get_a_fast_answer_without_running_the_pipeline(server, upstream, fixture):
+    upstream.reset()
+    body = {**recorded(fixture)["body"], "model": "fake_async"}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200
+    _, expected = TASKS[fixture]
+    assert json.loads(response.json()["choices"][0]["message"]["content"]) == expected
+    assert upstream.records == []  # the wrapper's pipeline never ran
+
+
+def test_streamed_task_request_is_answered_as_sse(server, upstream):
+    upstream.reset()
+    payloads = stream(
+        server.url + "/v1/chat/completions", {**recorded("task_tags.json")["body"], "model": "fake_async"}
+    )
+    assert json.loads("".join(p["choices"][0]["delta"].get("content", "") for p in payloads)) == {"tags": ["General"]}
+    assert upstream.records == []
+
+
+def test_task_modes_wrapper_and_pipeline(upstream):
+    title = {**recorded("task_title.json")["body"], "model": "fake_async", "scenario": "fake?tokens=2"}
+    tags = {**recorded("task_tags.json")["body"], "model": "fake_async"}
+    by_wrapper = start_server(upstream, openwebui_tasks="wrapper")
+    try:
+        reply = httpx.post(by_wrapper.url + "/v1/chat/completions", json=title).json()
+        assert json.loads(reply["choices"][0]["message"]["content"]) == {"title": "From the wrapper"}
+        reply = httpx.post(by_wrapper.url + "/v1/chat/completions", json=tags).json()  # run_task declined
+        assert json.loads(reply["choices"][0]["message"]["content"]) == {"tags": ["General"]}
+    finally:
+        by_wrapper.stop()
+    upstream.reset()
+    by_pipeline = start_server(upstream, openwebui_tasks="pipeline")
+    try:
+        reply = httpx.post(by_pipeline.url + "/v1/chat/completions", json=title).json()
+        assert reply["choices"][0]["message"]["content"] == "t0 t1 "
+        assert len(upstream.records) == 1
+    finally:
+        by_pipeline.stop()
+
+
+def test_task_detection_leaves_chat_turns_alone():
+    for name in ("chat_stream_history.json", "chat_nonstream_history.json", "chat_image_params_usage.json"):
+        assert detect_task(recorded(name)["body"]["messages"]) is None
+    assert detect_task([{"role": "user", "content": "### Task: but not a template"}]) is None
+    emoji = detect_task([{"role": "user", "content": "### Task:\nReply with a relevant emoji for the chat.\n"}])
+    assert emoji is not None and heuristic_answer(emoji) == "💬"
+
+
+def test_event_helpers_shapes():
+    assert openwebui.status("Searching", done=True) == {
+        "event": {"type": "status", "data": {"description": "Searching", "done": True, "hidden": False}}
+    }
+    assert openwebui.notification("Saved", level="success")["event"]["data"] == {"type": "success", "content": "Saved"}
+    doc = Document(content="x" * 900, meta={"name": "guide.md", "url": "https://example.org/guide"}, score=0.5)
+    data = openwebui.source(doc)["event"]["data"]
+    assert data["source"] == {"name": "guide.md", "url": "https://example.org/guide"}
+    assert len(data["document"][0]) == 500 and data["metadata"][0]["score"] == 0.5
+    block = openwebui.details("Why", "Because <reasons>", type="reasoning", done="true")
+    assert block.startswith('\n<details type="reasoning" done="true">\n<summary>Why</summary>')
+    assert "Because <reasons>" in block and block.endswith("</details>\n")
