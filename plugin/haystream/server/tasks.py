@@ -22,7 +22,6 @@ KNOWN_TASKS = ("title", "tags", "follow_ups", "queries", "autocomplete", "emoji"
 _OUTPUT_KEY = re.compile(r'###\s*Output:.*?\{\s*"(\w+)"', re.DOTALL)
 _HISTORY = re.compile(r"<chat_history>\s*(.*?)\s*</chat_history>", re.DOTALL)
 _TURN = re.compile(r"^(USER|ASSISTANT):\s?(.*)$")
-_WORD = re.compile(r"[\w'-]+", re.UNICODE)
 _LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "hi", "hello", "hey", "please"})
 _KEY_TO_TASK = {
     "title": "title",
@@ -86,10 +85,10 @@ def answer_as_text(answer: Any) -> str:
 def _title(task: Task) -> str:
     # The first thing the user asked, trimmed: what a person would call the chat, and never invented.
     source = task.user_texts[0] if task.user_texts else (task.history[0][1] if task.history else "")
-    words = _WORD.findall(source.split("\n", 1)[0])
-    while words and words[0].lower() in _LEADING_FILLER:
+    words = source.split("\n", 1)[0].split()
+    while words and words[0].strip(",.!?;:").lower() in _LEADING_FILLER:
         words.pop(0)
-    title = " ".join(words[:7])
+    title = " ".join(words[:7]).strip(" ,.!?;:")
     return (title[:1].upper() + title[1:])[:60] or "New Chat"
 
 

@@ -1,0 +1,99 @@
+"""haystream behind the real Open WebUI 0.12: its API, and its page in headless Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from tests.e2e.conftest import OUTPUT
+
+
+def chat_lines(openwebui: str, token: str, model: str, prompt: str) -> list[str]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True}
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.stream("POST", openwebui + "/api/chat/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_open_webui_lists_haystream_wrappers(openwebui, webui_token):
+    response = httpx.get(openwebui + "/api/models", headers={"Authorization": f"Bearer {webui_token}"}, timeout=60)
+    ids = {model["id"] for model in response.json()["data"]}
+    assert {"agent_tools", "local_chat", "rag_chat", "failing"} <= ids
+
+
+def test_chat_through_open_webui_streams_the_local_model(openwebui, webui_token):
+    lines = chat_lines(openwebui, webui_token, "local_chat", "Say hello.")
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+    assert text.strip()
+    assert sum(1 for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("content")) > 1  # streamed
+
+
+def test_mid_stream_failure_surfaces_as_an_error_not_a_short_answer(openwebui, webui_token):
+    lines = chat_lines(openwebui, webui_token, "failing", "hi")
+    payloads = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+    errors = [p["error"] for p in payloads if "error" in p]
+    assert errors and "upstream failed after 3 tokens" in errors[0]["message"]
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p.get("choices"))
+    assert text == "t0 t1 t2 "
+
+
+def test_browser_chat_with_the_agent_shows_answer_and_status(openwebui):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    OUTPUT.mkdir(exist_ok=True)
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=args, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(openwebui)
+            page.locator("#chat-input").wait_for(state="visible", timeout=90_000)
+            welcome = page.get_by_role("button", name="Okay, Let's Go!")
+            if welcome.count() or _appears(welcome):
+                welcome.click()
+                page.locator('div[role="dialog"]').wait_for(state="detached", timeout=15_000)
+            page.locator("#model-selector-model-button").click()
+            page.locator('[role="option"][aria-label="Select agent_tools model"]').click()
+            page.wait_for_function(
+                "() => document.querySelector('#model-selector-model-button')?.getAttribute('aria-label')"
+                " === 'Selected model: agent_tools'",
+                timeout=15_000,
+            )
+            page.locator("#chat-input").click()
+            page.keyboard.type("What is 6*7?")
+            page.locator("button#send-message-button").click()
+            # The streamed answer, then the finished message (its actions appear when the stream has ended).
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#response-content-container')]"
+                ".some(el => el.innerText.includes('ok2'))",
+                timeout=120_000,
+            )
+            page.locator('[id^="message-"] button[aria-label="Regenerate"]').last.wait_for(
+                state="visible", timeout=120_000
+            )
+            page.screenshot(path=str(OUTPUT / "openwebui-agent.png"))
+            text = page.locator("body").inner_text()
+        finally:
+            browser.close()
+    assert "result=42 ok0 ok1 ok2" in text
+    assert "calculator done" in text  # the agent's status line, rendered by Open WebUI
+
+
+def _appears(locator) -> bool:
+    try:
+        locator.wait_for(state="visible", timeout=5_000)
+    except Exception:
+        return False
+    return True
