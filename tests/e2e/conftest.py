@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 REPO = Path(__file__).parents[2]
-OUTPUT = REPO / "test-output"
 AGENT_SCENARIO = 'fake?tool=calculator&args={"expression": "6*7"}&tokens=3&text=ok&delay=0.05'
 
 
