@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-from pathlib import Path
 
 import openai
 import pytest
@@ -15,8 +14,8 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 from haystack.components.generators.chat import OpenAIChatGenerator
 from haystack.utils import Secret
 
-from haystream.server import ServerSettings, create_app
 from haystream.testing import FakeUpstream, ServerThread
+from support import start_server
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +41,6 @@ def _collect_garbage():
     gc.collect()
 
 
-WRAPPERS_DIR = Path(__file__).parent / "wrappers"
-
-
-def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
-    """haystream's app (hayhooks inside) under a real uvicorn on loopback, serving tests/wrappers."""
-    os.environ["FAKE_UPSTREAM_URL"] = upstream.base_url
-    settings.setdefault("pipelines_dir", str(WRAPPERS_DIR))
-    return ServerThread(create_app(ServerSettings(**settings)), lifespan="on").start()
-
-
 @pytest.fixture(scope="session")
 def server(upstream: FakeUpstream) -> ServerThread:
     srv = start_server(upstream)
@@ -69,8 +58,3 @@ def client(server: ServerThread) -> openai.OpenAI:
 async def aclient(server: ServerThread) -> openai.AsyncOpenAI:
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as sdk:
         yield sdk
-
-
-def sse_events(lines: list[str]) -> list[str]:
-    """The `data:` payloads of an SSE body (comments and blank lines dropped)."""
-    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import start_server
+from support import start_server
 
 
 def haystream(*args: str, **kwargs) -> subprocess.CompletedProcess:

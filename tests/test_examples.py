@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
-from conftest import sse_events
 from haystream.server import ServerSettings, create_app
 from haystream.testing import ServerThread
+from support import sse_events
 
 EXAMPLES = Path(__file__).parent.parent / "pipeline_wrappers"
 ENV = {

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from haystack import Document
 
-from conftest import sse_events, start_server
 from haystream import openwebui
 from haystream.server.tasks import detect_task, heuristic_answer
+from support import sse_events, start_server
 
 USER = [{"role": "user", "content": "hello"}]
 FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"

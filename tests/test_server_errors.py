@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_server
+from support import start_server
 
 USER = [{"role": "user", "content": "hello"}]
 FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"

@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
-from conftest import sse_events, start_server
 from haystream.streaming.producer import wait_for_idle_producers
+from support import sse_events, start_server
 
 USER = [{"role": "user", "content": "hello"}]
 SLOW = "fake?tokens=300&delay=0.01"

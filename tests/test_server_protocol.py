@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from conftest import sse_events
+from support import sse_events
 
 USER = [{"role": "user", "content": "hello"}]
 WRAPPER_MODES = [

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
-from tests.e2e.conftest import OUTPUT
+
+OUTPUT = Path(__file__).parents[2] / "test-output"
 
 
 def chat_lines(openwebui: str, token: str, model: str, prompt: str) -> list[str]:

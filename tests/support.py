@@ -1,0 +1,23 @@
+"""Helpers shared by the test modules (import them from here: every conftest.py is a module named `conftest`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from haystream.server import ServerSettings, create_app
+from haystream.testing import FakeUpstream, ServerThread
+
+WRAPPERS_DIR = Path(__file__).parent / "wrappers"
+
+
+def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
+    """haystream's app (hayhooks inside) under a real uvicorn on loopback, serving tests/wrappers."""
+    os.environ["FAKE_UPSTREAM_URL"] = upstream.base_url
+    settings.setdefault("pipelines_dir", str(WRAPPERS_DIR))
+    return ServerThread(create_app(ServerSettings(**settings)), lifespan="on").start()
+
+
+def sse_events(lines: list[str]) -> list[str]:
+    """The `data:` payloads of an SSE body (comments and blank lines dropped)."""
+    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
