@@ -63,12 +63,6 @@ class ChatResponse:
         self._framer = ChunkFramer(request.model)
         self._mapper = DeltaMapper()
         self._last_send = 0.0
-        self._headers_sent = False
-
-    @property
-    def headers_sent(self) -> bool:
-        """Whether the response has started (errors after this point go into the stream)."""
-        return self._headers_sent
 
     async def send(self, send: Send) -> None:
         """Answer the request; always closes the item iterator."""
@@ -84,10 +78,8 @@ class ChatResponse:
         builder = CompletionBuilder()
         try:
             async for item in self._items:
-                for delta in self._mapper.feed(item):
-                    if isinstance(delta, ToolActivity):
-                        delta = self._render_tool(delta)
-                    if isinstance(delta, dict):
+                for delta in self._client_deltas(item):
+                    if not isinstance(delta, Event):
                         builder.add(delta)
         except Exception as error:
             await send_error(send, failure_error(error, self._request_id), headers=self._id_header())
@@ -145,21 +137,25 @@ class ChatResponse:
                 ],
             }
         )
-        self._headers_sent = True
         await self._write(send, self._framer.role())
 
     async def _send_item(self, send: Send, item: Any) -> None:
         frames = []
-        for delta in self._mapper.feed(item):
-            if isinstance(delta, ToolActivity):
-                delta = self._render_tool(delta)
-            if isinstance(delta, Event):
-                if self._events:
-                    frames.append(data_frame({"event": {"type": delta.type, "data": delta.data}}))
-            elif delta is not None:
+        for delta in self._client_deltas(item):
+            if not isinstance(delta, Event):
                 frames.append(self._framer.delta(delta))
+            elif self._events:
+                frames.append(data_frame({"event": {"type": delta.type, "data": delta.data}}))
         if frames:
             await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _client_deltas(self, item: Any) -> list[dict[str, Any] | Event]:
+        """What an item amounts to for this client: deltas and events, an agent's tool calls rendered or dropped."""
+        deltas = self._mapper.feed(item)
+        if not any(isinstance(delta, ToolActivity) for delta in deltas):
+            return deltas  # type: ignore[return-value]  # the common case, without a copy
+        rendered = (self._render_tool(d) if isinstance(d, ToolActivity) else d for d in deltas)
+        return [delta for delta in rendered if delta is not None]
 
     def _render_tool(self, activity: ToolActivity) -> dict[str, Any] | None:
         """An agent's tool call as people see it: Open WebUI's tool block, a text line, or nothing."""
