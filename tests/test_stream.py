@@ -406,10 +406,12 @@ def test_concurrent_sync_streams_over_one_pipeline_with_a_stateful_callback(make
 def test_closing_while_waiting_for_the_first_token_cuts_the_upstream_at_once(make_llm, upstream):
     upstream.reset()
     chunks = haystream.stream(make_llm("fake?ttft=30&tokens=5"), messages=USER)
-    consumer = threading.Thread(target=lambda: list(chunks))
+    outcome: list = []
+    consumer = threading.Thread(target=lambda: outcome.append(list(chunks)))
     consumer.start()
     record = upstream.wait_for_requests(1)[0]  # the producer is now blocked reading the upstream
     chunks.close()
     assert record.wait(10).client_hung_up and record.tokens_sent == 0
     assert wait_for_idle_producers(10)
     consumer.join(10)
+    assert outcome == [[]]  # the consumer still iterating saw the stream end, not the aborted read's error

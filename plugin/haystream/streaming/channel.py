@@ -67,7 +67,10 @@ class _ChannelState(Generic[T]):
         self._error = error
 
     def _take(self) -> T:
-        # Items produced before a failure are delivered first, then the failure is raised (once).
+        # Items produced before a failure are delivered first, then the failure is raised (once). Once the
+        # consumer has closed the channel, a read still waiting in another thread just ends.
+        if self._closed:
+            return END
         if self._items:
             return self._items.popleft()
         if self._error is not None:
@@ -118,7 +121,7 @@ class ThreadChannel(_ChannelState[T]):
     def get(self) -> T:
         """Next item, blocking the calling thread; `END` after the last one; raises the producer's error."""
         with self._lock:
-            while not self._items and not self._done:
+            while not self._items and not self._done and not self._closed:
                 self._not_empty.wait()
             item = self._take()
             self._not_full.notify()
@@ -128,7 +131,7 @@ class ThreadChannel(_ChannelState[T]):
         """Next item without blocking the event loop; `END` after the last one; raises the producer's error."""
         while True:
             with self._lock:
-                if self._items or self._done:
+                if self._items or self._done or self._closed:
                     item = self._take()
                     self._not_full.notify()
                     return item
@@ -142,6 +145,7 @@ class ThreadChannel(_ChannelState[T]):
             self._closed = True
             self._items.clear()
             self._not_full.notify_all()
+            self._not_empty.notify_all()
 
 
 class AsyncChannel(_ChannelState[T]):
@@ -169,7 +173,7 @@ class AsyncChannel(_ChannelState[T]):
 
     async def get(self) -> T:
         """Next item; `END` after the last one; raises the producer's error."""
-        while not self._items and not self._done:
+        while not self._items and not self._done and not self._closed:
             self._getter = asyncio.get_running_loop().create_future()
             await self._getter
         item = self._take()
@@ -181,6 +185,7 @@ class AsyncChannel(_ChannelState[T]):
         self._closed = True
         self._items.clear()
         self._putter = _wake(self._putter)
+        self._getter = _wake(self._getter)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
