@@ -30,6 +30,9 @@ Scenarios (the fake's behaviour is set by the model string of the generator, so 
   time a stream waits for its turn. Reported: median wall time and median aggregate chunks/s over the repetitions,
   TTFC p50/p99 over all streams of all repetitions.
 
+In both scenarios the CPU time of this process (all threads; the fake upstream is another process) is divided by the
+content chunks: CPU us/chunk is the steadiest number on a shared machine, as time spent descheduled does not count.
+
 Only chunks that are `StreamingChunk`s with non-empty ``content`` are counted, and every stream must deliver exactly
 the number of tokens the fake sends, otherwise the benchmark fails.
 
@@ -556,6 +559,11 @@ def environment() -> str:
     )
 
 
+def _load() -> str:
+    """The 1-minute load average: other processes on the machine disturb the wall-clock numbers."""
+    return f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "load average n/a"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------------
@@ -568,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     fast_runs, bursts = (5, 1) if args.quick else (20, 15)
     cores = os.cpu_count() or 0
 
+    load_before = _load()
     print(environment())
     print(
         f"Scenario A 'fast': {FAST_SCENARIO}, {fast_runs} sequential streams per contender (medians). "
@@ -596,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     found = ratios(rows)
     print_ratios(found)
     print()
-    print(f"(benchmark took {elapsed:.0f} s)")
+    print(f"(benchmark took {elapsed:.0f} s; {_load()} at the end, {load_before} at the start)")
     print(summary_line(found, cores))
 
 

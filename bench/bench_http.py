@@ -27,9 +27,12 @@ wrapper                chat method                                              
 The same client also talks to the fake directly (``POST {fake}/chat/completions`` with ``model`` = scenario): that
 is the baseline, what a client would see without any server in between.
 
-Load generator: one ``httpx.AsyncClient`` per burst (max_connections=2000, timeout 120 s, no proxies from the
-environment; the event loop is uvloop when it is installed), posting ``stream: true`` requests and reading the SSE
-lines itself. Per stream it records
+Load generator: asyncio in this process (uvloop when it is installed) with one ``httpx.AsyncClient`` per stream
+(timeout 120 s, no proxies from the environment), all created before the clock starts. One client per stream, like
+independent users, because one shared 1,000-connection client is itself the bottleneck: httpcore scans every pooled
+connection whenever a response closes (O(n^2) per burst; ~90% of the client's CPU at 1,000 streams, which made even
+the direct baseline take 20-30 s instead of ~2 s). Streams post ``stream: true`` and the SSE lines are parsed here.
+Per stream it records
 
 * TTFT: from just before the request is sent to the first ``data:`` line with a non-empty ``delta.content``;
 * the gaps between consecutive content events (events that arrive in the same read have a gap of 0);
@@ -58,7 +61,8 @@ Readiness is never guessed: a reader thread per child reads its output line by l
 Caveats: the client, the fake upstream and the server under test share the machine's cores, and the client's own
 event loop lag is part of every number, for all targets alike. Only ratios from one run are meaningful.
 
-Run: ``python bench/bench_http.py`` (``--quick`` for a smoke run, ``--rounds N`` to repeat the interleaved set).
+Run: ``python bench/bench_http.py`` (``--quick`` for a smoke run; ``--rounds N`` repeats the interleaved set, default 3,
+1 with ``--quick``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib.metadata
 import os
@@ -74,6 +79,7 @@ import re
 import resource
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -85,7 +91,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 import orjson
@@ -97,6 +103,7 @@ FAST_TOKENS = 500
 MESSAGES = [{"role": "user", "content": "Tell me something."}]
 UPSTREAM_ENV = "HAYSTREAM_BENCH_UPSTREAM"
 HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
+T = TypeVar("T")
 
 _START_TIMEOUT = 120.0
 _STOP_TIMEOUT = 20.0
@@ -422,20 +429,35 @@ async def one_stream(client: httpx.AsyncClient, target: Target, body: bytes, tok
     return result
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    # Loopback plain HTTP needs no TLS, but httpx builds an SSL context per client: share one instead of
+    # loading the CA bundle a thousand times.
+    return ssl.create_default_context()
+
+
 def new_client() -> httpx.AsyncClient:
+    """A client for one stream (see the module docstring for why not one shared pool)."""
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(_REQUEST_TIMEOUT), trust_env=False)
+    return httpx.AsyncClient(
+        limits=limits, timeout=httpx.Timeout(_REQUEST_TIMEOUT), trust_env=False, verify=_ssl_context()
+    )
 
 
 async def burst(target: Target, scenario: Scenario) -> Burst:
-    """All streams of a scenario at once on a fresh client; the wall time runs from the first send to the last end."""
-    n = scenario.streams
+    """All streams of a scenario at once, each on its own fresh client (created before the clock starts).
+
+    The wall time runs from the first send to the last end.
+    """
     body = target.body(scenario.model)
+    clients = [new_client() for _ in range(scenario.streams)]
     gc.collect()
-    async with new_client() as client:
+    try:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, target, body, scenario.tokens) for _ in range(n)))
+        results = await asyncio.gather(*(one_stream(client, target, body, scenario.tokens) for client in clients))
         wall = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
     return Burst(list(results), wall)
 
 
@@ -650,14 +672,14 @@ async def measure(
     return bursts
 
 
-def run_async(main: Coroutine[Any, Any, Any]) -> tuple[Any, str]:
+def run_async(main: Coroutine[Any, Any, T]) -> tuple[T, str]:
     """Run ``main`` on uvloop when available (less client overhead), else on asyncio's default loop."""
     try:
         import uvloop
     except ImportError:
         return asyncio.run(main), "asyncio"
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main), f"uvloop {uvloop.__version__}"
+        return runner.run(main), f"uvloop {importlib.metadata.version('uvloop')}"
 
 
 @contextlib.contextmanager
@@ -668,11 +690,92 @@ def started(child: Child) -> Iterator[Child]:
         child.stop()
 
 
+def make_targets(upstream: str, urls: dict[str, str]) -> list[Target]:
+    """The direct baseline, both hayhooks-style wrappers on both servers, and haystream's own wrapper."""
+    targets = [Target("direct", "direct", f"{upstream}/chat/completions", None, sends_done=True)]
+    for server, wrappers in (
+        ("hayhooks", ("sync_stream", "async_stream")),
+        ("haystream", ("sync_stream", "async_stream", "haystream_native")),
+    ):
+        url = f"{urls[server]}/v1/chat/completions"
+        targets += [Target(f"{server}/{w}", server, url, w, sends_done=server == "haystream") for w in wrappers]
+    return targets
+
+
+def start_children(stack: contextlib.ExitStack, root: Path, env: dict[str, str], children: list[Child]) -> list[Target]:
+    """Start the fake upstream, then both servers on the same wrapper folder; wait until all of them listen."""
+    wrappers = root / "wrappers"
+    write_wrappers(wrappers)
+    fake_argv = [sys.executable, "-c", _FAKE_SCRIPT]
+    fake = stack.enter_context(
+        started(Child("fake_upstream", fake_argv, env, root, ready=fake_ready, watch_stdout=True, stdin=True))
+    )
+    children.append(fake)
+    upstream = fake.wait_ready()
+    env[UPSTREAM_ENV] = upstream
+    commands = {"hayhooks": [hayhooks_script(), "run"], "haystream": [sys.executable, "-m", "haystream", "serve"]}
+    ports: dict[str, int] = {}
+    for name, command in commands.items():
+        ports[name] = port = free_port()
+        argv = [
+            *command,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--pipelines-dir",
+            str(wrappers),
+            "--workers",
+            "1",
+        ]
+        children.append(
+            stack.enter_context(started(Child(name, argv, env, root, ready=uvicorn_ready, watch_stdout=False)))
+        )
+    urls = {child.name: child.wait_ready() for child in children[1:]}
+    for name, url in urls.items():
+        if url != f"http://127.0.0.1:{ports[name]}":
+            raise RuntimeError(f"{name} listens on {url}, not on the requested port {ports[name]}")
+    pids = ", ".join(f"{c.name} {c.process.pid}" for c in children)
+    print(f"children: {pids}; upstream {upstream}; servers {urls}", flush=True)
+    return make_targets(upstream, urls)
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU time (all cores) the whole machine spent busy so far, from /proc/stat; None where that is unavailable."""
+    try:
+        ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (the fake and both servers once stopped)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def cpu_report(busy_before: float | None, own_before: float, wall: float) -> str:
+    busy_after = machine_busy_seconds()
+    own = own_cpu_seconds() - own_before
+    if busy_before is None or busy_after is None:
+        return f"this benchmark used {own:.0f} core-s in {wall:.0f} s"
+    other = max(0.0, busy_after - busy_before - own)
+    share = other / (wall * (os.cpu_count() or 1))
+    return (
+        f"this benchmark used {own:.0f} core-s, other processes {other:.0f} core-s"
+        f" ({share:.0%} of the machine) in {wall:.0f} s"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="smaller bursts (50 and 200 paced streams)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved set N times (default 1)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="repeat the interleaved set N times (default 3, 1 with --quick)"
+    )
     args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
     small, big_n = (50, 200) if args.quick else (200, 1000)
     scenarios = [
         Scenario(f"{small} paced", small, PACED, PACED_TOKENS),
@@ -683,6 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # client + server + upstream sockets for the largest burst, plus headroom; children inherit the raised limit.
     nofile = raise_open_file_limit(8 * big_n + 1024)
     load_before = load_average()
+    busy_before, own_before, started_at = machine_busy_seconds(), own_cpu_seconds(), time.monotonic()
     env = {
         **os.environ,
         "HAYSTACK_TELEMETRY_ENABLED": "False",
@@ -690,90 +794,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
+    children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="haystream-bench-http-") as tmp, contextlib.ExitStack() as stack:
-        root = Path(tmp)
-        wrappers = root / "wrappers"
-        write_wrappers(wrappers)
-        children: list[Child] = []
         try:
-            fake = stack.enter_context(
-                started(
-                    Child(
-                        "fake_upstream",
-                        [sys.executable, "-c", _FAKE_SCRIPT],
-                        env,
-                        root,
-                        ready=fake_ready,
-                        watch_stdout=True,
-                        stdin=True,
-                    )
-                )
-            )
-            children.append(fake)
-            upstream = fake.wait_ready()
-            env[UPSTREAM_ENV] = upstream
-            servers: dict[str, tuple[Child, int]] = {}
-            commands = {
-                "hayhooks": [hayhooks_script(), "run"],
-                "haystream": [sys.executable, "-m", "haystream", "serve"],
-            }
-            for name, command in commands.items():
-                port = free_port()
-                argv_ = [*command, "--host", "127.0.0.1", "--port", str(port)]
-                argv_ += ["--pipelines-dir", str(wrappers), "--workers", "1"]
-                child = stack.enter_context(
-                    started(Child(name, argv_, env, root, ready=uvicorn_ready, watch_stdout=False))
-                )
-                children.append(child)
-                servers[name] = (child, port)
-            urls: dict[str, str] = {}
-            for name, (child, port) in servers.items():
-                urls[name] = child.wait_ready()
-                if urls[name] != f"http://127.0.0.1:{port}":
-                    raise RuntimeError(f"{name} listens on {urls[name]}, not on the requested port {port}")
-            targets = [
-                Target("direct", "direct", f"{upstream}/chat/completions", None, sends_done=True),
-                Target(
-                    "hayhooks/sync_stream", "hayhooks", f"{urls['hayhooks']}/v1/chat/completions", "sync_stream", False
-                ),
-                Target(
-                    "hayhooks/async_stream",
-                    "hayhooks",
-                    f"{urls['hayhooks']}/v1/chat/completions",
-                    "async_stream",
-                    False,
-                ),
-                Target(
-                    "haystream/sync_stream",
-                    "haystream",
-                    f"{urls['haystream']}/v1/chat/completions",
-                    "sync_stream",
-                    True,
-                ),
-                Target(
-                    "haystream/async_stream",
-                    "haystream",
-                    f"{urls['haystream']}/v1/chat/completions",
-                    "async_stream",
-                    True,
-                ),
-                Target(
-                    "haystream/haystream_native",
-                    "haystream",
-                    f"{urls['haystream']}/v1/chat/completions",
-                    "haystream_native",
-                    True,
-                ),
-            ]
-            pids = ", ".join(f"{c.name} {c.process.pid}" for c in children)
-            print(f"children: {pids}; upstream {upstream}; servers {urls}", flush=True)
-            bursts, loop = run_async(measure(targets, scenarios, args.rounds))
+            targets = start_children(stack, Path(tmp), env, children)
+            bursts, loop = run_async(measure(targets, scenarios, rounds))
         except BaseException:
             for child in children:
                 print(f"\n--- {child.name} log tail ---\n{child.tail()}", file=sys.stderr)
             raise
+    cpu = cpu_report(busy_before, own_before, time.monotonic() - started_at)  # children are reaped by now
     mode = " (quick)" if args.quick else ""
-    print(f"\n# bench_http: {environment(nofile, loop, load_before)}; rounds {args.rounds}{mode}")
+    print(f"\n# bench_http: {environment(nofile, loop, load_before)}; rounds {rounds}{mode}")
+    print(f"# CPU: {cpu}")
     table: dict[tuple[str, str], Row] = {}
     for target in targets:
         for scenario in scenarios:
