@@ -161,3 +161,22 @@ def test_event_helpers_shapes():
     block = openwebui.details("Why", "Because <reasons>", type="reasoning", done="true")
     assert block.startswith('\n<details type="reasoning" done="true">\n<summary>Why</summary>')
     assert "Because <reasons>" in block and block.endswith("</details>\n")
+
+
+def test_sync_wrappers_yield_events_next_to_chunks(server):
+    body = {"model": "fake_sync", "messages": USER, "mode": "events", "scenario": "fake?tokens=2"}
+    payloads = stream(server.url + "/openwebui/v1/chat/completions", body)
+    assert [p["event"]["data"]["description"] for p in payloads if "event" in p] == ["Thinking…", "Done"]
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if "choices" in p) == "t0 t1 "
+
+
+def test_rag_context_from_open_webui_reaches_the_wrapper_unchanged(server, upstream):
+    upstream.reset()
+    recorded_body = recorded("chat_stream_history.json")["body"]
+    context = '<source id="1" name="flan.md">Agar sets in 2 hours at room temperature.</source>'
+    system = {"role": "system", "content": f"Use the context below.\n<context>\n{context}\n</context>"}
+    body = {**recorded_body, "model": "fake_async", "messages": [system, *recorded_body["messages"]]}
+    payloads = stream(server.url + "/openwebui/v1/chat/completions", body)
+    assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
+    sent = upstream.records[-1].body["messages"]
+    assert sent[0] == system and [m["role"] for m in sent] == [m["role"] for m in body["messages"]]

@@ -15,6 +15,7 @@ from haystack.dataclasses import ChatMessage
 from haystack.utils import Secret
 
 import haystream
+from haystream import openwebui
 
 
 @cache
@@ -50,11 +51,18 @@ class PipelineWrapper(BasePipelineWrapper):
         if mode == "string":
             result = pipeline(scenario).run({"llm": {"messages": history}})
             return result["llm"]["replies"][0].text
+        if mode == "events":
+            return self._with_events(scenario, history)
         if mode == "whoami":
             return threading.current_thread().name
         if mode == "fail_early":
             raise ValueError("the wrapper refused this request")
         raise ValueError(f"unknown mode {mode}")
+
+    def _with_events(self, scenario: str, history: list[ChatMessage]) -> Iterator[Any]:
+        yield openwebui.status("Thinking…")
+        yield from haystream.stream(pipeline(scenario), messages=history)
+        yield openwebui.status("Done", done=True)
 
     def _relay(self, scenario: str, history: list[ChatMessage]) -> Iterator[Any]:
         with haystream.stream(pipeline(scenario), messages=history) as chunks:
