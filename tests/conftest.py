@@ -12,9 +12,8 @@ import pytest
 os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 
 from haystack.components.generators.chat import OpenAIChatGenerator
-from haystack.utils import Secret
 
-from haystream.testing import FakeUpstream, ServerThread
+from haystream.testing import FakeUpstream, ServerThread, fake_chat_generator
 from support import start_server
 
 
@@ -29,8 +28,8 @@ def make_llm(upstream: FakeUpstream):
     """Factory for an `OpenAIChatGenerator` whose behaviour is set by the fake's scenario string."""
 
     def make(scenario: str = "fake", **kwargs) -> OpenAIChatGenerator:
-        kwargs.setdefault("api_key", Secret.from_token("test-key"))
-        return OpenAIChatGenerator(api_base_url=upstream.base_url, model=scenario, max_retries=0, timeout=30, **kwargs)
+        kwargs.setdefault("generation_kwargs", {})
+        return fake_chat_generator(scenario, upstream.base_url, timeout=30, **kwargs)
 
     return make
 

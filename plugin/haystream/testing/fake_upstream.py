@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -515,3 +516,19 @@ class FakeUpstream:
         """Forget all records (ids keep counting so they stay unique)."""
         with self._cond:
             self.records.clear()
+
+
+def fake_chat_generator(scenario: str = "fake", base_url: str | None = None, **kwargs: Any) -> Any:
+    """An `OpenAIChatGenerator` pointed at a `FakeUpstream`, with its behaviour set by `scenario`.
+
+    `base_url` defaults to the `FAKE_UPSTREAM_URL` environment variable, so that wrappers deployed into a server
+    under test can find the fake its test started. Usage is requested, as a well-configured wrapper would.
+    """
+    from haystack.components.generators.chat import OpenAIChatGenerator
+    from haystack.utils import Secret
+
+    kwargs.setdefault("api_key", Secret.from_token("fake-key"))
+    kwargs.setdefault("generation_kwargs", {"stream_options": {"include_usage": True}})
+    return OpenAIChatGenerator(
+        api_base_url=base_url or os.environ["FAKE_UPSTREAM_URL"], model=scenario, max_retries=0, **kwargs
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from functools import cache
 from typing import Any
@@ -14,20 +13,14 @@ from haystack.components.agents import Agent
 from haystack.components.generators.chat import OpenAIChatGenerator
 from haystack.dataclasses import ChatMessage, ReasoningContent, StreamingChunk
 from haystack.tools import Tool
-from haystack.utils import Secret
 
 import haystream
+from haystream.testing import fake_chat_generator
 
 
 @cache
 def llm(scenario: str) -> OpenAIChatGenerator:
-    return OpenAIChatGenerator(
-        api_key=Secret.from_token("x"),
-        api_base_url=os.environ["FAKE_UPSTREAM_URL"],
-        model=scenario,
-        max_retries=0,
-        generation_kwargs={"stream_options": {"include_usage": True}},
-    )
+    return fake_chat_generator(scenario)
 
 
 @cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from functools import cache
@@ -10,27 +9,17 @@ from typing import Any
 
 from hayhooks import BasePipelineWrapper, streaming_generator
 from haystack import Pipeline
-from haystack.components.generators.chat import OpenAIChatGenerator
 from haystack.dataclasses import ChatMessage
-from haystack.utils import Secret
 
 import haystream
 from haystream import openwebui
+from haystream.testing import fake_chat_generator
 
 
 @cache
 def pipeline(scenario: str) -> Pipeline:
     pipe = Pipeline()
-    pipe.add_component(
-        "llm",
-        OpenAIChatGenerator(
-            api_key=Secret.from_token("x"),
-            api_base_url=os.environ["FAKE_UPSTREAM_URL"],
-            model=scenario,
-            max_retries=0,
-            generation_kwargs={"stream_options": {"include_usage": True}},
-        ),
-    )
+    pipe.add_component("llm", fake_chat_generator(scenario))
     return pipe
 
 
