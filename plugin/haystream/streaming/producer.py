@@ -29,6 +29,7 @@ _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 _running = 0
 _running_changed = threading.Condition()
+_HTTP_CLIENT_MODULES = ("httpcore", "httpx", "urllib3", "http.client", "requests", "aiohttp")
 
 
 def producer_executor() -> ThreadPoolExecutor:
@@ -64,7 +65,8 @@ async def iterate_in_thread(
         while (item := await channel.aget()) is not END:
             yield item
     finally:
-        abandon(channel)
+        if not channel.done:
+            abandon(channel)
 
 
 def running_producers() -> int:
@@ -133,10 +135,13 @@ def close_http_responses(tb: TracebackType | None) -> int:
 
 
 def _close_network_in_frames(frame: FrameType | None) -> None:
-    # Innermost first: the socket a read is blocked on, then the responses and SDK streams around it.
+    # Innermost first: the socket a read is blocked on, then the responses and SDK streams around it. Sockets are
+    # only taken from HTTP clients' own frames, whose connections are per request: a pooled database or cache
+    # connection that a component happens to hold must not be cut.
     while frame is not None:
+        in_http_client = frame.f_globals.get("__name__", "").startswith(_HTTP_CLIENT_MODULES)
         for value in list(frame.f_locals.values()):
-            sock = _socket_of(value)
+            sock = _socket_of(value) if in_http_client else None
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in the producer thread
