@@ -414,4 +414,5 @@ def test_closing_while_waiting_for_the_first_token_cuts_the_upstream_at_once(mak
     assert record.wait(10).client_hung_up and record.tokens_sent == 0
     assert wait_for_idle_producers(10)
     consumer.join(10)
-    assert outcome == [[]]  # the consumer still iterating saw the stream end, not the aborted read's error
+    # The consumer still iterating saw the stream end (at most the role chunk sent before the wait), not an error.
+    assert len(outcome) == 1 and "".join(chunk.content for chunk in outcome[0]) == ""
