@@ -77,6 +77,14 @@ def test_wrapper_exception_is_500_without_traceback(http):
     assert "request id" in error["message"]
 
 
+def test_request_id_is_echoed_only_when_it_is_a_plain_token(http):
+    body = {"model": "fake_sync", "messages": USER, "mode": "fail_early"}
+    plain = http.post("/v1/chat/completions", json=body, headers={"X-Request-ID": "abc-123"})
+    assert plain.headers["x-request-id"] == "abc-123" and "abc-123" in plain.json()["error"]["message"]
+    odd = http.post("/v1/chat/completions", json=body, headers={"X-Request-ID": "a b<script>"})
+    assert odd.headers["x-request-id"] != "a b<script>" and "<script>" not in odd.text
+
+
 def test_wrong_method_is_405(http):
     assert_envelope(http.get("/v1/chat/completions"), 405)
 

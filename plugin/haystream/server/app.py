@@ -13,6 +13,7 @@ import binascii
 import inspect
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ OPENWEBUI_PREFIX = "/openwebui"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
 DEPLOY_PREFIXES = ("/deploy", "/undeploy")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class HaystreamApp:
@@ -107,7 +109,7 @@ class HaystreamApp:
                 param="model",
                 code="model_not_found",
             )
-        request_id = _header(scope, b"x-request-id") or secrets.token_hex(8)
+        request_id = _request_id(_header(scope, b"x-request-id"))
         task = detect_task(body["messages"]) if self.settings.openwebui_tasks != "pipeline" else None
 
         async def respond() -> None:
@@ -203,6 +205,13 @@ def create_app(settings: ServerSettings | None = None) -> HaystreamApp:
     from hayhooks import create_app as create_hayhooks_app
 
     return HaystreamApp(create_hayhooks_app(), settings, registry)
+
+
+def _request_id(presented: str | None) -> str:
+    """The client's `X-Request-ID` if it is a plain token (it is echoed into headers and logs), else a new one."""
+    if presented and REQUEST_ID.fullmatch(presented):
+        return presented
+    return secrets.token_hex(8)
 
 
 def _route_path(scope: Scope) -> str:
