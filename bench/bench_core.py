@@ -38,8 +38,9 @@ the number of tokens the fake sends, otherwise the benchmark fails.
 
 How
 ---
-* The fake upstream runs in a separate *process* (``python -c`` child, shut down by closing its stdin), so its own
-  CPU work does not compete for the GIL of the code under test (it still competes for the machine's cores).
+* The fake upstream runs in a separate *process* (``python -m haystream.testing``, shut down by closing its
+  stdin), so its own CPU work does not compete for the GIL of the code under test (it still competes for the
+  machine's cores).
 * Each contender is warmed up once per scenario (HTTP connection pool, thread pools, imports, lazy clients).
 * Contenders are interleaved: every repetition runs each contender once, and the order is reversed on every other
   repetition, so machine noise and drift hit all of them alike. ``gc.collect()`` runs before every measured stream
@@ -91,15 +92,6 @@ CONCURRENT_TOKENS = 50
 CONCURRENT_STREAMS = 100
 _FAKE_STOP_TIMEOUT = 15.0
 
-_FAKE_SERVER_SCRIPT = """
-import sys
-from haystream.testing import FakeUpstream
-
-with FakeUpstream() as upstream:
-    print(upstream.base_url, flush=True)
-    sys.stdin.read()  # serve until the parent closes our stdin (or dies)
-"""
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # The fake upstream, in its own process
@@ -115,7 +107,10 @@ class FakeUpstreamProcess:
 
     def __enter__(self) -> FakeUpstreamProcess:
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _FAKE_SERVER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-m", "haystream.testing"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self._process.stdout is not None
         line = self._process.stdout.readline()  # "" if the child died before listening

@@ -4,7 +4,7 @@ What is measured
 ----------------
 One run starts four processes on 127.0.0.1, each with one uvicorn worker:
 
-* the fake OpenAI-compatible upstream (`haystream.testing.FakeUpstream` in a small ``python -c`` child that prints
+* the fake OpenAI-compatible upstream (``python -m haystream.testing``: a `FakeUpstream` child that prints
   its base URL and serves until its stdin is closed),
 * stock hayhooks (``python -m hayhooks run --workers 1``),
 * haystream (``python -m haystream serve --workers 1``),
@@ -111,13 +111,6 @@ _REQUEST_TIMEOUT = 120.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
-_FAKE_SCRIPT = """
-import sys
-from haystream.testing import FakeUpstream
-with FakeUpstream() as upstream:
-    print(upstream.base_url, flush=True)
-    sys.stdin.read()  # serve until the parent closes our stdin (or dies)
-"""
 
 # ------------------------------------------------------------------------------------------------------------------
 # wrappers (written into a temp folder that both servers load)
@@ -706,7 +699,7 @@ def start_children(stack: contextlib.ExitStack, root: Path, env: dict[str, str],
     """Start the fake upstream, then both servers on the same wrapper folder; wait until all of them listen."""
     wrappers = root / "wrappers"
     write_wrappers(wrappers)
-    fake_argv = [sys.executable, "-c", _FAKE_SCRIPT]
+    fake_argv = [sys.executable, "-m", "haystream.testing"]
     fake = stack.enter_context(
         started(Child("fake_upstream", fake_argv, env, root, ready=fake_ready, watch_stdout=True, stdin=True))
     )

@@ -532,3 +532,16 @@ def fake_chat_generator(scenario: str = "fake", base_url: str | None = None, **k
     return OpenAIChatGenerator(
         api_base_url=base_url or os.environ["FAKE_UPSTREAM_URL"], model=scenario, max_retries=0, **kwargs
     )
+
+
+def serve_until_stdin_closes() -> None:
+    """Serve a `FakeUpstream` in this process, print its base URL, and stop when stdin closes.
+
+    `python -m haystream.testing` runs this: benchmarks start the fake in its own process so that its
+    work does not share the GIL with the code they measure.
+    """
+    import sys
+
+    with FakeUpstream() as upstream:
+        print(upstream.base_url, flush=True)
+        sys.stdin.read()
