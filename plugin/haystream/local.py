@@ -10,8 +10,8 @@ import asyncio
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,8 @@ class LocalChatGenerator:
                 generator = LlamaCppChatGenerator(
                     model=key[0], n_ctx=self.n_ctx, model_kwargs={"verbose": False}, generation_kwargs={}
                 )
-                generator.warm_up()
+                with _without_weight_repacking():
+                    generator.warm_up()
                 _models[key] = (generator, threading.Lock())
             self._shared = _models[key]
 
@@ -109,6 +110,30 @@ class LocalChatGenerator:
     def to_dict(self) -> dict[str, Any]:
         """Serialize (the model path is resolved at run time, not stored)."""
         return default_to_dict(self, n_ctx=self.n_ctx, generation_kwargs=self.generation_kwargs)
+
+
+@contextmanager
+def _without_weight_repacking() -> Iterator[None]:
+    """Load the model without llama.cpp's repacked CPU weight buffers (`use_extra_bufts`).
+
+    With llama-cpp-python 0.3.36 the repacked kernels crash the process (SIGSEGV in `decode`) on any prompt longer
+    than one token on these x86 VMs (AVX-512/AMX flags); plain buffers run the 135M model at the same speed. `Llama`
+    has no argument for it, so the default model parameters are adjusted for the duration of the load.
+    """
+    import llama_cpp.llama_cpp as bindings
+
+    defaults = bindings.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = defaults
 
 
 @asynccontextmanager
