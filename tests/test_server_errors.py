@@ -123,8 +123,9 @@ def test_api_keys_guard_chat_and_models(locked):
     sdk = openai.OpenAI(base_url=locked.url + "/v1", api_key="k-two", max_retries=0)
     assert "fake_async" in {m.id for m in sdk.models.list()}
     assert sdk.chat.completions.create(model="fake_async", messages=USER, extra_body=chat).choices[0].message.content
-    # hayhooks' own routes (status) are untouched
-    assert httpx.get(locked.url + "/status").status_code == 200
+    # hayhooks' own routes (status) work with a key, and only with one
+    assert_envelope(httpx.get(locked.url + "/status"), 401, "invalid_api_key")
+    assert httpx.get(locked.url + "/status", headers={"Authorization": "Bearer k-one"}).status_code == 200
 
 
 def test_deploy_routes_are_disabled_by_default(http):

@@ -41,6 +41,7 @@ def serve(
 ) -> None:
     """Run the server: hayhooks' app with haystream's OpenAI routes in front."""
     import uvicorn
+    from pydantic import ValidationError
 
     from haystream.server.settings import ServerSettings
 
@@ -50,10 +51,16 @@ def serve(
         "port": port,
         "workers": workers,
     }
-    settings = ServerSettings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        settings = ServerSettings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        problems = "; ".join(str(problem["msg"]).removeprefix("Value error, ") for problem in error.errors())
+        err.print(f"[red]error:[/red] refusing to start: {problems}")
+        raise typer.Exit(2) from None
     # Worker processes build their own app from the environment: hand the resolved settings down that way.
     for key, value in settings.model_dump().items():
-        os.environ[f"HAYSTREAM_{key.upper()}"] = str(value)
+        if value is not None:
+            os.environ[f"HAYSTREAM_{key.upper()}"] = str(value)
     os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
     uvicorn.run(
         "haystream.server.app:create_app",

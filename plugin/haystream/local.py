@@ -21,6 +21,8 @@ from haystack.dataclasses import ChatMessage, StreamingCallbackT
 from haystack.tools import ToolsType
 
 MODEL_ENV = "HAYSTREAM_LOCAL_MODEL"
+QUEUE_TIMEOUT_ENV = "HAYSTREAM_LOCAL_QUEUE_TIMEOUT"
+DEFAULT_QUEUE_TIMEOUT = 60.0
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _models: dict[tuple[str, int], Any] = {}
@@ -29,6 +31,28 @@ _turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = wea
 
 # Haystack 3.4 only rebuilds components from allow-listed modules; installing haystream is trusting this one.
 allow_deserialization_module(__name__)
+
+
+class LocalModelBusy(RuntimeError):
+    """The local model stayed busy with other requests for longer than the queue timeout (HTTP 503)."""
+
+    status_code = 503  # read by the server's error mapping, like an SDK's status error
+
+
+def queue_timeout() -> float:
+    """Seconds a request waits for its turn on the local model (`HAYSTREAM_LOCAL_QUEUE_TIMEOUT`, default 60)."""
+    configured = os.environ.get(QUEUE_TIMEOUT_ENV)
+    try:
+        value = float(configured) if configured else DEFAULT_QUEUE_TIMEOUT
+    except ValueError:
+        raise RuntimeError(f"{QUEUE_TIMEOUT_ENV}={configured!r} is not a number of seconds.") from None
+    return value if value > 0 else DEFAULT_QUEUE_TIMEOUT
+
+
+def _busy(waited: float) -> LocalModelBusy:
+    return LocalModelBusy(
+        f"The local model was busy with other requests for {waited:g}s ({QUEUE_TIMEOUT_ENV}); try again shortly."
+    )
 
 
 def local_model_path() -> Path:
@@ -99,13 +123,18 @@ class LocalChatGenerator:
         self.warm_up()
         assert self._shared is not None
         generator, lock = self._shared
-        with lock:
+        timeout = queue_timeout()
+        if not lock.acquire(timeout=timeout):
+            raise _busy(timeout)
+        try:
             return generator.run(
                 messages=messages,
                 generation_kwargs={**self.generation_kwargs, **(generation_kwargs or {})},
                 streaming_callback=streaming_callback,
                 tools=tools,
             )
+        finally:
+            lock.release()
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize (the model path is resolved at run time, not stored)."""
@@ -138,13 +167,24 @@ def _without_weight_repacking() -> Iterator[None]:
 
 @asynccontextmanager
 async def local_model_turn() -> AsyncIterator[None]:
-    """Wait on the event loop for the local model's turn; a cancelled waiter never reaches the model."""
+    """Wait on the event loop for the local model's turn; a cancelled waiter never reaches the model.
+
+    :raises LocalModelBusy: when the turn does not come within `HAYSTREAM_LOCAL_QUEUE_TIMEOUT` seconds.
+    """
     loop = asyncio.get_running_loop()
     turn = _turns.get(loop)
     if turn is None:
         turn = _turns[loop] = asyncio.Lock()
-    async with turn:
+    timeout = queue_timeout()
+    try:
+        async with asyncio.timeout(timeout):
+            await turn.acquire()
+    except TimeoutError:
+        raise _busy(timeout) from None
+    try:
         yield
+    finally:
+        turn.release()
 
 
 def chat_generator_from_env(model_env: str | None = None) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -15,6 +17,7 @@ _TYPES = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
+    408: "invalid_request_error",
     429: "rate_limit_error",
     501: "not_implemented_error",
     503: "service_unavailable_error",
@@ -32,6 +35,7 @@ class OpenAIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -39,6 +43,7 @@ class OpenAIError(Exception):
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})  # e.g. Retry-After on a 429
 
     def to_dict(self) -> dict[str, Any]:
         """The `{"error": {...}}` object."""
@@ -49,23 +54,51 @@ class OpenAIError(Exception):
         return orjson.dumps(self.to_dict())
 
 
-def describe_failure(error: BaseException, limit: int = 500) -> str:
-    """A one-line, client-safe description of an exception: its root cause's type and message, no traceback."""
+# Each pattern is linear in its input (no nested or overlapping quantifiers), and runs on a bounded prefix.
+_URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]{0,15}://)(?:[^\s/@?#]*@)?([^\s/?#]*)([^\s?#]*)(?:\?[^\s#]*)?(?:#\S*)?")
+_SCHEME_TOKEN = re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=-]{4,}")
+_KEY_SHAPED = re.compile(r"\b(?:sk|pk|rk|ak|key)[-_][A-Za-z0-9_-]{8,}")
+_ASSIGNED = re.compile(
+    r"(?i)\b((?:api[_-]?key|access[_-]?token|token|secret|password|passwd|authorization)[\"']?\s{0,3}[:=]\s{0,3}[\"']?)"
+    r"[^\s\"',;&]+"
+)
+REDACTED = "[redacted]"
+_SCAN_LIMIT = 4000
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without what could be a secret: the given keys, bearer tokens, key-shaped words, `key=...` values,
+    and URLs' credentials, query strings and fragments. Only the first few thousand characters are kept."""
+    text = text[:_SCAN_LIMIT]
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    text = _URL.sub(r"\1\2\3", text)
+    text = _SCHEME_TOKEN.sub(r"\1\2" + REDACTED, text)
+    text = _KEY_SHAPED.sub(REDACTED, text)
+    return _ASSIGNED.sub(r"\1" + REDACTED, text)
+
+
+def describe_failure(error: BaseException, limit: int = 500, secrets: Iterable[str] = ()) -> str:
+    """A one-line, client-safe description of an exception: its root cause's type and message (secrets redacted),
+    no traceback."""
     root = error
     seen = {id(root)}
     while root.__cause__ is not None and id(root.__cause__) not in seen:
         root = root.__cause__
         seen.add(id(root))
-    text = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    message = str(root).strip()
+    text = redact(message.splitlines()[0], secrets) if message else ""
     description = f"{type(root).__name__}: {text}" if text else type(root).__name__
     return description if len(description) <= limit else description[: limit - 1] + "…"
 
 
 def status_for_failure(error: BaseException) -> int:
-    """HTTP status for a failed run: an upstream rate limit stays 429, everything else is a 500."""
+    """HTTP status for a failed run: an upstream rate limit stays 429 and an unavailable one 503; else 500."""
     current: BaseException | None = error
     while current is not None:
-        if getattr(current, "status_code", None) == 429:
-            return 429
+        status = getattr(current, "status_code", None)
+        if status in (429, 503):
+            return int(status)
         current = current.__cause__
     return 500

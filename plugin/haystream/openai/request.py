@@ -34,6 +34,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | dict[str, Any] | None = None  # Open WebUI sends an object for pipeline models
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    n: int | None = Field(None, ge=1, le=1, description="Only one choice per request is served.")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
 
     @field_validator("stream", mode="before")
     @classmethod

@@ -1,15 +1,14 @@
-"""The ASGI app: haystream's OpenAI routes in front of hayhooks' own app.
+"""The ASGI app: haystream's OpenAI routes in front of hayhooks' own app, all behind one gate.
 
 `create_app()` builds hayhooks' app (`hayhooks.create_app()`: registry, `/status`, deploy routes, MCP as configured)
 and wraps it in a pure ASGI app that answers the chat and model routes itself and hands everything else, lifespan
-included, to hayhooks. Editing hayhooks' nested route list would be fragile; standing in front of it is not.
+included, to hayhooks. Editing hayhooks' nested route list would be fragile; standing in front of it is not. The
+`Gate` (auth, origin, route policy, body limits) stands in front of both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import inspect
 import logging
 import os
@@ -19,22 +18,25 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from starlette.datastructures import Headers
 
 from haystream.openai import OpenAIError, parse_chat_request
 from haystream.server.asgi import (
     ClientDisconnected,
+    Message,
     Receive,
     Scope,
     Send,
+    header,
     read_body,
     run_until_disconnect,
     send_error,
     send_json,
 )
-from haystream.server.auth import KeyCheck, check_deploy_request
+from haystream.server.auth import ANONYMOUS, Caller
 from haystream.server.chat import ChatResponse, failure_error
+from haystream.server.gate import CALLER_KEY, Gate, without_private_headers
+from haystream.server.limits import StreamLimits
 from haystream.server.settings import ServerSettings
 from haystream.server.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server.wrappers import as_async_items, is_chat_wrapper, open_items
@@ -44,7 +46,6 @@ logger = logging.getLogger("haystream.server")
 OPENWEBUI_PREFIX = "/openwebui"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
-DEPLOY_PREFIXES = ("/deploy", "/undeploy")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -55,10 +56,14 @@ class HaystreamApp:
         self.hayhooks_app = hayhooks_app
         self.settings = settings
         self.registry = registry
-        self._keys = KeyCheck(settings.keys)
+        self.limits = StreamLimits(settings.max_streams, settings.max_streams_per_key)
+        self.ready = False  # True once hayhooks' lifespan has deployed the wrappers
         self._created: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.hayhooks_app(scope, receive, self._watch_lifespan(send))
+            return
         if scope["type"] != "http":
             await self.hayhooks_app(scope, receive, send)
             return
@@ -71,8 +76,6 @@ class HaystreamApp:
                 await self._chat(scope, receive, send, for_openwebui=for_openwebui)
             elif path in MODEL_PATHS:
                 await self._models(scope, send)
-            elif path.startswith(DEPLOY_PREFIXES):
-                await self._deploy(scope, receive, send, path)
             else:
                 await self.hayhooks_app(scope, receive, send)
         except OpenAIError as error:
@@ -82,9 +85,18 @@ class HaystreamApp:
 
     # routes -------------------------------------------------------------------------------------------------
 
+    def _watch_lifespan(self, send: Send) -> Send:
+        async def watched(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                self.ready = True
+            elif message["type"].startswith("lifespan.shutdown"):
+                self.ready = False
+            await send(message)
+
+        return watched
+
     async def _models(self, scope: Scope, send: Send) -> None:
         _require_method(scope, "GET", "HEAD")
-        self._authorize(scope)
         data = []
         for name in self.registry.get_names():
             if is_chat_wrapper(self.registry.get(name)):
@@ -94,9 +106,16 @@ class HaystreamApp:
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool = False) -> None:
         _require_method(scope, "POST")
-        self._authorize(scope)
-        raw = await read_body(scope, receive, self.settings.max_body_bytes)
+        raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         request, body = parse_chat_request(raw)
+        asked_tokens = max(request.max_tokens or 0, request.max_completion_tokens or 0)
+        if asked_tokens > self.settings.max_tokens:
+            raise OpenAIError(
+                400,
+                f"max_tokens is {asked_tokens}; this server allows at most {self.settings.max_tokens}.",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         wrapper = self.registry.get(request.model)
         if wrapper is None:
             raise OpenAIError(
@@ -109,8 +128,10 @@ class HaystreamApp:
                 param="model",
                 code="model_not_found",
             )
-        request_id = _request_id(_header(scope, b"x-request-id"))
+        request_id = _request_id(header(scope, b"x-request-id"))
         task = detect_task(body["messages"]) if self.settings.openwebui_tasks != "pipeline" else None
+        caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
+        secrets_ = self.settings.secrets
 
         async def respond() -> None:
             try:
@@ -121,12 +142,14 @@ class HaystreamApp:
                         wrapper,
                         model=request.model,
                         body=body,
-                        headers=_headers(scope),
+                        headers=self._wrapper_headers(scope),
                         buffer_size=self.settings.stream_buffer,
                     )
             except Exception as error:
                 await send_error(
-                    send, failure_error(error, request_id), headers=[(b"x-request-id", request_id.encode())]
+                    send,
+                    failure_error(error, request_id, secrets_),
+                    headers=[(b"x-request-id", request_id.encode())],
                 )
                 return
             response = ChatResponse(
@@ -134,32 +157,15 @@ class HaystreamApp:
                 items,
                 request_id=request_id,
                 keepalive_seconds=self.settings.keepalive_seconds,
+                send_timeout_seconds=self.settings.send_timeout_seconds,
+                secrets=secrets_,
                 **self._client_style(scope, for_openwebui),
             )
             await response.send(send)
 
-        if await run_until_disconnect(respond(), receive):
-            logger.info("request %s: client disconnected; the run was cancelled", request_id)
-
-    async def _deploy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        if not self.settings.enable_deploy:
-            raise OpenAIError(
-                403,
-                "Deploy routes are disabled; start the server with HAYSTREAM_ENABLE_DEPLOY=true.",
-                code="deploy_disabled",
-            )
-        if not self._keys.enabled:
-            raise OpenAIError(
-                403, "Deploy routes need an API key; set HAYSTREAM_API_KEYS as well.", code="deploy_needs_key"
-            )
-        self._authorize(scope)
-        raw = await read_body(scope, receive, self.settings.max_body_bytes)
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            raise OpenAIError(400, "Malformed JSON body.", code="invalid_json") from None
-        check_deploy_request(path, body)
-        await self.hayhooks_app(scope, _replay(raw, receive), send)
+        with self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS):
+            if await run_until_disconnect(respond(), receive):
+                logger.info("request %s: client disconnected; the run was cancelled", request_id)
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Items answering an Open WebUI background task without running the pipeline."""
@@ -177,19 +183,24 @@ class HaystreamApp:
     def _client_style(self, scope: Scope, for_openwebui: bool) -> dict[str, Any]:
         """Whether this client gets event lines, and how it sees an agent's tool calls."""
         is_openwebui = for_openwebui or any(name.startswith(b"x-openwebui-") for name, _ in scope.get("headers", ()))
-        asked = (_header(scope, b"x-haystream-events") or "").lower() in ("1", "true", "yes")
+        asked = (header(scope, b"x-haystream-events") or b"").lower() in (b"1", b"true", b"yes")
         mode = self.settings.openwebui_events
         events = mode == "always" or (mode == "auto" and (is_openwebui or asked))
         tool_style = "details" if events and is_openwebui else self.settings.tool_trace
         return {"events": events, "tool_style": tool_style}
 
-    def _authorize(self, scope: Scope) -> None:
-        self._keys.check(_bearer_or_basic(_header(scope, b"authorization")))
+    def _wrapper_headers(self, scope: Scope) -> Headers:
+        """The request headers a wrapper may see: without credentials unless the operator opts in."""
+        if self.settings.forward_auth_headers:
+            return Headers(scope=scope)
+        return Headers(raw=without_private_headers(scope))
 
 
-def create_app(settings: ServerSettings | None = None) -> HaystreamApp:
-    """Build hayhooks' app (deploying the wrappers in `settings.pipelines_dir` at startup) with haystream in front."""
+def create_app(settings: ServerSettings | None = None) -> Gate:
+    """Build hayhooks' app (deploying the wrappers in `settings.pipelines_dir` at startup) with haystream in front,
+    behind the gate."""
     settings = settings or ServerSettings()
+    warn_if_exposed(settings)
     from hayhooks.server.pipelines.registry import registry
     from hayhooks.settings import StartupDeployStrategy
     from hayhooks.settings import settings as hayhooks_settings
@@ -202,15 +213,39 @@ def create_app(settings: ServerSettings | None = None) -> HaystreamApp:
         # hayhooks' parallel start-up imports wrapper modules from several threads at once, which races in
         # Haystack's lazy imports ("cannot import name 'ComponentTool' from 'haystack.tools'"): one at a time.
         hayhooks_settings.startup_deploy_strategy = StartupDeployStrategy.SEQUENTIAL
+    # CORS is the gate's business (off unless HAYSTREAM_CORS_ORIGINS): hayhooks' default of '*' must not apply.
+    hayhooks_settings.cors_allow_origins = []
+    hayhooks_settings.cors_allow_methods = ["GET", "POST"]
+    hayhooks_settings.cors_allow_headers = ["authorization", "content-type"]
     from hayhooks import create_app as create_hayhooks_app
 
-    return HaystreamApp(create_hayhooks_app(), settings, registry)
+    app = HaystreamApp(create_hayhooks_app(), settings, registry)
+    return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=lambda: app.ready)
 
 
-def _request_id(presented: str | None) -> str:
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def warn_if_exposed(settings: ServerSettings) -> None:
+    """Say loudly when the server listens beyond this machine without keys (unless the operator said it is meant)."""
+    if (
+        settings.keys
+        or settings.host in LOOPBACK_HOSTS
+        or settings.host.startswith("127.")
+        or (settings.allow_unauthenticated)
+    ):
+        return
+    logger.warning(
+        "haystream listens on %s WITHOUT API keys: anyone who can reach it can run your pipelines. "
+        "Set HAYSTREAM_API_KEYS, bind 127.0.0.1, or set HAYSTREAM_ALLOW_UNAUTHENTICATED=true if this is intended.",
+        settings.host,
+    )
+
+
+def _request_id(presented: bytes | None) -> str:
     """The client's `X-Request-ID` if it is a plain token (it is echoed into headers and logs), else a new one."""
-    if presented and REQUEST_ID.fullmatch(presented):
-        return presented
+    if presented and len(presented) <= 128 and REQUEST_ID.fullmatch(presented.decode("latin-1")):
+        return presented.decode("latin-1")
     return secrets.token_hex(8)
 
 
@@ -223,42 +258,6 @@ def _route_path(scope: Scope) -> str:
 def _require_method(scope: Scope, *methods: str) -> None:
     if scope["method"] not in methods:
         raise OpenAIError(405, f"Method {scope['method']} is not allowed here; use {' or '.join(methods)}.")
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _headers(scope: Scope) -> Headers:
-    return Headers(scope=scope)
-
-
-def _bearer_or_basic(authorization: str | None) -> str | None:
-    """Normalise `Basic` credentials (what hayhooks' CLI sends from ~/.netrc) to `Bearer <password>`."""
-    if not authorization or not authorization.lower().startswith("basic "):
-        return authorization
-    try:
-        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return "Bearer " + decoded.partition(":")[2]
-
-
-def _replay(raw: bytes, receive: Receive) -> Receive:
-    """A `receive` that hands over the body already read, then passes on the real one (for the disconnect)."""
-    sent = False
-
-    async def replay() -> Any:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def _now() -> int:

@@ -21,11 +21,24 @@ class ClientDisconnected(Exception):
     """The client went away while the request was still being read."""
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing more than `limit` bytes (413) before reading it all."""
+async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float | None = None) -> bytes:
+    """The whole request body, refusing more than `limit` bytes (413) before reading it all, and a body that takes
+    longer than `timeout` seconds to arrive (408)."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise OpenAIError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+    if timeout is None:
+        return await _read_body(receive, limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise OpenAIError(
+            408, f"The request body did not arrive within {timeout:g} seconds.", code="request_timeout"
+        ) from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -59,11 +72,32 @@ async def send_json(send: Send, status: int, payload: Any, *, headers: list[tupl
 
 
 async def send_error(send: Send, error: OpenAIError, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """An OpenAI error envelope with its HTTP status."""
+    """An OpenAI error envelope with its HTTP status (and the error's own headers, such as Retry-After)."""
     extra = list(headers or ())
-    if error.status == 401:
-        extra.append((b"www-authenticate", b'Bearer realm="haystream"'))
+    extra += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
     await send_json(send, error.status, error.to_json(), headers=extra)
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower-case bytes), or None."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def replay_body(raw: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands over a body already read, then passes on the real one (for the disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

@@ -1,50 +1,101 @@
-"""Bearer-key checks and the lock-down of hayhooks' deploy routes."""
+"""Who a request comes from (API and deploy keys), and the lock-down of hayhooks' deploy routes."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import posixpath
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from haystream.openai import OpenAIError
 
 PIPELINE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_DRIVE = re.compile(r"[A-Za-z]:")
+_MAX_CREDENTIAL = 4096
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The key a request presented: `key_id` names it without revealing it (used for per-key limits)."""
+
+    key_id: str
+    can_deploy: bool
+
+
+ANONYMOUS = Caller(key_id="anonymous", can_deploy=True)
 
 
 class KeyCheck:
-    """Constant-time comparison of `Authorization: Bearer <key>` against the configured keys."""
+    """Constant-time matching of a presented credential against the configured API and deploy keys.
 
-    def __init__(self, keys: list[str]) -> None:
-        self._keys = [key.encode() for key in keys]
+    Deploy keys may do everything; API keys everything but deploy when deploy keys are configured.
+    """
+
+    def __init__(self, api_keys: Iterable[str], deploy_keys: Iterable[str] = ()) -> None:
+        self._keys = [(key.encode(), f"key-{index}", False) for index, key in enumerate(api_keys)]
+        deploy = list(deploy_keys)
+        self._keys += [(key.encode(), f"deploy-key-{index}", True) for index, key in enumerate(deploy)]
+        self._separate_deploy_keys = bool(deploy)
 
     @property
     def enabled(self) -> bool:
-        """Whether any key is configured."""
+        """Whether any key is configured (then every request but the probes needs one)."""
         return bool(self._keys)
 
-    def check(self, authorization: str | None) -> None:
-        """:raises OpenAIError: 401 unless the header carries a configured key (or no key is configured)."""
+    def identify(self, authorization: bytes | None) -> Caller | None:
+        """The caller an `Authorization` header identifies, or None for a missing, malformed or unknown key."""
         if not self._keys:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        presented = token.strip().encode()
-        # Compare against every key so the time taken does not tell which one (or whether any) matched.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
-        if scheme.lower() != "bearer" or not matched:
-            raise OpenAIError(
-                401, "Invalid or missing API key (send 'Authorization: Bearer <key>').", code="invalid_api_key"
-            )
+            return ANONYMOUS
+        presented = _presented_key(authorization)
+        if presented is None:
+            return None
+        # Compare against every key, so the time taken does not tell which one (or whether any) matched.
+        found: Caller | None = None
+        for key, key_id, is_deploy_key in self._keys:
+            if hmac.compare_digest(presented, key) and found is None:
+                found = Caller(key_id, can_deploy=is_deploy_key or not self._separate_deploy_keys)
+        return found
 
 
-def check_deploy_request(path: str, body: Any) -> None:
+def _presented_key(authorization: bytes | None) -> bytes | None:
+    """The key in `Bearer <key>`, or the password of `Basic` credentials (what hayhooks' CLI sends from ~/.netrc)."""
+    if not authorization or len(authorization) > _MAX_CREDENTIAL:
+        return None
+    scheme, _, credential = authorization.strip().partition(b" ")
+    credential = credential.strip()
+    if not credential:
+        return None
+    if scheme.lower() == b"bearer":
+        return credential
+    if scheme.lower() == b"basic":
+        try:
+            decoded = base64.b64decode(credential, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return decoded.partition(b":")[2] or None
+    return None
+
+
+def unauthorized() -> OpenAIError:
+    """The 401 for a request without a valid key."""
+    return OpenAIError(
+        401,
+        "Invalid or missing API key (send 'Authorization: Bearer <key>').",
+        code="invalid_api_key",
+        headers={"www-authenticate": 'Bearer realm="haystream"'},
+    )
+
+
+def check_deploy_request(route_path: str, body: Any) -> None:
     """Reject a deploy request whose pipeline name or file names could escape the pipelines folder.
 
     :raises OpenAIError: 400 with what is wrong; nothing has been written yet.
     """
-    name = path.rstrip("/").rsplit("/", 1)[-1] if path.startswith("/undeploy/") else None
+    name = route_path.rstrip("/").rsplit("/", 1)[-1] if route_path.startswith("/undeploy/") else None
     if isinstance(body, dict):
         name = body.get("name", name)
         files = body.get("files")
@@ -63,6 +114,6 @@ def check_deploy_request(path: str, body: Any) -> None:
 def _safe_relative_path(file_name: Any) -> bool:
     if not isinstance(file_name, str) or not file_name or "\x00" in file_name or "\\" in file_name:
         return False
-    if file_name.startswith("/") or re.match(r"^[A-Za-z]:", file_name):
+    if file_name.startswith("/") or _DRIVE.match(file_name):
         return False
     return ".." not in file_name.split("/") and not posixpath.normpath(file_name).startswith("..")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from haystream.openai import (
@@ -31,13 +31,14 @@ logger = logging.getLogger("haystream.server")
 _NOTHING: Any = object()
 
 
-def failure_error(error: BaseException, request_id: str) -> OpenAIError:
-    """The client-facing error for a wrapper that raised (the traceback is logged, never sent)."""
+def failure_error(error: BaseException, request_id: str, secrets: Sequence[str] = ()) -> OpenAIError:
+    """The client-facing error for a wrapper that raised: secrets redacted, the request id added; the traceback is
+    logged, never sent."""
     if isinstance(error, OpenAIError):
         return error
     logger.error("request %s: the pipeline failed", request_id, exc_info=error)
     status = status_for_failure(error)
-    message = f"The pipeline failed: {describe_failure(error)} (request id {request_id})"
+    message = f"The pipeline failed: {describe_failure(error, secrets=secrets)} (request id {request_id})"
     return OpenAIError(status, message, type="server_error" if status >= 500 else None, code="pipeline_error")
 
 
@@ -51,6 +52,8 @@ class ChatResponse:
         *,
         request_id: str,
         keepalive_seconds: float,
+        send_timeout_seconds: float = 60.0,
+        secrets: Sequence[str] = (),
         events: bool = False,
         tool_style: str = "none",
     ) -> None:
@@ -58,6 +61,10 @@ class ChatResponse:
         self._items = items
         self._request_id = request_id
         self._keepalive = keepalive_seconds
+        self._send_timeout = send_timeout_seconds
+        self._secrets = secrets
+        self._sending = False  # a write is waiting for the client to read
+        self._stalled = False
         self._events = events
         self._tool_style = tool_style
         self._framer = ChunkFramer(request.model)
@@ -82,7 +89,7 @@ class ChatResponse:
                     if not isinstance(delta, Event):
                         builder.add(delta)
         except Exception as error:
-            await send_error(send, failure_error(error, self._request_id), headers=self._id_header())
+            await send_error(send, failure_error(error, self._request_id, self._secrets), headers=self._id_header())
             return
         tool_deltas, finish_reason, usage = self._mapper.finish()
         for delta in tool_deltas:
@@ -106,10 +113,10 @@ class ChatResponse:
             await asyncio.wait({first_item})  # let the wrapper unwind before its iterator is closed
             raise
         except Exception as error:
-            await send_error(send, failure_error(error, self._request_id), headers=self._id_header())
+            await send_error(send, failure_error(error, self._request_id, self._secrets), headers=self._id_header())
             return
         await self._start(send)
-        pinger = asyncio.ensure_future(self._ping(send))
+        watchdog = asyncio.ensure_future(self._watch(send, asyncio.current_task()))
         try:
             if not done:
                 first = await first_item
@@ -118,11 +125,21 @@ class ChatResponse:
                 async for item in self._items:
                     await self._send_item(send, item)
             await self._finish(send)
+        except asyncio.CancelledError:
+            if not self._stalled:
+                raise
+            # The watchdog stopped a client that reads nothing: end like a disconnect (the run is closed by send()).
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            logger.warning(
+                "request %s: the client read nothing for %gs; the run was cancelled",
+                self._request_id,
+                self._send_timeout,
+            )
         except Exception as error:
-            error_frame = data_frame(failure_error(error, self._request_id).to_dict())
+            error_frame = data_frame(failure_error(error, self._request_id, self._secrets).to_dict())
             await send({"type": "http.response.body", "body": error_frame + DONE, "more_body": False})
         finally:
-            pinger.cancel()
+            watchdog.cancel()
 
     async def _start(self, send: Send) -> None:
         await send(
@@ -178,15 +195,33 @@ class ChatResponse:
 
     async def _write(self, send: Send, body: bytes) -> None:
         self._last_send = time.monotonic()
+        self._sending = True
         await send({"type": "http.response.body", "body": body, "more_body": True})
+        self._sending = False
 
-    async def _ping(self, send: Send) -> None:
+    async def _watch(self, send: Send, stream_task: asyncio.Task[Any] | None) -> None:
+        """Keep an idle stream alive with pings, and stop one whose client has stopped reading.
+
+        One timer per stream that wakes only when a ping or the send timeout is due: nothing per chunk.
+        """
         while True:
-            idle = time.monotonic() - self._last_send
-            if idle < self._keepalive:
-                await asyncio.sleep(self._keepalive - idle)
+            waited = time.monotonic() - self._last_send
+            if self._sending:
+                if waited < self._send_timeout:
+                    await asyncio.sleep(self._send_timeout - waited)
+                    continue
+                self._stalled = True
+                if stream_task is not None:
+                    stream_task.cancel()
+                return
+            if waited < self._keepalive:
+                await asyncio.sleep(self._keepalive - waited)
                 continue
-            await self._write(send, PING)
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self._write(send, PING)
+            except TimeoutError:
+                self._sending = True  # the ping is stuck: the next turn stops the stream
 
     def _id_header(self) -> list[tuple[bytes, bytes]]:
         return [(b"x-request-id", self._request_id.encode())]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,9 +17,30 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(1416, description="Port to listen on (hayhooks' default, so its CLI finds the server).")
     workers: int = Field(1, ge=1, description="Uvicorn worker processes.")
-    api_keys: str = Field("", description="Comma-separated keys; when set, chat and model routes need a Bearer key.")
+    api_keys: str | None = Field(
+        None, description="Comma-separated keys; when set, every route except /health and /ready needs one."
+    )
+    deploy_keys: str | None = Field(
+        None, description="Comma-separated keys for the deploy routes; when set, API keys cannot deploy."
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Silence the warning for a non-loopback bind without keys (it is intended)."
+    )
     enable_deploy: bool = Field(False, description="Expose hayhooks' deploy/undeploy routes (they need a key too).")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    enable_docs: bool = Field(False, description="Expose hayhooks' /docs, /redoc and /openapi.json.")
+    enable_draw: bool = Field(False, description="Expose hayhooks' /draw/{name} (it calls mermaid.ink).")
+    cors_origins: str = Field("", description="Comma-separated origins allowed to call from a browser ('*': any).")
+    forward_auth_headers: bool = Field(
+        False, description="Hand the caller's Authorization and Cookie headers to wrappers."
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body, any route.")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client has to send its whole request body.")
+    max_streams: int = Field(1024, ge=1, description="Chat requests running at once; more get 429.")
+    max_streams_per_key: int = Field(256, ge=1, description="Chat requests running at once per API key.")
+    send_timeout_seconds: float = Field(
+        60.0, gt=0, description="A client that reads nothing for this long is dropped and its run cancelled."
+    )
+    max_tokens: int = Field(32768, ge=1, description="Largest max_tokens / max_completion_tokens a client may ask.")
     keepalive_seconds: float = Field(15.0, gt=0, description="Idle time after which a `: ping` comment is sent.")
     stream_buffer: int = Field(64, ge=1, description="Chunks a producer may run ahead of a slow client.")
     log_level: str = Field("info", description="Uvicorn log level.")
@@ -37,12 +58,38 @@ class ServerSettings(BaseSettings):
         "X-OpenWebUI-* headers, or X-Haystream-Events: true); plain OpenAI clients never get them.",
     )
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "deploy_keys")
     @classmethod
-    def _strip(cls, value: str) -> str:
-        return ",".join(key.strip() for key in value.split(",") if key.strip())
+    def _no_blank_keys(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Set but blank (",", " ", an unset variable in a compose file) must not switch auth off silently.
+        if value is None:
+            return None
+        keys = _split(value)
+        if not keys:
+            name = f"HAYSTREAM_{(info.field_name or '').upper()}"
+            raise ValueError(f"{name} is set but holds no key; set real keys, or unset it to run without keys")
+        return ",".join(keys)
 
     @property
     def keys(self) -> list[str]:
         """The configured API keys."""
-        return [key for key in self.api_keys.split(",") if key]
+        return _split(self.api_keys or "")
+
+    @property
+    def deploy_key_list(self) -> list[str]:
+        """The configured deploy keys."""
+        return _split(self.deploy_keys or "")
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """Origins allowed to call from a browser."""
+        return _split(self.cors_origins)
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every configured key: redacted wherever an error message might repeat one."""
+        return [*self.keys, *self.deploy_key_list]
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]

@@ -19,9 +19,12 @@ import orjson
 TASK_PREFIX = "### Task:"
 KNOWN_TASKS = ("title", "tags", "follow_ups", "queries", "autocomplete", "emoji")
 
-_OUTPUT_KEY = re.compile(r'###\s*Output:.*?\{\s*"(\w+)"', re.DOTALL)
-_HISTORY = re.compile(r"<chat_history>\s*(.*?)\s*</chat_history>", re.DOTALL)
-_TURN = re.compile(r"^(USER|ASSISTANT):\s?(.*)$")
+# Client input: every step below is a bounded scan with str.find, linear in the prompt, so a hostile prompt made of
+# repeated markers cannot hold the event loop (a backtracking regex over the whole prompt did, for seconds).
+_TEMPLATE_SCAN = 16_384  # the task template's instructions and output format sit near the start
+_HISTORY_SCAN = 65_536  # how much of the chat history a title or query is taken from
+_KEY = re.compile(r'\{\s{0,20}"(\w{1,32})"')
+_TURN = re.compile(r"(USER|ASSISTANT):\s?(.*)")
 _LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "hi", "hello", "hey", "please"})
 _KEY_TO_TASK = {
     "title": "title",
@@ -50,11 +53,10 @@ def detect_task(messages: list[dict[str, Any]]) -> Task | None:
     if not messages or messages[-1].get("role") != "user":
         return None
     prompt = _text(messages[-1].get("content"))
-    if not prompt.lstrip().startswith(TASK_PREFIX):
+    if not prompt[:1000].lstrip().startswith(TASK_PREFIX):
         return None
-    match = _OUTPUT_KEY.search(prompt)
-    kind = _KEY_TO_TASK.get(match.group(1)) if match else None
-    if kind is None and "emoji" in " ".join(prompt.strip().splitlines()[:2]).lower():
+    kind = _output_kind(prompt[:_TEMPLATE_SCAN])
+    if kind is None and "emoji" in " ".join(prompt[:1000].strip().splitlines()[:2]).lower():
         kind = "emoji"
     if kind is None:
         return None
@@ -92,10 +94,27 @@ def _title(task: Task) -> str:
     return (title[:1].upper() + title[1:])[:60] or "New Chat"
 
 
+def _output_kind(template: str) -> str | None:
+    """The task named by the first JSON key after the template's `### Output:` marker."""
+    at = template.find("Output:")
+    while at >= 0:
+        if template[max(0, at - 8) : at].rstrip().endswith("###"):
+            brace = template.find("{", at)
+            key = _KEY.match(template, brace) if brace >= 0 else None  # anchored at one position: constant work
+            return _KEY_TO_TASK.get(key.group(1)) if key else None
+        at = template.find("Output:", at + 7)
+    return None
+
+
 def _history(prompt: str) -> list[tuple[str, str]]:
-    match = _HISTORY.search(prompt)
+    start = prompt.find("<chat_history>")
+    if start < 0:
+        return []
+    start += len("<chat_history>")
+    end = prompt.find("</chat_history>", start)
+    body = prompt[start : end if end >= 0 else len(prompt)][:_HISTORY_SCAN]
     turns: list[tuple[str, str]] = []
-    for line in (match.group(1) if match else "").splitlines():
+    for line in body.splitlines():
         turn = _TURN.match(line.strip())
         if turn:
             turns.append((turn.group(1).lower(), turn.group(2).strip()))

@@ -1,0 +1,204 @@
+"""The one gate every request passes, whoever serves its route: probes, origin, key, route policy, body limits.
+
+Default deny: with keys configured, every HTTP request and WebSocket needs one, except the probes `/health` and
+`/ready`, which the gate answers itself (nothing behind it is reached without a key, however the path is spelled).
+The few decisions that depend on the route (deploy, docs, draw) are taken on every path the router behind could
+route on — the raw path and the path without each root path, with `//` collapsed, case folded and trailing slashes
+dropped — so a variant can only make the gate stricter, never open a route.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from starlette.middleware.cors import CORSMiddleware
+
+from haystream.openai import OpenAIError
+from haystream.server.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    replay_body,
+    send_error,
+    send_json,
+)
+from haystream.server.auth import KeyCheck, check_deploy_request, unauthorized
+from haystream.server.settings import ServerSettings
+
+logger = logging.getLogger("haystream.server")
+
+PROBES = frozenset({"/health", "/ready"})
+DEPLOY_PREFIXES = ("/deploy", "/undeploy")
+DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json"})
+CALLER_KEY = "haystream.caller"  # where the gate leaves the identified `Caller` in the scope
+_SLASHES = re.compile(r"//+")
+_RUN_ROUTE = re.compile(r"/[^/]+/run")
+_PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
+
+
+class Gate:
+    """Pure ASGI, outermost: lets a request through to `app` only when policy allows it."""
+
+    def __init__(
+        self,
+        app: Any,
+        settings: ServerSettings,
+        *,
+        root_paths: tuple[str, ...] = (),
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self._root_paths = tuple(root.rstrip("/") for root in root_paths if root.rstrip("/"))
+        self._ready = ready
+        self._keys = KeyCheck(settings.keys, settings.deploy_key_list)
+        self._origins = frozenset(settings.cors_origin_list)
+        self._entry: Any = self._guarded
+        if self._origins:
+            # Starlette's CORS middleware answers preflights itself (no key needed for them) and adds the headers.
+            self._entry = CORSMiddleware(
+                self._guarded,
+                allow_origins=sorted(self._origins),
+                allow_methods=["*"],
+                allow_headers=["authorization", "content-type", "x-request-id", "x-haystream-events"],
+                expose_headers=["x-request-id"],
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
+            return
+        await self._entry(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        is_http = scope["type"] == "http"
+        exact = self._route_paths(scope["path"])
+        if is_http and not PROBES.isdisjoint(exact):
+            await self._probe(scope, send, "/ready" if "/ready" in exact else "/health")
+            return
+        routes = {_normalise(path) for path in exact}
+        is_deploy = any(route.startswith(DEPLOY_PREFIXES) for route in routes)
+        try:
+            self._check_origin(scope)
+            caller = self._keys.identify(header(scope, b"authorization"))
+            if caller is None:
+                raise unauthorized()
+            if is_deploy:
+                self._check_deploy(caller.can_deploy)
+            elif not self.settings.enable_docs and any(r in DOCS_PATHS or r.startswith("/docs/") for r in routes):
+                raise OpenAIError(404, "API docs are disabled; set HAYSTREAM_ENABLE_DOCS=true.", code="not_found")
+            elif not self.settings.enable_draw and any(r.startswith("/draw") for r in routes):
+                raise OpenAIError(404, "/draw is disabled; set HAYSTREAM_ENABLE_DRAW=true.", code="not_found")
+        except OpenAIError as error:
+            await self._refuse(scope, send, error, detail=is_deploy)
+            return
+        scope[CALLER_KEY] = caller
+        if not self.settings.forward_auth_headers and any(_RUN_ROUTE.fullmatch(route) for route in routes):
+            scope["headers"] = without_private_headers(scope)  # hayhooks hands them to run_api wrappers
+        if not is_http:
+            await self.app(scope, receive, send)
+            return
+        try:
+            raw = await read_body(
+                scope, receive, self.settings.max_body_bytes, timeout=self.settings.body_timeout_seconds
+            )
+            if is_deploy:
+                check_deploy_request(min(exact, key=len), _json_or_none(raw))
+        except ClientDisconnected:
+            logger.info("client left before its request was read: %s", scope["path"])
+            return
+        except OpenAIError as error:
+            await self._refuse(scope, send, error, detail=is_deploy)
+            return
+        await self.app(scope, replay_body(raw, receive), send)
+
+    def _route_paths(self, path: str) -> set[str]:
+        """The paths a router behind may route this request on: as sent, and without each root path."""
+        paths = {path}
+        for root in self._root_paths:
+            if path.startswith(root + "/") or path == root:
+                paths.add(path[len(root) :] or "/")
+        return paths
+
+    def _check_origin(self, scope: Scope) -> None:
+        """Browsers say where a request comes from; a page of another origin may not drive this server."""
+        origin = header(scope, b"origin")
+        if origin is None or "*" in self._origins:
+            return
+        text = origin.decode("latin-1")
+        if text in self._origins:
+            return
+        host = (header(scope, b"host") or b"").decode("latin-1").lower()
+        if host and urlsplit(text).netloc.lower() == host:
+            return  # same origin (e.g. hayhooks' own /docs page, when enabled)
+        raise OpenAIError(
+            403,
+            f"Requests from the web origin {text[:100]!r} are not allowed; list it in HAYSTREAM_CORS_ORIGINS.",
+            code="origin_not_allowed",
+        )
+
+    def _check_deploy(self, can_deploy: bool) -> None:
+        if not self.settings.enable_deploy:
+            raise OpenAIError(
+                403,
+                "Deploy routes are disabled; start the server with HAYSTREAM_ENABLE_DEPLOY=true "
+                "and HAYSTREAM_API_KEYS (or HAYSTREAM_DEPLOY_KEYS).",
+                code="deploy_disabled",
+            )
+        if not self._keys.enabled:
+            raise OpenAIError(
+                403,
+                "Deploy routes need a key; set HAYSTREAM_API_KEYS or HAYSTREAM_DEPLOY_KEYS as well.",
+                code="deploy_needs_key",
+            )
+        if not can_deploy:
+            raise OpenAIError(403, "This key cannot deploy; use one of HAYSTREAM_DEPLOY_KEYS.", code="deploy_forbidden")
+
+    async def _probe(self, scope: Scope, send: Send, probe: str) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_error(send, OpenAIError(405, f"Method {scope['method']} is not allowed here; use GET."))
+            return
+        if probe == "/health":
+            await send_json(send, 200, {"status": "ok"})
+        elif self._ready():
+            await send_json(send, 200, {"status": "ready"})
+        else:
+            await send_json(send, 503, {"status": "starting"})
+
+    async def _refuse(self, scope: Scope, send: Send, error: OpenAIError, *, detail: bool) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # before accept: the client gets a 403
+            return
+        if detail:
+            # hayhooks' CLI shows only a `detail` field: give it the message too, beside the OpenAI envelope.
+            payload = {**error.to_dict(), "detail": error.message}
+            extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+            await send_json(send, error.status, orjson.dumps(payload), headers=extra)
+            return
+        await send_error(send, error)
+
+
+def _normalise(path: str) -> str:
+    return _SLASHES.sub("/", path).lower().rstrip("/") or "/"
+
+
+def without_private_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The request's headers without credentials (Authorization, Cookie): what wrappers get by default."""
+    return [(name, value) for name, value in scope.get("headers", ()) if name not in _PRIVATE_HEADERS]
+
+
+def _json_or_none(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise OpenAIError(400, "Malformed JSON body.", code="invalid_json") from None

@@ -1,0 +1,54 @@
+"""Admission: how many chat requests may run at once, in all and per key. Over the cap is a 429, never a queue."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from haystream.openai import OpenAIError
+
+
+class StreamLimits:
+    """Counts running chat requests; `admit()` holds one place for the duration of a request."""
+
+    def __init__(self, total: int, per_key: int) -> None:
+        self.total = total
+        self.per_key = per_key
+        self._running = 0
+        self._by_key: Counter[str] = Counter()
+
+    @property
+    def running(self) -> int:
+        """Chat requests running now."""
+        return self._running
+
+    @contextmanager
+    def admit(self, key_id: str, *, per_key: bool = True) -> Iterator[None]:
+        """Hold a place for one request of `key_id`.
+
+        :raises OpenAIError: 429 with `Retry-After` when the server or this key is at its cap.
+        """
+        if self._running >= self.total:
+            raise _busy(f"The server is running {self.total} requests, its limit (HAYSTREAM_MAX_STREAMS).")
+        if per_key and self._by_key[key_id] >= self.per_key:
+            raise _busy(f"This API key is running {self.per_key} requests, its limit (HAYSTREAM_MAX_STREAMS_PER_KEY).")
+        self._running += 1
+        self._by_key[key_id] += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            self._by_key[key_id] -= 1
+            if not self._by_key[key_id]:
+                del self._by_key[key_id]
+
+
+def _busy(message: str) -> OpenAIError:
+    return OpenAIError(
+        429,
+        message + " Retry shortly.",
+        type="rate_limit_error",
+        code="too_many_requests",
+        headers={"retry-after": "1"},
+    )
