@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from haystream.openai.errors import OpenAIError
+from haystream.openai.messages import chat_messages
 
 
 class StreamOptions(BaseModel):
@@ -17,12 +18,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
 class ChatMessageIn(BaseModel):
-    """One message of the request; content may be a string, a list of parts, or absent (tool-call turns)."""
+    """One message of the request; content may be a string, a list of parts, or absent (assistant tool-call turns)."""
 
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"must be one of {', '.join(sorted(ROLES))}")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _typed_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                if not isinstance(part.get("type"), str):
+                    raise ValueError("each content part needs a 'type'")
+        return value
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessageIn:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required for {self.role} messages")
+        return self
 
 
 class ChatCompletionRequest(BaseModel):
@@ -67,10 +93,14 @@ def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest, dict[str, Any
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(body), body
+        request = ChatCompletionRequest.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise OpenAIError(
             400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_request"
         ) from None
+    # Every wrapper may hand the messages to Haystack: one it cannot represent is the client's mistake (400), not a
+    # failure of the pipeline (500).
+    chat_messages(body["messages"])
+    return request, body

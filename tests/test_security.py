@@ -1,0 +1,595 @@
+"""The security table (docs/security.md links each row here): haystream probed as an attacker would.
+
+Real servers on loopback (haystream's app with hayhooks inside, under uvicorn), real `httpx` and `openai` clients,
+raw sockets where a client must misbehave, and the fake upstream recording when a run was cut.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+from hayhooks.server.pipelines.registry import registry
+from hayhooks.settings import settings as hayhooks_settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from haystream.server import ServerSettings
+from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX
+from support import start_server
+
+PROBE_WRAPPERS = Path(__file__).parent / "security_wrappers"
+KEY = "k-one-secret"
+DEPLOY_KEY = "deploy-admin-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+USER = [{"role": "user", "content": "hi"}]
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert {"message", "type", "param", "code"} <= set(error)
+    assert error["message"] and "Traceback" not in response.text
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def serve(upstream, tmp_path_factory, name: str = "probe", **settings):
+    """A server deploying the probe wrapper as `name` (hayhooks' registry is per process, its run routes per app:
+    each server gets its own name so that its `/{name}/run` route exists)."""
+    pipelines = tmp_path_factory.mktemp("pipelines")
+    shutil.copytree(PROBE_WRAPPERS / "probe", pipelines / name)
+    return start_server(upstream, pipelines_dir=str(pipelines), **settings)
+
+
+@pytest.fixture(scope="module")
+def locked(upstream, tmp_path_factory):
+    """Keys set, every optional hayhooks route switched on: the gate alone must keep them closed."""
+    server = serve(
+        upstream,
+        tmp_path_factory,
+        api_keys=f"{KEY}, k-two",
+        deploy_keys=DEPLOY_KEY,
+        enable_deploy=True,
+        enable_docs=True,
+        enable_draw=True,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def open_server(upstream, tmp_path_factory):
+    """No keys, defaults otherwise (a developer's laptop)."""
+    server = serve(upstream, tmp_path_factory, name="probe_open")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rooted(upstream, tmp_path_factory):
+    """HAYHOOKS_ROOT_PATH=/api: hayhooks' router strips the prefix before routing."""
+    previous = hayhooks_settings.root_path
+    hayhooks_settings.root_path = "/api"
+    try:
+        server = serve(upstream, tmp_path_factory, name="probe_rooted", api_keys=KEY)
+    finally:
+        hayhooks_settings.root_path = previous
+    yield server
+    server.stop()
+
+
+# --- default deny: the route inventory ------------------------------------------------------------------------
+
+
+def app_routes(server) -> dict[str, set[str]]:
+    """Every route of the running app, hayhooks' included: path template -> methods."""
+    haystream_app = server.app.app
+    hayhooks_app = haystream_app.hayhooks_app
+    routes: dict[str, set[str]] = {}
+    for path, operations in hayhooks_app.openapi()["paths"].items():
+        routes.setdefault(path, set()).update(method.upper() for method in operations)
+    for route in hayhooks_app.router.routes:  # the routes FastAPI keeps out of the schema (docs, mounts)
+        path = getattr(route, "path", None)
+        if path:
+            routes.setdefault(path, set()).update(getattr(route, "methods", None) or {"GET"})
+    for path in CHAT_PATHS | {OPENWEBUI_PREFIX + p for p in CHAT_PATHS}:
+        routes.setdefault(path, set()).add("POST")
+    for path in MODEL_PATHS | {OPENWEBUI_PREFIX + p for p in MODEL_PATHS}:
+        routes.setdefault(path, set()).add("GET")
+    return routes
+
+
+ALLOW_LIST = {"/health", "/ready"}
+
+
+def test_route_inventory_every_route_refuses_a_request_without_a_key(locked):
+    routes = app_routes(locked)
+    # The inventory really holds hayhooks' routes, so a new one after an upgrade is probed too.
+    for expected in ("/status", "/deploy_files", "/undeploy/{pipeline_name}", "/probe/run", "/docs", "/openapi.json"):
+        assert expected in routes, sorted(routes)
+    assert any(path.startswith("/draw") for path in routes) and any("responses" in path for path in routes)
+    probed = 0
+    for template, methods in routes.items():
+        path = re.sub(r"\{[^}]+\}", "probe", template)
+        for method in [*sorted(methods - {"HEAD", "OPTIONS"}), "DELETE"]:
+            response = httpx.request(method, locked.url + path, json={})
+            if template in ALLOW_LIST:
+                continue
+            assert_envelope(response, 401, "invalid_api_key")
+            assert response.headers["www-authenticate"].startswith("Bearer")
+            wrong = httpx.request(method, locked.url + path, json={}, headers={"Authorization": "Bearer k-three"})
+            assert_envelope(wrong, 401, "invalid_api_key")
+            probed += 1
+    assert probed >= 20
+
+
+def test_probes_answer_without_a_key(locked):
+    assert httpx.get(locked.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(locked.url + "/ready").json() == {"status": "ready"}  # wrappers deployed
+    assert_envelope(httpx.post(locked.url + "/health"), 405)
+
+
+def test_what_worked_before_still_works_with_a_key(locked):
+    assert "probe" in {m["id"] for m in httpx.get(locked.url + "/v1/models", headers=AUTH).json()["data"]}
+    assert httpx.get(locked.url + "/status", headers=AUTH).status_code == 200
+    ran = httpx.post(locked.url + "/probe/run", json={"text": "hi"}, headers=AUTH)
+    assert ran.status_code == 200 and orjson.loads(ran.json()["result"])["text"] == "HI"
+    basic = "Basic " + base64.b64encode(f"haystream:{KEY}".encode()).decode()  # what hayhooks' CLI sends via netrc
+    assert httpx.get(locked.url + "/status", headers={"Authorization": basic}).status_code == 200
+    sdk = openai.OpenAI(base_url=locked.url + "/v1", api_key="k-two", max_retries=0)
+    answer = sdk.chat.completions.create(model="probe", messages=USER, extra_body={"scenario": "fake?tokens=2"})
+    assert answer.choices[0].message.content
+
+
+def test_websocket_without_a_key_is_refused(locked):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with pytest.raises(InvalidStatus) as refused:
+        connect(locked.url.replace("http", "ws") + "/anything").close()
+    assert refused.value.response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/deploy_files",  # the root path hayhooks' router strips
+        "/deploy_files",
+        "//deploy_files",
+        "/api//deploy_files",
+        "/deploy_files/",
+        "/Deploy_Files",
+        "/deploy%5Ffiles",  # percent-encoded
+        "/api/undeploy/probe",
+    ],
+)
+def test_deploy_stays_closed_under_any_spelling_of_its_path(rooted, path):
+    payload = {"name": "evil", "files": {"pipeline_wrapper.py": "raise SystemExit('owned')"}, "overwrite": True}
+    assert_envelope(httpx.post(rooted.url + path, json=payload), 401)
+    with_key = httpx.post(rooted.url + path, json=payload, headers=AUTH)
+    assert_envelope(with_key, 403, "deploy_disabled")
+    assert with_key.json()["detail"]  # hayhooks' CLI prints this field
+    assert registry.get("evil") is None
+    assert not (Path(hayhooks_settings.pipelines_dir) / "evil").exists()
+
+
+def test_the_root_path_really_routes(rooted):
+    """The variants above are refused by the gate, not merely unrouted: with a key, /api/status reaches hayhooks."""
+    assert httpx.get(rooted.url + "/api/status", headers=AUTH).status_code == 200
+    assert_envelope(httpx.get(rooted.url + "/api/status"), 401)
+
+
+def test_docs_and_draw_are_off_by_default(open_server):
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/draw/probe", "//docs", "/DOCS/"):
+        assert_envelope(httpx.get(open_server.url + path), 404, "not_found")
+
+
+def test_docs_can_be_enabled(locked):
+    assert httpx.get(locked.url + "/openapi.json", headers=AUTH).json()["paths"]
+
+
+# --- deploy keys and path traversal ---------------------------------------------------------------------------
+
+
+def test_a_chat_key_cannot_deploy_when_deploy_keys_are_set(locked):
+    payload = {"name": "evil", "files": {"pipeline_wrapper.py": "x"}}
+    assert_envelope(httpx.post(locked.url + "/deploy_files", json=payload, headers=AUTH), 403, "deploy_forbidden")
+    traversal = {"name": "evil", "files": {"../../escape.py": "x"}}
+    admin = {"Authorization": f"Bearer {DEPLOY_KEY}"}
+    assert assert_envelope(httpx.post(locked.url + "/deploy_files", json=traversal, headers=admin), 400)["param"]
+    assert registry.get("evil") is None
+    # a deploy key is an admin key: it may chat too
+    assert httpx.get(locked.url + "/v1/models", headers=admin).status_code == 200
+
+
+# --- configuration that cannot fail open ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blank", ["", " ", ",", " , ,"])
+def test_blank_keys_refuse_to_start(blank, monkeypatch):
+    monkeypatch.setenv("HAYSTREAM_API_KEYS", blank)
+    with pytest.raises(ValidationError, match="holds no key"):
+        ServerSettings()
+    with pytest.raises(ValidationError, match="HAYSTREAM_DEPLOY_KEYS"):
+        ServerSettings(api_keys="fine", deploy_keys=blank)
+
+
+def test_haystream_serve_refuses_blank_keys_with_a_clear_message(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HAYSTREAM_API_KEYS": " , "}
+    result = subprocess.run(
+        [sys.executable, "-m", "haystream", "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "HAYSTREAM_API_KEYS is set but holds no key" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+
+
+def test_a_public_bind_without_keys_warns(caplog):
+    from haystream.server.app import warn_if_exposed
+
+    with caplog.at_level("WARNING", logger="haystream.server"):
+        warn_if_exposed(ServerSettings(host="0.0.0.0"))
+    assert "WITHOUT API keys" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="haystream.server"):
+        warn_if_exposed(ServerSettings(host="0.0.0.0", allow_unauthenticated=True))
+        warn_if_exposed(ServerSettings(host="0.0.0.0", api_keys="k"))
+        warn_if_exposed(ServerSettings(host="127.0.0.1"))
+    assert "WITHOUT API keys" not in caplog.text
+
+
+# --- malformed credentials --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        b"Basic " + base64.b64encode("nutzer:schl\u00fcssel".encode()),
+        b"Basic \xff\xfe\xfd",
+        b"Basic !!!not-base64",
+        b"Bearer",
+        b"Bearer \xe9\xe9",
+        b"Token " + KEY.encode(),
+        b"Bearer " + b"x" * 8000,
+    ],
+)
+def test_malformed_credentials_are_a_401_not_a_500(locked, authorization):
+    response = httpx.get(locked.url + "/v1/models", headers=[(b"authorization", authorization)])
+    assert_envelope(response, 401, "invalid_api_key")
+
+
+# --- CORS and foreign origins ------------------------------------------------------------------------------------
+
+
+def test_a_foreign_web_page_cannot_drive_a_local_server(open_server):
+    evil = {"Origin": "https://evil.example"}
+    preflight = httpx.options(
+        open_server.url + "/probe_open/run", headers={**evil, "Access-Control-Request-Method": "POST"}
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+    # A "simple" cross-origin POST (no preflight) is refused before it runs anything.
+    ran = httpx.post(open_server.url + "/probe_open/run", content=b'{"text": "x"}', headers=evil)
+    assert_envelope(ran, 403, "origin_not_allowed")
+    chat = httpx.post(open_server.url + "/v1/chat/completions", json={"model": "probe", "messages": USER}, headers=evil)
+    assert_envelope(chat, 403, "origin_not_allowed")
+    # same origin (hayhooks' own pages) and clients that send no Origin are fine
+    same = {"Origin": open_server.url}
+    assert httpx.post(open_server.url + "/probe_open/run", json={"text": "x"}, headers=same).status_code == 200
+
+
+def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
+    server = serve(upstream, tmp_path_factory, name="probe_cors", api_keys=KEY, cors_origins="https://chat.example")
+    try:
+        preflight = httpx.options(
+            server.url + "/v1/chat/completions",
+            headers={
+                "Origin": "https://chat.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert preflight.status_code == 200  # no key needed for the preflight itself
+        assert preflight.headers["access-control-allow-origin"] == "https://chat.example"
+        listed = httpx.get(server.url + "/v1/models", headers={**AUTH, "Origin": "https://chat.example"})
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == "https://chat.example"
+        assert_envelope(httpx.get(server.url + "/v1/models", headers={"Origin": "https://chat.example"}), 401)
+        foreign = httpx.get(server.url + "/v1/models", headers={**AUTH, "Origin": "https://evil.example"})
+        assert_envelope(foreign, 403, "origin_not_allowed")
+    finally:
+        server.stop()
+
+
+# --- limits on every request --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight(upstream, tmp_path_factory):
+    server = serve(
+        upstream,
+        tmp_path_factory,
+        name="probe_tight",
+        api_keys=f"{KEY}, k-two",
+        max_body_bytes=64 * 1024,
+        body_timeout_seconds=1,
+        max_streams=3,
+        max_streams_per_key=2,
+        send_timeout_seconds=1,
+        max_tokens=1000,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("path", ["/probe_tight/run", "/v1/files", "/v1/chat/completions", "/status", "/v1/responses"])
+def test_body_limit_applies_to_every_route(tight, path):
+    big = b"{" + b" " * (70 * 1024) + b"}"
+    assert_envelope(httpx.post(tight.url + path, content=big, headers=AUTH), 413, "body_too_large")
+
+    def chunked():  # no Content-Length: the limit must hold while the body streams in
+        for _ in range(70):
+            yield b" " * 1024
+
+    assert_envelope(httpx.post(tight.url + path, content=chunked(), headers=AUTH), 413, "body_too_large")
+
+
+def test_a_body_that_never_arrives_times_out(tight):
+    request = (
+        f"POST /probe_tight/run HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"text"'
+    ).encode()
+    with socket.create_connection(("127.0.0.1", tight.port), timeout=30) as sock:
+        sock.sendall(request)  # ... and the remaining 93 bytes never come
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert b'"code":"request_timeout"' in reply
+
+
+def test_max_tokens_is_bounded_by_the_operator(tight):
+    chat = {"model": "probe", "messages": USER}
+    too_many = httpx.post(tight.url + "/v1/chat/completions", json={**chat, "max_tokens": 5000}, headers=AUTH)
+    assert assert_envelope(too_many, 400, "max_tokens_too_large")["param"] == "max_tokens"
+    completion = {**chat, "max_completion_tokens": 1001}
+    assert_envelope(httpx.post(tight.url + "/v1/chat/completions", json=completion, headers=AUTH), 400)
+    for bad in ({"max_tokens": -1}, {"max_tokens": "many"}, {"n": 2}, {"temperature": "hot"}, {"top_p": 3}):
+        assert_envelope(httpx.post(tight.url + "/v1/chat/completions", json={**chat, **bad}, headers=AUTH), 400)
+
+
+def _open_stream(server, key: str, scenario: str) -> tuple[httpx.Client, httpx.Response]:
+    client = httpx.Client(timeout=60)
+    body = {"model": "probe", "messages": USER, "stream": True, "scenario": scenario}
+    response = client.send(
+        client.build_request(
+            "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ),
+        stream=True,
+    )
+    return client, response
+
+
+def test_concurrent_streams_are_capped_globally_and_per_key(tight, upstream):
+    upstream.reset()
+    held = []
+    try:
+        for key in (KEY, KEY):  # two streams for one key: its cap
+            client, response = _open_stream(tight, key, "fake?tokens=3&delay=30")
+            assert response.status_code == 200
+            held.append((client, response))
+        per_key = httpx.post(
+            tight.url + "/v1/chat/completions", json={"model": "probe", "messages": USER}, headers=AUTH
+        )
+        assert_envelope(per_key, 429, "too_many_requests")
+        assert per_key.headers["retry-after"] == "1"
+        client, response = _open_stream(tight, "k-two", "fake?tokens=3&delay=30")  # another key still gets in
+        assert response.status_code == 200
+        held.append((client, response))
+        over = httpx.post(
+            tight.url + "/v1/chat/completions",
+            json={"model": "probe", "messages": USER},
+            headers={"Authorization": "Bearer k-two"},
+        )
+        assert_envelope(over, 429, "too_many_requests")  # the server's cap of 3
+        assert "HAYSTREAM_MAX_STREAMS" in over.json()["error"]["message"]
+    finally:
+        for client, response in held:
+            response.close()
+            client.close()
+    for record in upstream.wait_for_requests(3):
+        assert record.wait(timeout=30).client_hung_up  # leaving cut each held run at the upstream
+    # places are given back: a new request is admitted again
+    sdk = openai.OpenAI(base_url=tight.url + "/v1", api_key=KEY, max_retries=2)
+    answer = sdk.chat.completions.create(model="probe", messages=USER, extra_body={"scenario": "fake?tokens=2"})
+    assert answer.choices[0].message.content
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cut(tight, upstream):
+    upstream.reset()
+    total = 400_000
+    body = orjson.dumps({"model": "probe", "messages": USER, "stream": True, "scenario": f"fake?tokens={total}"})
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect(("127.0.0.1", tight.port))
+        sock.sendall(request)
+        # ...and never read: the server's writes block, and after send_timeout_seconds it gives up.
+        record = upstream.wait_for_requests(1)[0].wait(timeout=120)
+    finally:
+        sock.close()
+    assert record.client_hung_up and not record.completed
+    assert record.tokens_sent < total
+
+
+def test_other_requests_stay_responsive_during_a_hostile_task_prompt(open_server):
+    hostile = "### Task:\n" + "###Output: <chat_history>USER: {" * 100_000  # ~3.3 MB, under the body limit
+    body = {"model": "probe", "messages": [{"role": "user", "content": hostile}], "scenario": "fake?tokens=1"}
+    result: dict[str, httpx.Response] = {}
+    hostile_done = threading.Event()
+
+    def send_hostile() -> None:
+        result["hostile"] = httpx.post(open_server.url + "/v1/chat/completions", json=body, timeout=120)
+        hostile_done.set()
+
+    thread = threading.Thread(target=send_hostile)
+    thread.start()
+    # A backtracking detector held the event loop for hours on this prompt; now both answer.
+    assert httpx.get(open_server.url + "/v1/models", timeout=60).status_code == 200
+    assert hostile_done.wait(120)
+    thread.join()
+    assert result["hostile"].status_code == 200
+
+
+# --- no leaks ------------------------------------------------------------------------------------------------------
+
+
+def test_errors_reach_clients_redacted_with_a_request_id(locked, caplog):
+    response = httpx.post(
+        locked.url + "/v1/chat/completions",
+        json={"model": "probe", "messages": USER, "mode": "leak"},
+        headers={**AUTH, "X-Request-ID": "req-123"},
+    )
+    message = assert_envelope(response, 500, "pipeline_error")["message"]
+    for secret in ("hunter2", "sk-abcdef1234567890", "tok-0123456789", KEY, "api_key=sk", "user:"):
+        assert secret not in message
+    assert "llm.internal/v1/chat" in message and "(request id req-123)" in message
+    assert response.headers["x-request-id"] == "req-123"
+
+
+def test_wrappers_do_not_receive_credentials(locked):
+    headers = {**AUTH, "Cookie": "session=abc", "X-Custom": "kept"}
+    chat = httpx.post(
+        locked.url + "/v1/chat/completions",
+        json={"model": "probe", "messages": USER, "mode": "headers"},
+        headers=headers,
+    )
+    seen = orjson.loads(chat.json()["choices"][0]["message"]["content"])
+    assert "x-custom" in seen and "authorization" not in seen and "cookie" not in seen
+    ran = httpx.post(locked.url + "/probe/run", json={"text": "x"}, headers=headers)
+    seen = orjson.loads(ran.json()["result"])["headers"]
+    assert "x-custom" in seen and "authorization" not in seen and "cookie" not in seen
+
+
+def test_the_local_model_queue_times_out(monkeypatch):
+    import asyncio
+
+    from haystream.local import LocalModelBusy, local_model_turn
+    from haystream.openai import status_for_failure
+
+    monkeypatch.setenv("HAYSTREAM_LOCAL_QUEUE_TIMEOUT", "0.05")
+
+    async def scenario() -> None:
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with local_model_turn():
+                holding.set()
+                await release.wait()
+
+        task = asyncio.create_task(holder())
+        await holding.wait()
+        with pytest.raises(LocalModelBusy) as busy:
+            async with local_model_turn():
+                pass
+        assert status_for_failure(busy.value) == 503
+        release.set()
+        await task
+        async with local_model_turn():  # the turn is free again
+            pass
+
+    asyncio.run(scenario())
+
+
+# --- schema fuzzing --------------------------------------------------------------------------------------------------
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", 3, None]), "content": _json}
+)
+_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url", "input_audio", "file", "other"])},
+    optional={
+        "text": _json,
+        "image_url": _json
+        | st.fixed_dictionaries(
+            {
+                "url": st.sampled_from(
+                    ["data:image/png;base64,iVBORw0KGgo=", "data:image/png;base64,@@@", "http://x/y.png", "data:,", ""]
+                )
+            }
+        ),
+    },
+)
+_valid_message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "tool", "developer"]),
+        "content": st.text(max_size=30) | st.lists(_part, max_size=3),
+    },
+    optional={"tool_calls": _json, "tool_call_id": _json, "name": _json},
+)
+_chat_body = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["probe", "nope", "", 7]),
+        "messages": st.lists(_valid_message, min_size=1, max_size=3) | st.lists(_message, max_size=3) | _json,
+    },
+    optional={
+        "stream": _json,
+        "stream_options": _json,
+        "max_tokens": _json,
+        "n": _json,
+        "temperature": _json,
+        "tools": _json,
+        "user": _json,
+        "scenario": st.just("fake?tokens=1"),
+    },
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_chat_body | _json)
+def test_fuzzed_chat_bodies_never_cause_a_5xx(locked, body):
+    response = httpx.post(locked.url + "/v1/chat/completions", content=orjson.dumps(body), headers=AUTH, timeout=30)
+    assert response.status_code < 500, response.text
+    assert "Traceback" not in response.text
+    if response.status_code >= 400:
+        assert_envelope(response, response.status_code)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
