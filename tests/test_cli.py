@@ -63,7 +63,16 @@ def test_clear_errors(server, upstream, tmp_path):
 def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     created = haystream("new", "demo", "--dir", str(tmp_path))
     assert created.returncode == 0, created.stderr
-    assert "haystream.stream" in (tmp_path / "demo" / "pipeline_wrapper.py").read_text()
+    assert "async def run_chat_completion_async" in (tmp_path / "demo" / "pipeline_wrapper.py").read_text()
+    # after the README's first install there is no pytest: the test runs with plain Python too
+    plain = subprocess.run(
+        [sys.executable, str(tmp_path / "demo" / "test_pipeline_wrapper.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False"},
+    )
+    assert plain.returncode == 0 and "demo: ok" in plain.stdout, plain.stdout + plain.stderr
     own_test = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "demo")],
         capture_output=True,

@@ -30,6 +30,23 @@ KeyOption = Annotated[
 TEMPLATES = Path(__file__).parent / "templates"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from haystream import __version__
+
+        out.print(f"haystream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Serve Haystack pipelines as streaming OpenAI-compatible endpoints."""
+
+
 @app.command()
 def serve(
     pipelines_dir: Annotated[
@@ -57,6 +74,7 @@ def serve(
         problems = "; ".join(str(problem["msg"]).removeprefix("Value error, ") for problem in error.errors())
         err.print(f"[red]error:[/red] refusing to start: {problems}")
         raise typer.Exit(2) from None
+    _check_can_serve(settings.pipelines_dir, settings.host, settings.port)
     # Worker processes build their own app from the environment: hand the resolved settings down that way.
     for key, value in settings.model_dump().items():
         if value is not None:
@@ -86,7 +104,7 @@ def chat(
         if prompt is not None:
             _stream_answer(client, model, [{"role": "user", "content": prompt}])
             return
-        err.print(f"[dim]Chatting with {model} at {url}. Empty line or Ctrl-D to quit.[/dim]")
+        err.print(f"[dim]Chatting with {model} at {url}. Ctrl-C stops an answer; empty line or Ctrl-D quits.[/dim]")
         history: list[dict[str, str]] = []
         while True:
             try:
@@ -96,7 +114,7 @@ def chat(
             if not line:
                 break
             history.append({"role": "user", "content": line})
-            history.append({"role": "assistant", "content": _stream_answer(client, model, history)})
+            history.append({"role": "assistant", "content": _stream_answer(client, model, history, interruptible=True)})
 
 
 @app.command()
@@ -177,7 +195,7 @@ class _client:
     def __enter__(self) -> Any:
         return self.http
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         import httpx
 
         self.http.close()
@@ -185,7 +203,30 @@ class _client:
             _fail(f"Cannot reach haystream at {self.url}: is `haystream serve` running?")
         if isinstance(exc, httpx.TimeoutException):
             _fail(f"haystream at {self.url} did not answer in time.")
+        if isinstance(exc, httpx.TransportError):
+            _fail(f"The connection to haystream at {self.url} was lost ({type(exc).__name__}): did the server stop?")
         return False
+
+
+def _check_can_serve(pipelines_dir: str, host: str, port: int) -> None:
+    """Fail before loading any wrapper when the server could not start or would serve nothing."""
+    import socket
+
+    folder = Path(pipelines_dir)
+    if not folder.is_dir():
+        _fail(
+            f"No wrappers folder {pipelines_dir!r} here. Run in a project that has one, pass --pipelines-dir, "
+            "or create a wrapper with `haystream new NAME`."
+        )
+    if not any(path.is_dir() and not path.name.startswith((".", "_")) for path in folder.iterdir()):
+        err.print(f"[yellow]warning:[/yellow] {pipelines_dir!r} holds no wrapper yet: no models will be served.")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            _fail(f"Cannot listen on {host}:{port} ({error.strerror}): is another server running? Use --port.")
 
 
 def _fail(message: str) -> NoReturn:
@@ -217,9 +258,21 @@ def _only_model(client: Any) -> str:
     _fail(f"Name a model: {', '.join(names) or '(none deployed)'}.")
 
 
-def _stream_answer(client: Any, model: str, messages: list[dict[str, str]]) -> str:
-    body = {"model": model, "messages": messages, "stream": True}
+def _stream_answer(client: Any, model: str, messages: list[dict[str, str]], *, interruptible: bool = False) -> str:
+    """Print one streamed answer and return its text; Ctrl-C stops it (the server cancels the run) and, in a
+    conversation, keeps what was said so far."""
     answer: list[str] = []
+    try:
+        _print_answer(client, model, messages, answer)
+    except KeyboardInterrupt:
+        err.print("\n[dim](answer stopped)[/dim]")
+        if not interruptible:
+            raise typer.Exit(130) from None
+    return "".join(answer)
+
+
+def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answer: list[str]) -> None:
+    body = {"model": model, "messages": messages, "stream": True}
     at_line_start = True
     with client.stream("POST", "/v1/chat/completions", json=body, headers={"X-Haystream-Events": "true"}) as response:
         if response.status_code >= 400:
@@ -239,17 +292,22 @@ def _stream_answer(client: Any, model: str, messages: list[dict[str, str]]) -> s
                 if not at_line_start:
                     out.print()
                 _fail(text)
+            if kind == "length":
+                if not at_line_start:
+                    out.print()
+                err.print("[dim](cut off: the answer reached its token limit)[/dim]")
+                at_line_start = True
+                continue
             out.print(text, end="", style="dim" if kind == "reasoning" else None, soft_wrap=True, markup=False)
             at_line_start = text.endswith("\n")
             if kind == "content":
                 answer.append(text)
     if not at_line_start:
         out.print()
-    return "".join(answer)
 
 
 def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(kind, text) pairs from a chat-completions SSE stream: content, reasoning, status, error."""
+    """(kind, text) pairs from a chat-completions SSE stream: content, reasoning, status, error, length (a cut)."""
     import orjson
 
     for line in lines:
@@ -269,6 +327,8 @@ def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
                     yield "reasoning", delta["reasoning_content"]
                 if delta.get("content"):
                     yield "content", delta["content"]
+                if choice.get("finish_reason") == "length":
+                    yield "length", ""
 
 
 if __name__ == "__main__":

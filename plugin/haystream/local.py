@@ -7,20 +7,28 @@ extra. `HAYSTREAM_LOCAL_MODEL=/path/to/model.gguf` swaps in a GGUF of your own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from haystack import component, default_to_dict
 from haystack.core.serialization_security import allow_deserialization_module
-from haystack.dataclasses import ChatMessage, StreamingCallbackT
+from haystack.dataclasses import ChatMessage, ChatRole, StreamingCallbackT, StreamingChunk
 from haystack.tools import ToolsType
 
+logger = logging.getLogger("haystream.local")
+
 MODEL_ENV = "HAYSTREAM_LOCAL_MODEL"
+# SmolLM2-135M without a system message of its own starts many answers with artefacts ("I'sure", "I'shine"), and
+# without a repeat penalty it loops until the token cap; these settings answer the README's prompts cleanly.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer in English, briefly and accurately."
+DEFAULT_GENERATION: dict[str, Any] = {"max_tokens": 256, "temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.15}
 QUEUE_TIMEOUT_ENV = "HAYSTREAM_LOCAL_QUEUE_TIMEOUT"
 DEFAULT_QUEUE_TIMEOUT = 60.0
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,9 +96,15 @@ class LocalChatGenerator:
     that leaves can stop waiting) rather than in a thread.
     """
 
-    def __init__(self, n_ctx: int = 2048, generation_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        n_ctx: int = 2048,
+        generation_kwargs: dict[str, Any] | None = None,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    ) -> None:
         self.n_ctx = n_ctx
-        self.generation_kwargs = {"max_tokens": 256, "temperature": 0.3, **(generation_kwargs or {})}
+        self.generation_kwargs = {**DEFAULT_GENERATION, **(generation_kwargs or {})}
+        self.system_prompt = system_prompt
         self.streaming_callback: StreamingCallbackT | None = None
         self._shared: tuple[Any, threading.Lock] | None = None
 
@@ -123,22 +137,54 @@ class LocalChatGenerator:
         self.warm_up()
         assert self._shared is not None
         generator, lock = self._shared
+        if self.system_prompt and not any(message.is_from(ChatRole.SYSTEM) for message in messages):
+            messages = [ChatMessage.from_system(self.system_prompt), *messages]
+        counter = _TokenCounter(streaming_callback) if streaming_callback is not None else None
         timeout = queue_timeout()
         if not lock.acquire(timeout=timeout):
             raise _busy(timeout)
         try:
-            return generator.run(
+            result = generator.run(
                 messages=messages,
                 generation_kwargs={**self.generation_kwargs, **(generation_kwargs or {})},
-                streaming_callback=streaming_callback,
+                streaming_callback=counter,
                 tools=tools,
             )
+            if counter is not None:
+                # llama.cpp reports no usage when streaming: every streamed piece is one token, and the context
+                # holds prompt + answer once the generation is done.
+                result["replies"] = [counter.report(generator._model.n_tokens, reply) for reply in result["replies"]]
+            return result
         finally:
             lock.release()
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize (the model path is resolved at run time, not stored)."""
-        return default_to_dict(self, n_ctx=self.n_ctx, generation_kwargs=self.generation_kwargs)
+        return default_to_dict(
+            self, n_ctx=self.n_ctx, generation_kwargs=self.generation_kwargs, system_prompt=self.system_prompt
+        )
+
+
+class _TokenCounter:
+    """Passes llama.cpp's streamed chunks on, counting the tokens, and ends the stream with a usage chunk."""
+
+    def __init__(self, callback: StreamingCallbackT) -> None:
+        self._callback = callback
+        self.tokens = 0
+
+    def __call__(self, chunk: StreamingChunk) -> None:
+        if chunk.content or chunk.tool_calls:
+            self.tokens += 1
+        self._callback(chunk)  # type: ignore[call-arg, unused-ignore]
+
+    def report(self, context_tokens: int, reply: ChatMessage) -> ChatMessage:
+        usage = {
+            "prompt_tokens": max(context_tokens - self.tokens, 0),
+            "completion_tokens": self.tokens,
+            "total_tokens": context_tokens,
+        }
+        self._callback(StreamingChunk(content="", meta={"usage": usage}))  # type: ignore[call-arg, unused-ignore]
+        return replace(reply, _meta={**reply.meta, "usage": usage})
 
 
 @contextmanager
@@ -195,6 +241,10 @@ def chat_generator_from_env(model_env: str | None = None) -> Any:
     `gpt-4o-mini`. Without either variable the embedded local model answers, so every example runs offline.
     """
     if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")):
+        logger.warning(
+            "No OPENAI_API_KEY or OPENAI_BASE_URL set: answering with the embedded local model (SmolLM2-135M). "
+            "Set them to use a real OpenAI-compatible upstream."
+        )
         return LocalChatGenerator()
     from haystack.components.generators.chat import OpenAIChatGenerator
     from haystack.utils import Secret

@@ -2,7 +2,7 @@
 
 from haystream.openai.completion import CompletionBuilder
 from haystream.openai.deltas import DeltaMapper, Event, ToolActivity
-from haystream.openai.errors import OpenAIError, describe_failure, status_for_failure
+from haystream.openai.errors import OpenAIError, classify_failure, describe_failure, status_for_failure
 from haystream.openai.frames import DONE, PING, ChunkFramer, data_frame
 from haystream.openai.messages import chat_messages
 from haystream.openai.request import ChatCompletionRequest, parse_chat_request
@@ -18,6 +18,7 @@ __all__ = [
     "OpenAIError",
     "ToolActivity",
     "chat_messages",
+    "classify_failure",
     "data_frame",
     "describe_failure",
     "parse_chat_request",

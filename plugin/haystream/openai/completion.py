@@ -36,19 +36,21 @@ class CompletionBuilder:
         finish_reason: str,
         usage: dict[str, int],
     ) -> dict[str, Any]:
-        """The `chat.completion` object."""
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content) or None}
+        """The `chat.completion` object (`usage` left out when the pipeline reported none: zeros would be a lie)."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content) or None, "refusal": None}
         if self._reasoning:
             message["reasoning_content"] = "".join(self._reasoning)
         if self._tool_calls:
             message["tool_calls"] = [self._tool_calls[index] for index in sorted(self._tool_calls)]
         elif message["content"] is None:
             message["content"] = ""
-        return {
+        completion = {
             "id": id,
             "object": "chat.completion",
             "created": created,
             "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
+        if usage:
+            completion["usage"] = usage
+        return completion

@@ -69,8 +69,11 @@ class DeltaMapper:
             return [{"content": item}] if item else []
         if isinstance(item, dict):
             return self._dict(item)
-        if _is_pipeline_event(item):
-            return [Event(item.type, _plain(item.data))]
+        if callable(getattr(item, "to_event_dict", None)):
+            # hayhooks' PipelineEvent and its subclasses (OpenWebUIEvent, ...), and anything shaped like them: the
+            # duck typing hayhooks' own OpenAI router uses.
+            event = item.to_event_dict()
+            return [Event(str(event.get("type", "")), _plain(event.get("data")))]
         if type(item) not in self._warned_types:
             self._warned_types.add(type(item))
             logger.warning("Ignoring an item of type %s yielded by a wrapper", type(item).__name__)
@@ -184,10 +187,6 @@ class DeltaMapper:
                 deltas.append({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
         self._pending.clear()
         return deltas
-
-
-def _is_pipeline_event(item: Any) -> bool:
-    return type(item).__name__ == "PipelineEvent" and hasattr(item, "type") and hasattr(item, "data")
 
 
 def _plain(data: Any) -> Any:

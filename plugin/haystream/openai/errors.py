@@ -94,11 +94,26 @@ def describe_failure(error: BaseException, limit: int = 500, secrets: Iterable[s
 
 
 def status_for_failure(error: BaseException) -> int:
-    """HTTP status for a failed run: an upstream rate limit stays 429 and an unavailable one 503; else 500."""
+    """HTTP status for a failed run: see `classify_failure`."""
+    return classify_failure(error)[0]
+
+
+def classify_failure(error: BaseException) -> tuple[int, str]:
+    """HTTP status and error code for a failed run: a prompt longer than the model's context is the client's
+    mistake (400 `context_length_exceeded`, as OpenAI answers); an upstream rate limit stays 429 and an unavailable
+    upstream (or busy local model) 503; everything else is a 500 `pipeline_error`."""
     current: BaseException | None = error
-    while current is not None:
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "code", None) == "context_length_exceeded" or _CONTEXT_EXCEEDED.search(str(current)[:500]):
+            return 400, "context_length_exceeded"
         status = getattr(current, "status_code", None)
         if status in (429, 503):
-            return int(status)
-        current = current.__cause__
-    return 500
+            return int(status), "pipeline_error"
+        current = current.__cause__ or current.__context__
+    return 500, "pipeline_error"
+
+
+# llama.cpp: "Requested tokens (N) exceed context window of M"; OpenAI-compatible servers: "maximum context length".
+_CONTEXT_EXCEEDED = re.compile(r"(?i)exceeds? (?:the )?context window|maximum context length|context_length_exceeded")

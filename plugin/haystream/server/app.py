@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -58,6 +59,7 @@ class HaystreamApp:
         self.registry = registry
         self.limits = StreamLimits(settings.max_streams, settings.max_streams_per_key)
         self.ready = False  # True once hayhooks' lifespan has deployed the wrappers
+        self.load_failures: dict[str, str] = {}  # wrapper folders that did not deploy at startup, and why
         self._created: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,6 +90,9 @@ class HaystreamApp:
     def _watch_lifespan(self, send: Send) -> Send:
         async def watched(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
+                self.load_failures = _load_failures(Path(self.settings.pipelines_dir), self.registry)
+                for name, reason in self.load_failures.items():
+                    logger.error("wrapper %r did not load: %s", name, reason)
                 self.ready = True
             elif message["type"].startswith("lifespan.shutdown"):
                 self.ready = False
@@ -117,6 +122,13 @@ class HaystreamApp:
                 code="max_tokens_too_large",
             )
         wrapper = self.registry.get(request.model)
+        if wrapper is None and request.model in self.load_failures:
+            raise OpenAIError(
+                404,
+                f"The model '{request.model}' failed to load at startup: {self.load_failures[request.model]}",
+                param="model",
+                code="model_not_loaded",
+            )
         if wrapper is None:
             raise OpenAIError(
                 404, f"The model '{request.model}' does not exist.", param="model", code="model_not_found"
@@ -221,6 +233,24 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
 
     app = HaystreamApp(create_hayhooks_app(), settings, registry)
     return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=lambda: app.ready)
+
+
+def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:
+    """Wrapper folders hayhooks skipped at startup, with a reason a client may see (a syntax error's place)."""
+    failures: dict[str, str] = {}
+    if not pipelines_dir.is_dir():
+        return failures
+    for folder in sorted(pipelines_dir.iterdir()):
+        source = folder / "pipeline_wrapper.py"
+        if not source.is_file() or registry.get(folder.name) is not None:
+            continue
+        try:
+            compile(source.read_bytes(), source.name, "exec")
+        except SyntaxError as error:
+            failures[folder.name] = f"SyntaxError: {error.msg} ({source.name}, line {error.lineno})"
+            continue
+        failures[folder.name] = "it raised while loading; the server log has the traceback"
+    return failures
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})

@@ -19,9 +19,9 @@ from haystream.openai import (
     Event,
     OpenAIError,
     ToolActivity,
+    classify_failure,
     data_frame,
     describe_failure,
-    status_for_failure,
     webui,
 )
 from haystream.server.asgi import Send, send_error, send_json
@@ -29,6 +29,7 @@ from haystream.server.asgi import Send, send_error, send_json
 logger = logging.getLogger("haystream.server")
 
 _NOTHING: Any = object()
+_FAILED = "The pipeline failed: "
 
 
 def failure_error(error: BaseException, request_id: str, secrets: Sequence[str] = ()) -> OpenAIError:
@@ -37,9 +38,11 @@ def failure_error(error: BaseException, request_id: str, secrets: Sequence[str] 
     if isinstance(error, OpenAIError):
         return error
     logger.error("request %s: the pipeline failed", request_id, exc_info=error)
-    status = status_for_failure(error)
-    message = f"The pipeline failed: {describe_failure(error, secrets=secrets)} (request id {request_id})"
-    return OpenAIError(status, message, type="server_error" if status >= 500 else None, code="pipeline_error")
+    status, code = classify_failure(error)
+    # Behind another haystream, the upstream's message already starts with this prefix: say it once.
+    description = describe_failure(error, secrets=secrets).replace(_FAILED, "")
+    message = f"{_FAILED}{description} (request id {request_id})"
+    return OpenAIError(status, message, type="server_error" if status >= 500 else None, code=code)
 
 
 class ChatResponse:
@@ -188,8 +191,8 @@ class ChatResponse:
         tool_deltas, finish_reason, usage = self._mapper.finish()
         frames = [self._framer.delta(delta) for delta in tool_deltas]
         frames.append(self._framer.finish(finish_reason))
-        if self._request.include_usage:
-            frames.append(self._framer.usage(usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}))
+        if self._request.include_usage and usage:  # no usage reported: none sent (zeros would be a lie)
+            frames.append(self._framer.usage(usage))
         frames.append(DONE)
         await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
 
