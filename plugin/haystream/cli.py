@@ -62,7 +62,7 @@ def serve(
 
     from haystream.server.settings import ServerSettings
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "pipelines_dir": str(pipelines_dir) if pipelines_dir else None,
         "host": host,
         "port": port,
@@ -205,7 +205,6 @@ class _client:
             _fail(f"haystream at {self.url} did not answer in time.")
         if isinstance(exc, httpx.TransportError):
             _fail(f"The connection to haystream at {self.url} was lost ({type(exc).__name__}): did the server stop?")
-        return False
 
 
 def _check_can_serve(pipelines_dir: str, host: str, port: int) -> None:

@@ -136,13 +136,13 @@ class DeltaMapper:
             Event("status", {"description": f"{origin.tool_name} {verb}", "done": True, "hidden": False}),
         ]
 
-    def _dict(self, item: dict[str, Any]) -> list[dict[str, Any] | Event]:
+    def _dict(self, item: dict[str, Any]) -> list[dict[str, Any] | Event | ToolActivity]:
         if "event" in item and isinstance(item["event"], dict):
             event = item["event"]
             return [Event(str(event.get("type", "")), event.get("data"))]
         if "type" in item and "data" in item and "choices" not in item:
             return [Event(str(item["type"]), item["data"])]
-        out: list[dict[str, Any] | Event] = []
+        out: list[dict[str, Any] | Event | ToolActivity] = []
         for choice in item.get("choices") or ():
             delta = choice.get("delta") or choice.get("message") or {}
             for key in ("content", "reasoning_content"):

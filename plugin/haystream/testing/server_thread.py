@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -89,11 +90,11 @@ class ServerThread:
         config = uvicorn.Config(
             self.app,
             log_level="warning",
-            lifespan=self._lifespan,
+            lifespan=self._lifespan,  # type: ignore[arg-type]  # "on" | "off" | "auto", checked by uvicorn
             access_log=False,
             timeout_keep_alive=30,
             backlog=2048,
-            timeout_graceful_shutdown=self._graceful_shutdown,
+            timeout_graceful_shutdown=math.ceil(self._graceful_shutdown),
         )
         ready = threading.Event()
         self._server = _ThreadedServer(config, ready)
