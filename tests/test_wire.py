@@ -135,7 +135,7 @@ def test_completion_validates_against_the_sdk_and_keeps_tool_calls():
     builder.add(
         {"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}
     )
-    builder.add({"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]})
+    builder.add({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "}"}}]})  # a repeated name
     raw = builder.build(
         id="chatcmpl-1",
         created=1,
@@ -147,6 +147,7 @@ def test_completion_validates_against_the_sdk_and_keeps_tool_calls():
     message = completion.choices[0].message
     assert message.content == "a" and message.refusal is None and raw["choices"][0]["message"]["reasoning_content"]
     assert message.tool_calls[0].function.arguments == "{}"
+    assert message.tool_calls[0].function.name == "f"  # the first name wins, as in chunks_to_message
 
 
 def test_completion_without_usage_reports_none():

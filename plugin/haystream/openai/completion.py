@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from haystream.streaming.accumulate import ToolCallAccumulator
+
 
 class CompletionBuilder:
     """Collects the deltas of a response and builds the non-streaming `chat.completion`."""
@@ -11,7 +13,7 @@ class CompletionBuilder:
     def __init__(self) -> None:
         self._content: list[str] = []
         self._reasoning: list[str] = []
-        self._tool_calls: dict[int, dict[str, Any]] = {}
+        self._tool_calls = ToolCallAccumulator()
 
     def add(self, delta: dict[str, Any]) -> None:
         """Fold one delta in."""
@@ -20,12 +22,8 @@ class CompletionBuilder:
         if "reasoning_content" in delta:
             self._reasoning.append(delta["reasoning_content"])
         for call in delta.get("tool_calls", ()):
-            target = self._tool_calls.setdefault(
-                call["index"], {"id": call.get("id"), "type": "function", "function": {"name": "", "arguments": ""}}
-            )
             function = call.get("function", {})
-            target["function"]["name"] += function.get("name") or ""
-            target["function"]["arguments"] += function.get("arguments") or ""
+            self._tool_calls.add(call["index"], call.get("id"), function.get("name"), function.get("arguments"))
 
     def build(
         self,
@@ -41,7 +39,10 @@ class CompletionBuilder:
         if self._reasoning:
             message["reasoning_content"] = "".join(self._reasoning)
         if self._tool_calls:
-            message["tool_calls"] = [self._tool_calls[index] for index in sorted(self._tool_calls)]
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for call in self._tool_calls
+            ]
         elif message["content"] is None:
             message["content"] = ""
         completion = {

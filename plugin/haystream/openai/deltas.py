@@ -13,12 +13,13 @@ execute them); calls that end the run unanswered are the client's and are sent b
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from haystack.dataclasses import StreamingChunk
 
-from haystream.streaming.message import TOOL_CALL_RESULTS, usage_dict
+from haystream.streaming.accumulate import ToolCallAccumulator, UsageAccumulator
+from haystream.streaming.message import TOOL_CALL_RESULTS
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +45,13 @@ class ToolActivity:
     error: bool
 
 
-@dataclass
-class _PendingCall:
-    id: str | None
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-
-
 class DeltaMapper:
     """Stateful translation of one response's items into OpenAI deltas."""
 
     def __init__(self) -> None:
         self._finish_reason: str | None = None
-        self._pending: dict[int, _PendingCall] = {}
-        self._turn_usage: dict[str, Any] = {}
-        self._usage: dict[str, int] = {}
+        self._pending = ToolCallAccumulator()  # calls not yet known to be the client's
+        self._usage = UsageAccumulator()
         self._warned_types: set[type] = set()
 
     def feed(self, item: Any) -> list[dict[str, Any] | Event | ToolActivity]:
@@ -81,32 +74,23 @@ class DeltaMapper:
 
     def finish(self) -> tuple[list[dict[str, Any]], str, dict[str, int]]:
         """At the end: client-facing tool-call deltas still pending, the finish reason, and the usage."""
-        self._end_turn()
         tool_deltas = self._release_pending()
         finish_reason = "tool_calls" if tool_deltas else self._finish_reason or "stop"
         if finish_reason == "tool_calls" and not tool_deltas:
             finish_reason = "stop"  # the calls were an agent's own, answered inside the run
-        return tool_deltas, finish_reason, dict(self._usage)
+        return tool_deltas, finish_reason, self._usage.total()
 
     def _chunk(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event | ToolActivity]:
         out: list[dict[str, Any] | Event | ToolActivity] = []
-        usage = usage_dict(chunk.meta.get("usage")) if chunk.meta else None
-        if usage:
-            self._turn_usage.update({k: v for k, v in usage.items() if v is not None})
+        if chunk.meta:
+            self._usage.add(chunk.meta.get("usage"))
         if chunk.tool_call_result is not None:
             return self._tool_result(chunk)
         if chunk.tool_calls:
             for delta in chunk.tool_calls:
-                call = self._pending.get(delta.index)
-                if call is None or (delta.id and call.id and delta.id != call.id):
-                    # A new id at an index in use: a provider that sends whole calls; keep both, in order.
-                    key = delta.index if call is None else max(self._pending) + 1
-                    call = self._pending[key] = _PendingCall(delta.id)
-                if delta.tool_name and not call.name:
-                    call.name = delta.tool_name
+                call, named = self._pending.add(delta.index, delta.id, delta.tool_name, delta.arguments)
+                if named:
                     out.append(Event("status", {"description": f"Using {call.name}…", "done": False, "hidden": False}))
-                if delta.arguments:
-                    call.arguments.append(delta.arguments)
         elif self._pending and (chunk.content or chunk.reasoning):
             # The model went on talking after its calls without a result in between: they were not the client's.
             self._pending.clear()
@@ -119,7 +103,7 @@ class DeltaMapper:
                 self._pending.clear()
             elif chunk.finish_reason in OPENAI_FINISH_REASONS:
                 self._finish_reason = chunk.finish_reason
-            self._end_turn()
+            self._usage.end_turn()
         return out
 
     def _tool_result(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event | ToolActivity]:
@@ -127,9 +111,7 @@ class DeltaMapper:
         result = chunk.tool_call_result
         assert result is not None
         origin = result.origin
-        for key, call in list(self._pending.items()):
-            if call.id == origin.id or (origin.id is None and call.name == origin.tool_name):
-                del self._pending[key]
+        self._pending.discard(origin.id, origin.tool_name)
         verb = "failed" if result.error else "done"
         return [
             ToolActivity(origin.id, origin.tool_name, origin.arguments, str(result.result), bool(result.error)),
@@ -150,32 +132,15 @@ class DeltaMapper:
                     out.append({key: delta[key]})
             for call in delta.get("tool_calls") or ():
                 function = call.get("function") or {}
-                index = call.get("index", 0)
-                pending = self._pending.setdefault(index, _PendingCall(call.get("id")))
-                pending.id = pending.id or call.get("id")
-                pending.name = pending.name or function.get("name") or ""
-                if function.get("arguments"):
-                    pending.arguments.append(function["arguments"])
+                self._pending.add(call.get("index", 0), call.get("id"), function.get("name"), function.get("arguments"))
             if choice.get("finish_reason") in OPENAI_FINISH_REASONS:
                 self._finish_reason = choice["finish_reason"]
-        if item.get("usage"):
-            self._turn_usage.update(item["usage"])
+        self._usage.add(item.get("usage"))
         return out
-
-    def _end_turn(self) -> None:
-        if not self._turn_usage:
-            return
-        usage = self._turn_usage
-        prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
-        completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
-        for key, value in (("prompt_tokens", prompt), ("completion_tokens", completion)):
-            self._usage[key] = self._usage.get(key, 0) + int(value)
-        self._usage["total_tokens"] = self._usage["prompt_tokens"] + self._usage["completion_tokens"]
-        self._turn_usage = {}
 
     def _release_pending(self) -> list[dict[str, Any]]:
         deltas = []
-        for position, (_, call) in enumerate(sorted(self._pending.items())):
+        for position, call in enumerate(self._pending):
             first = {
                 "index": position,
                 "id": call.id or f"call_{position}",
@@ -183,7 +148,7 @@ class DeltaMapper:
                 "function": {"name": call.name, "arguments": ""},
             }
             deltas.append({"tool_calls": [first]})
-            for piece in call.arguments:
+            for piece in call.pieces:
                 deltas.append({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
         self._pending.clear()
         return deltas

@@ -6,9 +6,12 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from haystack.dataclasses import ChatMessage, ReasoningContent, StreamingChunk, ToolCall
+
+from haystream.streaming.accumulate import ToolCallAccumulator, UsageAccumulator, usage_dict
+
+__all__ = ["TOOL_CALL_RESULTS", "chunks_to_message", "usage_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -17,20 +20,12 @@ TOOL_CALL_RESULTS = "tool_call_results"
 
 
 @dataclass
-class _PartialToolCall:
-    index: int
-    id: str | None = None
-    name: str = ""
-    arguments: str = ""
-
-
-@dataclass
 class _Turn:
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
-    tool_calls: list[_PartialToolCall] = field(default_factory=list)
+    tool_calls: ToolCallAccumulator = field(default_factory=ToolCallAccumulator)
     finish_reason: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
+    usage: UsageAccumulator = field(default_factory=UsageAccumulator)
     model: str | None = None
     started_at: str | None = None
 
@@ -62,29 +57,12 @@ def _add_chunk(turn: _Turn, chunk: StreamingChunk) -> None:
     if chunk.reasoning is not None and chunk.reasoning.reasoning_text:
         turn.reasoning.append(chunk.reasoning.reasoning_text)
     for delta in chunk.tool_calls or ():
-        call = _call_for(turn.tool_calls, delta.index, delta.id)
-        if delta.tool_name and not call.name:
-            call.name = delta.tool_name
-        if delta.arguments:
-            call.arguments += delta.arguments
+        turn.tool_calls.add(delta.index, delta.id, delta.tool_name, delta.arguments)
     if chunk.finish_reason:
         turn.finish_reason = chunk.finish_reason
-    usage = usage_dict(chunk.meta.get("usage"))
-    if usage:
-        turn.usage.update({key: value for key, value in usage.items() if value is not None})
+    turn.usage.add(chunk.meta.get("usage"))
     if chunk.meta.get("model"):
         turn.model = chunk.meta["model"]
-
-
-def _call_for(calls: list[_PartialToolCall], index: int, call_id: str | None) -> _PartialToolCall:
-    for call in reversed(calls):
-        if call.index == index:
-            if call_id is None or call.id in (None, call_id):
-                call.id = call.id or call_id
-                return call
-            break  # same index, new id: the provider sends whole calls, this is the next one
-    calls.append(_PartialToolCall(index=index, id=call_id))
-    return calls[-1]
 
 
 def _message_from_turn(turn: _Turn) -> ChatMessage:
@@ -102,17 +80,8 @@ def _message_from_turn(turn: _Turn) -> ChatMessage:
         "index": 0,
         "finish_reason": turn.finish_reason,
         "completion_start_time": turn.started_at,
-        "usage": turn.usage or None,
+        "usage": turn.usage.turn or None,
     }
     return ChatMessage.from_assistant(
         text="".join(turn.text) or None, tool_calls=tool_calls, reasoning=reasoning, meta=meta
     )
-
-
-def usage_dict(usage: Any) -> dict[str, Any] | None:
-    """A provider's usage (dict or SDK object) as a plain dict."""
-    if usage is None or isinstance(usage, dict):
-        return usage
-    if hasattr(usage, "model_dump"):
-        return usage.model_dump()
-    return dict(vars(usage)) if hasattr(usage, "__dict__") else None
