@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
+from starlette.types import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+)  # the ASGI aliases live in Starlette; modules import them here
 
 from haystream.openai import OpenAIError
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class ClientDisconnected(Exception):
