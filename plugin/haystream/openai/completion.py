@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from haystream.openai.protocol import AssistantMessage, ChatCompletion, Delta, Usage
 from haystream.streaming.accumulate import ToolCallAccumulator
 
 
@@ -15,14 +14,14 @@ class CompletionBuilder:
         self._reasoning: list[str] = []
         self._tool_calls = ToolCallAccumulator()
 
-    def add(self, delta: dict[str, Any]) -> None:
+    def add(self, delta: Delta) -> None:
         """Fold one delta in."""
         if "content" in delta:
             self._content.append(delta["content"])
         if "reasoning_content" in delta:
             self._reasoning.append(delta["reasoning_content"])
         for call in delta.get("tool_calls", ()):
-            function = call.get("function", {})
+            function = call["function"]
             self._tool_calls.add(call["index"], call.get("id"), function.get("name"), function.get("arguments"))
 
     def build(
@@ -32,10 +31,10 @@ class CompletionBuilder:
         created: int,
         model: str,
         finish_reason: str,
-        usage: dict[str, int],
-    ) -> dict[str, Any]:
+        usage: Usage | dict[str, int],
+    ) -> ChatCompletion:
         """The `chat.completion` object (`usage` left out when the pipeline reported none: zeros would be a lie)."""
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._content) or None, "refusal": None}
+        message: AssistantMessage = {"role": "assistant", "content": "".join(self._content) or None, "refusal": None}
         if self._reasoning:
             message["reasoning_content"] = "".join(self._reasoning)
         if self._tool_calls:
@@ -45,7 +44,7 @@ class CompletionBuilder:
             ]
         elif message["content"] is None:
             message["content"] = ""
-        completion = {
+        completion: ChatCompletion = {
             "id": id,
             "object": "chat.completion",
             "created": created,
@@ -53,5 +52,5 @@ class CompletionBuilder:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         }
         if usage:
-            completion["usage"] = usage
+            completion["usage"] = usage  # type: ignore[typeddict-item]  # a complete Usage, summed by the mapper
         return completion

@@ -18,6 +18,7 @@ from typing import Any
 
 from haystack.dataclasses import StreamingChunk
 
+from haystream.openai.protocol import Delta, ToolCallDelta
 from haystream.streaming.accumulate import ToolCallAccumulator, UsageAccumulator
 from haystream.streaming.message import TOOL_CALL_RESULTS
 
@@ -54,7 +55,7 @@ class DeltaMapper:
         self._usage = UsageAccumulator()
         self._warned_types: set[type] = set()
 
-    def feed(self, item: Any) -> list[dict[str, Any] | Event | ToolActivity]:
+    def feed(self, item: Any) -> list[Delta | Event | ToolActivity]:
         """The deltas (and events) that one item amounts to, in order."""
         if isinstance(item, StreamingChunk):
             return self._chunk(item)
@@ -72,7 +73,7 @@ class DeltaMapper:
             logger.warning("Ignoring an item of type %s yielded by a wrapper", type(item).__name__)
         return []
 
-    def finish(self) -> tuple[list[dict[str, Any]], str, dict[str, int]]:
+    def finish(self) -> tuple[list[Delta], str, dict[str, int]]:
         """At the end: client-facing tool-call deltas still pending, the finish reason, and the usage."""
         tool_deltas = self._release_pending()
         finish_reason = "tool_calls" if tool_deltas else self._finish_reason or "stop"
@@ -80,8 +81,8 @@ class DeltaMapper:
             finish_reason = "stop"  # the calls were an agent's own, answered inside the run
         return tool_deltas, finish_reason, self._usage.total()
 
-    def _chunk(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event | ToolActivity]:
-        out: list[dict[str, Any] | Event | ToolActivity] = []
+    def _chunk(self, chunk: StreamingChunk) -> list[Delta | Event | ToolActivity]:
+        out: list[Delta | Event | ToolActivity] = []
         if chunk.meta:
             self._usage.add(chunk.meta.get("usage"))
         if chunk.tool_call_result is not None:
@@ -106,7 +107,7 @@ class DeltaMapper:
             self._usage.end_turn()
         return out
 
-    def _tool_result(self, chunk: StreamingChunk) -> list[dict[str, Any] | Event | ToolActivity]:
+    def _tool_result(self, chunk: StreamingChunk) -> list[Delta | Event | ToolActivity]:
         # Answered inside the run: that call was the agent's, not the client's.
         result = chunk.tool_call_result
         assert result is not None
@@ -118,18 +119,19 @@ class DeltaMapper:
             Event("status", {"description": f"{origin.tool_name} {verb}", "done": True, "hidden": False}),
         ]
 
-    def _dict(self, item: dict[str, Any]) -> list[dict[str, Any] | Event | ToolActivity]:
+    def _dict(self, item: dict[str, Any]) -> list[Delta | Event | ToolActivity]:
         if "event" in item and isinstance(item["event"], dict):
             event = item["event"]
             return [Event(str(event.get("type", "")), event.get("data"))]
         if "type" in item and "data" in item and "choices" not in item:
             return [Event(str(item["type"]), item["data"])]
-        out: list[dict[str, Any] | Event | ToolActivity] = []
+        out: list[Delta | Event | ToolActivity] = []
         for choice in item.get("choices") or ():
             delta = choice.get("delta") or choice.get("message") or {}
-            for key in ("content", "reasoning_content"):
-                if delta.get(key):
-                    out.append({key: delta[key]})
+            if delta.get("content"):
+                out.append({"content": delta["content"]})
+            if delta.get("reasoning_content"):
+                out.append({"reasoning_content": delta["reasoning_content"]})
             for call in delta.get("tool_calls") or ():
                 function = call.get("function") or {}
                 self._pending.add(call.get("index", 0), call.get("id"), function.get("name"), function.get("arguments"))
@@ -138,10 +140,10 @@ class DeltaMapper:
         self._usage.add(item.get("usage"))
         return out
 
-    def _release_pending(self) -> list[dict[str, Any]]:
-        deltas = []
+    def _release_pending(self) -> list[Delta]:
+        deltas: list[Delta] = []
         for position, call in enumerate(self._pending):
-            first = {
+            first: ToolCallDelta = {
                 "index": position,
                 "id": call.id or f"call_{position}",
                 "type": "function",

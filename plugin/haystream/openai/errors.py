@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import orjson
+
+from haystream.openai.protocol import ErrorEnvelope
 
 _TYPES = {
     400: "invalid_request_error",
@@ -45,7 +46,7 @@ class OpenAIError(Exception):
         self.code = code
         self.headers = dict(headers or {})  # e.g. Retry-After on a 429
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ErrorEnvelope:
         """The `{"error": {...}}` object."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
+
+from haystream.openai.protocol import Delta, Usage
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
@@ -28,7 +31,7 @@ class ChunkFramer:
         self._head = b"data: " + head[:-1]
         self._delta_open = self._head + b',"choices":[{"index":0,"delta":'
 
-    def delta(self, delta: dict[str, Any]) -> bytes:
+    def delta(self, delta: Delta) -> bytes:
         """A chunk carrying one delta and no finish reason."""
         return self._delta_open + orjson.dumps(delta) + b',"logprobs":null,"finish_reason":null}]}\n\n'
 
@@ -40,11 +43,11 @@ class ChunkFramer:
         """The one chunk that carries the finish reason."""
         return self._delta_open + b'{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
 
-    def usage(self, usage: dict[str, int]) -> bytes:
+    def usage(self, usage: Usage | dict[str, int]) -> bytes:
         """The final usage chunk (`choices: []`), sent when the client asked with `stream_options.include_usage`."""
         return self._head + b',"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"
 
 
-def data_frame(payload: dict[str, Any]) -> bytes:
+def data_frame(payload: Mapping[str, Any]) -> bytes:
     """Any JSON object as one `data:` event (errors, Open WebUI events)."""
     return b"data: " + orjson.dumps(payload) + b"\n\n"

@@ -24,6 +24,7 @@ from haystream.openai import (
     describe_failure,
     webui,
 )
+from haystream.openai.protocol import Delta
 from haystream.server.asgi import Send, send_error, send_json
 
 logger = logging.getLogger("haystream.server")
@@ -169,7 +170,7 @@ class ChatResponse:
         if frames:
             await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
 
-    def _client_deltas(self, item: Any) -> list[dict[str, Any] | Event]:
+    def _client_deltas(self, item: Any) -> list[Delta | Event]:
         """What an item amounts to for this client: deltas and events, an agent's tool calls rendered or dropped."""
         deltas = self._mapper.feed(item)
         if not any(isinstance(delta, ToolActivity) for delta in deltas):
@@ -177,7 +178,7 @@ class ChatResponse:
         rendered = (self._render_tool(d) if isinstance(d, ToolActivity) else d for d in deltas)
         return [delta for delta in rendered if delta is not None]
 
-    def _render_tool(self, activity: ToolActivity) -> dict[str, Any] | None:
+    def _render_tool(self, activity: ToolActivity) -> Delta | None:
         """An agent's tool call as people see it: Open WebUI's tool block, a text line, or nothing."""
         if self._tool_style == "details":
             block = webui.tool_call_block(activity.id, activity.name, activity.arguments, activity.result)
