@@ -16,8 +16,8 @@ class CompletionBuilder:
 
     def add(self, delta: Delta) -> None:
         """Fold one delta in."""
-        if "content" in delta:
-            self._content.append(delta["content"])
+        if delta.get("content"):
+            self._content.append(delta["content"] or "")
         if "reasoning_content" in delta:
             self._reasoning.append(delta["reasoning_content"])
         for call in delta.get("tool_calls", ()):
