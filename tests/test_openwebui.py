@@ -10,7 +10,7 @@ import pytest
 from haystack import Document
 
 from haystream import openwebui
-from haystream.server.tasks import detect_task, heuristic_answer
+from haystream.openwebui.tasks import detect_task, heuristic_answer
 from support import sse_events, start_server
 
 USER = [{"role": "user", "content": "hello"}]

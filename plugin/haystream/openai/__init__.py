@@ -1,7 +1,7 @@
 """The OpenAI wire format: request model, item-to-delta mapping, SSE frames, aggregation, errors. No web imports."""
 
 from haystream.openai.completion import CompletionBuilder
-from haystream.openai.deltas import DeltaMapper, Event, ToolActivity
+from haystream.openai.deltas import DeltaMapper, Event, ToolActivity, ToolCallStarted
 from haystream.openai.errors import OpenAIError, classify_failure, describe_failure, status_for_failure
 from haystream.openai.frames import DONE, PING, ChunkFramer, data_frame
 from haystream.openai.messages import chat_messages
@@ -17,6 +17,7 @@ __all__ = [
     "Event",
     "OpenAIError",
     "ToolActivity",
+    "ToolCallStarted",
     "chat_messages",
     "classify_failure",
     "data_frame",

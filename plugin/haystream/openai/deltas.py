@@ -36,6 +36,14 @@ class Event:
 
 
 @dataclass
+class ToolCallStarted:
+    """A tool call whose name just arrived: who it is for is not known yet (shown as activity, never sent)."""
+
+    id: str | None
+    name: str
+
+
+@dataclass
 class ToolActivity:
     """A tool call that ran inside the run (an Agent's), with its result: shown to people, never a client call."""
 
@@ -55,7 +63,7 @@ class DeltaMapper:
         self._usage = UsageAccumulator()
         self._warned_types: set[type] = set()
 
-    def feed(self, item: Any) -> list[Delta | Event | ToolActivity]:
+    def feed(self, item: Any) -> list[Delta | Event | ToolCallStarted | ToolActivity]:
         """The deltas (and events) that one item amounts to, in order."""
         if isinstance(item, StreamingChunk):
             return self._chunk(item)
@@ -81,8 +89,8 @@ class DeltaMapper:
             finish_reason = "stop"  # the calls were an agent's own, answered inside the run
         return tool_deltas, finish_reason, self._usage.total()
 
-    def _chunk(self, chunk: StreamingChunk) -> list[Delta | Event | ToolActivity]:
-        out: list[Delta | Event | ToolActivity] = []
+    def _chunk(self, chunk: StreamingChunk) -> list[Delta | Event | ToolCallStarted | ToolActivity]:
+        out: list[Delta | Event | ToolCallStarted | ToolActivity] = []
         if chunk.meta:
             self._usage.add(chunk.meta.get("usage"))
         if chunk.tool_call_result is not None:
@@ -91,7 +99,7 @@ class DeltaMapper:
             for delta in chunk.tool_calls:
                 call, named = self._pending.add(delta.index, delta.id, delta.tool_name, delta.arguments)
                 if named:
-                    out.append(Event("status", {"description": f"Using {call.name}…", "done": False, "hidden": False}))
+                    out.append(ToolCallStarted(call.id, call.name))
         elif self._pending and (chunk.content or chunk.reasoning):
             # The model went on talking after its calls without a result in between: they were not the client's.
             self._pending.clear()
@@ -107,25 +115,21 @@ class DeltaMapper:
             self._usage.end_turn()
         return out
 
-    def _tool_result(self, chunk: StreamingChunk) -> list[Delta | Event | ToolActivity]:
+    def _tool_result(self, chunk: StreamingChunk) -> list[Delta | Event | ToolCallStarted | ToolActivity]:
         # Answered inside the run: that call was the agent's, not the client's.
         result = chunk.tool_call_result
         assert result is not None
         origin = result.origin
         self._pending.discard(origin.id, origin.tool_name)
-        verb = "failed" if result.error else "done"
-        return [
-            ToolActivity(origin.id, origin.tool_name, origin.arguments, str(result.result), bool(result.error)),
-            Event("status", {"description": f"{origin.tool_name} {verb}", "done": True, "hidden": False}),
-        ]
+        return [ToolActivity(origin.id, origin.tool_name, origin.arguments, str(result.result), bool(result.error))]
 
-    def _dict(self, item: dict[str, Any]) -> list[Delta | Event | ToolActivity]:
+    def _dict(self, item: dict[str, Any]) -> list[Delta | Event | ToolCallStarted | ToolActivity]:
         if "event" in item and isinstance(item["event"], dict):
             event = item["event"]
             return [Event(str(event.get("type", "")), event.get("data"))]
         if "type" in item and "data" in item and "choices" not in item:
             return [Event(str(item["type"]), item["data"])]
-        out: list[Delta | Event | ToolActivity] = []
+        out: list[Delta | Event | ToolCallStarted | ToolActivity] = []
         for choice in item.get("choices") or ():
             delta = choice.get("delta") or choice.get("message") or {}
             if delta.get("content"):

@@ -22,6 +22,8 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from haystream.openai import OpenAIError, parse_chat_request
+from haystream.openwebui.activity import ClientStyle, client_style
+from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server.asgi import (
     ClientDisconnected,
     Message,
@@ -39,7 +41,6 @@ from haystream.server.chat import ChatResponse, failure_error
 from haystream.server.gate import CALLER_KEY, Gate, without_private_headers
 from haystream.server.limits import StreamLimits
 from haystream.server.settings import ServerSettings
-from haystream.server.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server.wrappers import as_async_items, is_chat_wrapper, open_items
 
 logger = logging.getLogger("haystream.server")
@@ -171,7 +172,7 @@ class HaystreamApp:
                 keepalive_seconds=self.settings.keepalive_seconds,
                 send_timeout_seconds=self.settings.send_timeout_seconds,
                 secrets=secrets_,
-                **self._client_style(scope, for_openwebui),
+                style=self._client_style(scope, for_openwebui),
             )
             await response.send(send)
 
@@ -192,14 +193,14 @@ class HaystreamApp:
         logger.debug("answered the Open WebUI %s task without the pipeline", task.kind)
         return as_async_items(answer_as_text(answer), self.settings.stream_buffer)
 
-    def _client_style(self, scope: Scope, for_openwebui: bool) -> dict[str, Any]:
+    def _client_style(self, scope: Scope, for_openwebui: bool) -> ClientStyle:
         """Whether this client gets event lines, and how it sees an agent's tool calls."""
-        is_openwebui = for_openwebui or any(name.startswith(b"x-openwebui-") for name, _ in scope.get("headers", ()))
-        asked = (header(scope, b"x-haystream-events") or b"").lower() in (b"1", b"true", b"yes")
-        mode = self.settings.openwebui_events
-        events = mode == "always" or (mode == "auto" and (is_openwebui or asked))
-        tool_style = "details" if events and is_openwebui else self.settings.tool_trace
-        return {"events": events, "tool_style": tool_style}
+        return client_style(
+            scope.get("headers", ()),
+            for_openwebui=for_openwebui,
+            events_mode=self.settings.openwebui_events,
+            tool_trace=self.settings.tool_trace,
+        )
 
     def _wrapper_headers(self, scope: Scope) -> Headers:
         """The request headers a wrapper may see: without credentials unless the operator opts in."""

@@ -19,12 +19,14 @@ from haystream.openai import (
     Event,
     OpenAIError,
     ToolActivity,
+    ToolCallStarted,
     classify_failure,
     data_frame,
     describe_failure,
-    webui,
 )
 from haystream.openai.protocol import Delta
+from haystream.openwebui import activity
+from haystream.openwebui.activity import PLAIN_CLIENT, ClientStyle
 from haystream.server.asgi import Send, send_error, send_json
 
 logger = logging.getLogger("haystream.server")
@@ -58,8 +60,7 @@ class ChatResponse:
         keepalive_seconds: float,
         send_timeout_seconds: float = 60.0,
         secrets: Sequence[str] = (),
-        events: bool = False,
-        tool_style: str = "none",
+        style: ClientStyle = PLAIN_CLIENT,
     ) -> None:
         self._request = request
         self._items = items
@@ -69,8 +70,8 @@ class ChatResponse:
         self._secrets = secrets
         self._sending = False  # a write is waiting for the client to read
         self._stalled = False
-        self._events = events
-        self._tool_style = tool_style
+        self._events = style.events
+        self._style = style
         self._framer = ChunkFramer(request.model)
         self._mapper = DeltaMapper()
         self._last_send = 0.0
@@ -171,22 +172,17 @@ class ChatResponse:
             await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _client_deltas(self, item: Any) -> list[Delta | Event]:
-        """What an item amounts to for this client: deltas and events, an agent's tool calls rendered or dropped."""
+        """What an item amounts to for this client: deltas and events, an agent's tool activity rendered for it."""
         deltas = self._mapper.feed(item)
-        if not any(isinstance(delta, ToolActivity) for delta in deltas):
+        if not any(isinstance(delta, ToolCallStarted | ToolActivity) for delta in deltas):
             return deltas  # type: ignore[return-value]  # the common case, without a copy
-        rendered = (self._render_tool(d) if isinstance(d, ToolActivity) else d for d in deltas)
-        return [delta for delta in rendered if delta is not None]
-
-    def _render_tool(self, activity: ToolActivity) -> Delta | None:
-        """An agent's tool call as people see it: Open WebUI's tool block, a text line, or nothing."""
-        if self._tool_style == "details":
-            block = webui.tool_call_block(activity.id, activity.name, activity.arguments, activity.result)
-            return {"content": block}
-        if self._tool_style == "text":
-            arguments = ", ".join(f"{key}={value!r}" for key, value in activity.arguments.items())
-            return {"content": f"\n[{activity.name}({arguments}) → {activity.result}]\n"}
-        return None
+        shown: list[Delta | Event] = []
+        for delta in deltas:
+            if isinstance(delta, ToolCallStarted | ToolActivity):
+                shown += activity.render(delta, self._style)
+            else:
+                shown.append(delta)
+        return shown
 
     async def _finish(self, send: Send) -> None:
         tool_deltas, finish_reason, usage = self._mapper.finish()

@@ -1,4 +1,4 @@
-"""Open WebUI's extensions to the stream: event objects and the markup it renders (no Haystack types here)."""
+"""Open WebUI's extensions to the stream: event objects, citations, and the markup it renders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import html
 from typing import Any
 
 import orjson
+from haystack import Document
 
 
 def event(type: str, data: Any) -> dict[str, Any]:
@@ -51,4 +52,22 @@ def tool_call_block(call_id: str | None, name: str, arguments: dict[str, Any], r
         name=name,
         arguments=orjson.dumps(arguments).decode(),
         result=orjson.dumps(result).decode(),
+    )
+
+
+def source(document: Document, *, snippet_chars: int = 500) -> dict[str, Any]:
+    """A citation for a Haystack `Document`: its name (meta `name`/`title`/`file_path`), URL and a snippet."""
+    meta = document.meta or {}
+    name = str(meta.get("name") or meta.get("title") or meta.get("file_path") or document.id)
+    url = str(meta.get("url") or meta.get("source") or meta.get("file_path") or name)
+    metadata: dict[str, Any] = {"source": url, "name": name}
+    if document.score is not None:
+        metadata["score"] = document.score
+    return event(
+        "source",
+        {
+            "source": {"name": name, **({"url": url} if url.startswith(("http://", "https://")) else {})},
+            "document": [(document.content or "")[:snippet_chars]],
+            "metadata": [metadata],
+        },
     )

@@ -1,0 +1,57 @@
+"""How the activity inside a run (an Agent calling its tools) is shown: to Open WebUI as status lines and its own
+collapsed tool blocks, to plain clients as nothing or a short text line. Never as client-side `tool_calls`, which
+Open WebUI would try to execute."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from haystream.openai.deltas import Event, ToolActivity, ToolCallStarted
+from haystream.openai.protocol import Delta
+from haystream.openwebui.events import tool_call_block
+
+ToolStyle = Literal["details", "text", "none"]
+_ASKED = (b"1", b"true", b"yes")
+
+
+@dataclass(frozen=True)
+class ClientStyle:
+    """What one client gets: Open WebUI event lines or not, and how an agent's tool calls appear."""
+
+    events: bool = False
+    tool_style: ToolStyle = "none"
+
+
+PLAIN_CLIENT = ClientStyle()  # an OpenAI client: no event lines, no tool activity
+
+
+def client_style(
+    headers: Iterable[tuple[bytes, bytes]], *, for_openwebui: bool, events_mode: str, tool_trace: str
+) -> ClientStyle:
+    """The style for a request: Open WebUI is recognised by its base path (`/openwebui/v1`) or its `X-OpenWebUI-*`
+    headers; `X-Haystream-Events: true` asks for event lines; `events_mode` (auto, always, never) overrides."""
+    is_openwebui = for_openwebui
+    asked = False
+    for name, value in headers:
+        is_openwebui = is_openwebui or name.startswith(b"x-openwebui-")
+        asked = asked or (name == b"x-haystream-events" and value.lower() in _ASKED)
+    events = events_mode == "always" or (events_mode == "auto" and (is_openwebui or asked))
+    tool_style: ToolStyle = "details" if events and is_openwebui else ("text" if tool_trace == "text" else "none")
+    return ClientStyle(events=events, tool_style=tool_style)
+
+
+def render(record: ToolCallStarted | ToolActivity, style: ClientStyle) -> list[Delta | Event]:
+    """A tool call's start or its finished activity, as this client sees it."""
+    if isinstance(record, ToolCallStarted):
+        return [Event("status", {"description": f"Using {record.name}…", "done": False, "hidden": False})]
+    shown: list[Delta | Event] = []
+    if style.tool_style == "details":
+        shown.append({"content": tool_call_block(record.id, record.name, record.arguments, record.result)})
+    elif style.tool_style == "text":
+        arguments = ", ".join(f"{key}={value!r}" for key, value in record.arguments.items())
+        shown.append({"content": f"\n[{record.name}({arguments}) → {record.result}]\n"})
+    verb = "failed" if record.error else "done"
+    shown.append(Event("status", {"description": f"{record.name} {verb}", "done": True, "hidden": False}))
+    return shown
