@@ -204,7 +204,7 @@ def transport_error(url: str, exc: BaseException) -> openai.APIConnectionError:
     """`APITimeoutError` for timeouts, `APIConnectionError` for every other transport failure."""
     if isinstance(exc, TimeoutError):
         return openai.APITimeoutError(request=sdk_request(url))
-    return openai.APIConnectionError(message=f"Connection error. ({exc})", request=sdk_request(url))
+    return openai.APIConnectionError(request=sdk_request(url))  # the SDK's message; the cause is chained
 
 
 # --- retries (the SDK's rules) -------------------------------------------------------------------------------------

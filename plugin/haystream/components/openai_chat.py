@@ -108,7 +108,9 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
             init_callback=self.streaming_callback, runtime_callback=streaming_callback, requires_async=False
         )
         if callback is None or self.http_client_kwargs or _loop_running():
-            return super().run(messages, streaming_callback, generation_kwargs, tools=tools, tools_strict=tools_strict)
+            return HaystackOpenAIChatGenerator.run(
+                self, messages, streaming_callback, generation_kwargs, tools=tools, tools_strict=tools_strict
+            )
         messages = _normalize_messages(messages)
         if not messages:
             return {"replies": []}
@@ -118,9 +120,11 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         try:
             replies = loop.run_until_complete(task)
         except BaseException:
-            if not task.done():  # KeyboardInterrupt and the like: stop the request before leaving
+            # A KeyboardInterrupt may leave the task running, and a closed transport releases its socket on the
+            # next loop turn: give the loop that turn, so the upstream is cut now rather than at the next call.
+            if not task.done():
                 task.cancel()
-                loop.run_until_complete(asyncio.wait([task]))
+            loop.run_until_complete(asyncio.wait([task]))
             raise
         return {"replies": replies}
 
@@ -137,8 +141,8 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         """Generate replies asynchronously; see Haystack's `OpenAIChatGenerator.run_async`."""
         callback = self.streaming_callback if streaming_callback is None else streaming_callback
         if callback is None or self.http_client_kwargs:
-            return await super().run_async(
-                messages, streaming_callback, generation_kwargs, tools=tools, tools_strict=tools_strict
+            return await HaystackOpenAIChatGenerator.run_async(
+                self, messages, streaming_callback, generation_kwargs, tools=tools, tools_strict=tools_strict
             )
         callback = select_streaming_callback(
             init_callback=self.streaming_callback, runtime_callback=streaming_callback, requires_async=True

@@ -540,18 +540,22 @@ class FakeUpstream:
             self.records.clear()
 
 
-def fake_chat_generator(scenario: str = "fake", base_url: str | None = None, **kwargs: Any) -> Any:
+def fake_chat_generator(
+    scenario: str = "fake", base_url: str | None = None, *, generator_class: type | None = None, **kwargs: Any
+) -> Any:
     """An `OpenAIChatGenerator` pointed at a `FakeUpstream`, with its behaviour set by `scenario`.
 
     `base_url` defaults to the `FAKE_UPSTREAM_URL` environment variable, so that wrappers deployed into a server
     under test can find the fake its test started. Usage is requested, as a well-configured wrapper would.
+    `generator_class` defaults to Haystack's `OpenAIChatGenerator`; pass `haystream.components.OpenAIChatGenerator`
+    (or any subclass with the same constructor) to test that one.
     """
     from haystack.components.generators.chat import OpenAIChatGenerator
     from haystack.utils import Secret
 
     kwargs.setdefault("api_key", Secret.from_token("fake-key"))
     kwargs.setdefault("generation_kwargs", {"stream_options": {"include_usage": True}})
-    return OpenAIChatGenerator(
+    return (generator_class or OpenAIChatGenerator)(
         api_base_url=base_url or os.environ["FAKE_UPSTREAM_URL"], model=scenario, max_retries=0, **kwargs
     )
 
