@@ -19,9 +19,13 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
-import httpx2
 import openai
 import orjson
+
+try:  # the HTTP library whose Request/Response the SDK's exceptions carry: httpx2 from openai 3, httpx before
+    import httpx2 as sdk_http
+except ImportError:  # pragma: no cover - openai < 3
+    import httpx as sdk_http  # type: ignore[no-redef]
 
 # The OpenAI SDK's retry constants (openai._constants), so backoff behaves as users know it.
 INITIAL_RETRY_DELAY = 0.5
@@ -168,14 +172,14 @@ class SSEDecoder:
 # --- the OpenAI SDK's exceptions -----------------------------------------------------------------------------------
 
 
-def sdk_request(url: str) -> httpx2.Request:
+def sdk_request(url: str) -> sdk_http.Request:
     """The request object the SDK's exceptions carry."""
-    return httpx2.Request("POST", url)
+    return sdk_http.Request("POST", url)
 
 
 def status_error(url: str, status: int, headers: Mapping[str, str], raw: bytes) -> openai.APIStatusError:
     """The exception the OpenAI SDK raises for this HTTP error response (`openai.OpenAI._make_status_error`)."""
-    response = httpx2.Response(status, headers=list(headers.items()), content=raw, request=sdk_request(url))
+    response = sdk_http.Response(status, headers=list(headers.items()), content=raw, request=sdk_request(url))
     message = f"Error code: {status}"
     body: Any = raw.decode("utf-8", "replace").strip()
     try:
