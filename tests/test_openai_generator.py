@@ -418,3 +418,64 @@ def test_sse_decoder_handles_any_split(body):
         assert events == expected, cut
     assert expected[-1] == b"[DONE]"
     assert [e for e in expected if e != b"[DONE]"][-1].replace(b" ", b"") == b'{"a":2}'
+
+
+# --- served: the same client-visible answers through haystream's server ------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def served(client: openai.OpenAI, generator: str, scenario: str, mode: str = "astream", **kwargs: Any) -> Any:
+    """What an OpenAI SDK client sees of one streamed answer: content, reasoning, tool calls, finish, usage."""
+    stream = client.chat.completions.create(
+        model="fake_async",
+        messages=[{"role": "user", "content": "hello there"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mode": mode, "scenario": scenario, "generator": generator},
+        **kwargs,
+    )
+    seen: dict[str, Any] = {"content": "", "reasoning": "", "calls": [], "finish": [], "usage": None}
+    for chunk in stream:
+        seen["usage"] = chunk.usage.model_dump() if chunk.usage else seen["usage"]
+        for choice in chunk.choices:
+            seen["content"] += choice.delta.content or ""
+            seen["reasoning"] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            seen["calls"] += [tc.model_dump() for tc in choice.delta.tool_calls or ()]
+            seen["finish"] += [choice.finish_reason] if choice.finish_reason else []
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("scenario", "mode"),
+    [("fake?tokens=5", "astream"), (f"fake?tool=get_weather&tools=2&args={quote(ARGS)}", "client_tools")],
+    ids=["text", "client_tools"],
+)
+def test_served_answers_are_the_same(client, scenario, mode):
+    kwargs = {"tools": TOOLS} if mode == "client_tools" else {}
+    theirs = served(client, "haystack", scenario, mode, **kwargs)
+    ours = served(client, "haystream", scenario, mode, **kwargs)
+    assert ours == theirs
+    assert ours["usage"]["completion_tokens"] > 0
+
+
+def test_served_reasoning_reaches_the_client(client):
+    theirs = served(client, "haystack", "fake?tokens=2&reasoning=2")
+    ours = served(client, "haystream", "fake?tokens=2&reasoning=2")
+    assert ours["reasoning"] == "r0 r1 " and theirs["reasoning"] == ""
+    assert {**ours, "reasoning": ""} == theirs
+
+
+@pytest.mark.parametrize(
+    ("scenario", "error"),
+    [("fake?status=429", openai.RateLimitError), ("fake?tokens=5&fail_after=2", openai.APIError)],
+    ids=["rate_limited", "fails_mid_stream"],
+)
+def test_served_errors_are_the_same(client, scenario, error):
+    raised = []
+    for generator in KINDS:
+        with pytest.raises(error) as caught:
+            served(client, generator, scenario)
+        message = caught.value.message.split(" (request id")[0]  # each answer has its own request id
+        raised.append((type(caught.value), getattr(caught.value, "status_code", None), message))
+    assert raised[0] == raised[1]
