@@ -68,10 +68,12 @@ class PipelineWrapper(BasePipelineWrapper):
             ]
             return haystream.astream(llm(scenario, generator), messages=history, tools=tools)
         if mode == "agent":
-            agent = Agent(chat_generator=llm(scenario), tools=[MULTIPLY])
+            agent = Agent(chat_generator=llm(scenario, generator), tools=[MULTIPLY])
             return haystream.astream(agent, messages=history)
         if mode == "hayhooks":
-            return async_streaming_generator(pipeline(scenario), pipeline_run_args={"llm": {"messages": history}})
+            return async_streaming_generator(
+                pipeline(scenario, generator), pipeline_run_args={"llm": {"messages": history}}
+            )
         if mode == "string":
             return "a plain string answer"
         if mode == "fail_early":
