@@ -284,6 +284,25 @@ async def test_cancelled_task_closes_the_upstream_response(upstream, kind):
         await generator.close_async()
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_cancelled_while_waiting_for_the_first_token(upstream, kind):
+    generator = make(kind, upstream, "fake?tokens=5&ttft=60")
+    upstream.reset()
+    task = asyncio.create_task(generator.run_async(USER, streaming_callback=_ignore))
+    record = (await asyncio.to_thread(upstream.wait_for_requests, 1))[0]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.to_thread(record.wait, 10)
+    assert record.client_hung_up and record.tokens_sent == 0
+    if kind == "haystack":
+        await generator.close_async()
+
+
+async def _ignore(chunk: StreamingChunk) -> None:
+    pass
+
+
 def test_sync_callback_that_raises_closes_the_upstream_response_at_once(upstream):
     """Haystack's sync generator leaves the response open until a garbage collection; this one closes it."""
     generator = make("haystream", upstream, "fake?tokens=50&hold_after=3")
