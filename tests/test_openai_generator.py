@@ -197,10 +197,13 @@ def test_failure_mid_stream(upstream, mode, fail_mode):
     assert "".join(c.content for c in ours.chunks) == "t0 t1 t2 "
 
 
+@pytest.mark.parametrize("where", ["init", "generation_kwargs"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_first_token_slower_than_the_timeout(upstream, mode):
-    theirs, ours = both(upstream, "fake?tokens=3&ttft=5", mode, timeout=0.3)
+def test_first_token_slower_than_the_timeout(upstream, mode, where):
+    kwargs = {"timeout": 0.3} if where == "init" else {"generation_kwargs": {**USAGE, "timeout": 0.3}}
+    theirs, ours = both(upstream, "fake?tokens=3&ttft=5", mode, **kwargs)
     assert type(ours.error) is type(theirs.error) is openai.APITimeoutError
+    assert [chunk_shape(c) for c in ours.chunks] == [chunk_shape(c) for c in theirs.chunks]  # the role chunk
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

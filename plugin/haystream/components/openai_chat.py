@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 from haystack import component
 from haystack.components.generators.chat import OpenAIChatGenerator as HaystackOpenAIChatGenerator
@@ -162,9 +163,17 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
             # The same settings and environment variables the OpenAI client would use.
             settings = self._client_kwargs()
             base_url = settings["base_url"] or os.environ.get("OPENAI_BASE_URL") or _DEFAULT_BASE_URL
-            headers = {"Content-Type": "application/json", "Accept": "application/json"}
-            if settings["api_key"]:
-                headers["Authorization"] = f"Bearer {settings['api_key']}"
+            api_key = settings["api_key"] or os.environ.get("OPENAI_API_KEY")
+            if not api_key:  # as the OpenAI client refuses to be built without one
+                raise openai.OpenAIError(
+                    "The api_key client option must be set either by passing api_key to the client or by setting "
+                    "the OPENAI_API_KEY environment variable"
+                )
+            headers = {
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "Authorization": f"Bearer {api_key}",
+            }
             organization = settings["organization"] or os.environ.get("OPENAI_ORG_ID")
             if organization:
                 headers["OpenAI-Organization"] = organization
@@ -203,7 +212,11 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                 headers = {**headers, **{k: v for k, v in extra_headers.items() if isinstance(v, str)}}
             params = args.pop("extra_query", None)
             args.update(args.pop("extra_body", None) or {})
-            timeout = args.pop("timeout", None) or timeout
+            override = args.pop("timeout", None)
+            if isinstance(override, int | float):
+                timeout = override
+            elif override is not None:  # an httpx.Timeout: its read timeout is what a stream waits on
+                timeout = getattr(override, "read", None) or timeout
         response_format = args.get("response_format")
         if isinstance(response_format, type) and issubclass(response_format, BaseModel):
             # As the SDK's create(): a Pydantic model needs parse(), which does not stream.
