@@ -256,6 +256,29 @@ def test_request_body_is_the_sdks(upstream):
     assert bodies[1]["top_k"] == 3 and bodies[1]["stream"] is True
 
 
+def test_extra_headers_and_query_reach_the_upstream(upstream):
+    seen = []
+    for kind in KINDS:
+        upstream.reset()
+        generation_kwargs = {**USAGE, "extra_headers": {"X-Tenant": "blue"}, "extra_query": {"api-version": "2"}}
+        make(kind, upstream, "fake?tokens=1", organization="org-1").run(
+            USER, streaming_callback=lambda chunk: None, generation_kwargs=generation_kwargs
+        )
+        record = upstream.wait_for_requests(1)[0]
+        names = ("x-tenant", "authorization", "openai-organization", "content-type")
+        seen.append(({name: record.headers.get(name) for name in names}, record.query))
+    assert seen[0] == seen[1]
+    assert seen[1] == (
+        {
+            "x-tenant": "blue",
+            "authorization": "Bearer fake-key",
+            "openai-organization": "org-1",
+            "content-type": "application/json",
+        },
+        "api-version=2",
+    )
+
+
 def test_non_streaming_call_is_haystacks(upstream):
     replies = [make(kind, upstream, "fake?tokens=3").run(USER)["replies"][0] for kind in KINDS]
     assert comparable(replies[0]) == comparable(replies[1])

@@ -122,6 +122,8 @@ class UpstreamRecord:
     body: dict[str, Any]
     stream: bool
     planned_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names, as received
+    query: str = ""
     tokens_sent: int = 0
     client_hung_up: bool = False
     completed: bool = False
@@ -426,13 +428,13 @@ class _FakeApp:
             return
         method, path = scope["method"], scope["path"]
         if method == "POST" and path in _CHAT_PATHS:
-            await self._chat(receive, send)
+            await self._chat(scope, receive, send)
         elif method == "GET" and path in _MODELS_PATHS:
             await _send_json(send, 200, _MODELS)
         else:
             await _send_json(send, 404, _error_body(f"no route for {method} {path}", "not_found", 404))
 
-    async def _chat(self, receive: Receive, send: Send) -> None:
+    async def _chat(self, scope: Message, receive: Receive, send: Send) -> None:
         raw = bytearray()
         while True:
             message = await receive()
@@ -451,6 +453,8 @@ class _FakeApp:
             return
         plan = _plan(scenario, body)
         record = self.upstream._new_record(body, plan.planned_tokens)
+        record.headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        record.query = scope.get("query_string", b"").decode("latin-1")
         disconnected = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
         exchange = _Exchange(record, scenario, plan, send, disconnected)
