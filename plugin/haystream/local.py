@@ -246,8 +246,9 @@ def chat_generator_from_env(model_env: str | None = None) -> Any:
             "Set them to use a real OpenAI-compatible upstream."
         )
         return LocalChatGenerator()
-    from haystack.components.generators.chat import OpenAIChatGenerator
     from haystack.utils import Secret
+
+    from haystream.components import OpenAIChatGenerator  # Haystack's, with a streaming path several times cheaper
 
     model = (model_env and os.environ.get(model_env)) or os.environ.get("OPENAI_MODEL") or "gpt-4o-mini"
     return OpenAIChatGenerator(

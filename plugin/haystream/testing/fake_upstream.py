@@ -58,6 +58,11 @@ class Scenario(TypedDict):
     tool: str | None
     args: str
     reasoning: int
+    reasoning_field: str
+    tools: int
+    finish: str | None
+    hold_after: int | None
+    fail_first: int
 
 
 def parse_scenario(model: str) -> Scenario:
@@ -100,6 +105,11 @@ def parse_scenario(model: str) -> Scenario:
         tool=params.get("tool") or None,
         args=params.get("args") or "{}",
         reasoning=_int("reasoning", 0) or 0,
+        reasoning_field=params.get("reasoning_field") or "reasoning_content",
+        tools=_int("tools", 1) or 1,
+        finish=params.get("finish") or None,
+        hold_after=_int("hold_after", None),
+        fail_first=_int("fail_first", 0) or 0,
     )
 
 
@@ -112,6 +122,8 @@ class UpstreamRecord:
     body: dict[str, Any]
     stream: bool
     planned_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names, as received
+    query: str = ""
     tokens_sent: int = 0
     client_hung_up: bool = False
     completed: bool = False
@@ -184,20 +196,23 @@ class _Plan:
 
 def _plan(scenario: Scenario, body: dict[str, Any]) -> _Plan:
     messages = _messages(body)
-    steps: list[tuple[dict[str, Any], bool]] = [
-        ({"reasoning_content": f"r{i} "}, False) for i in range(scenario["reasoning"])
-    ]
-    reasoning = "".join(delta["reasoning_content"] for delta, _ in steps)
+    field_name = scenario["reasoning_field"]
+    steps: list[tuple[dict[str, Any], bool]] = [({field_name: f"r{i} "}, False) for i in range(scenario["reasoning"])]
+    reasoning = "".join(delta[field_name] for delta, _ in steps)
     tool = scenario["tool"]
     if tool is not None and not (messages and messages[-1].get("role") == "tool"):
-        header = {"index": 0, "id": _TOOL_CALL_ID, "type": "function", "function": {"name": tool, "arguments": ""}}
-        steps.append(({"tool_calls": [header]}, False))
-        steps.extend(
-            ({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, True)
-            for piece in _split_args(scenario["args"])
-        )
-        call = {"id": _TOOL_CALL_ID, "type": "function", "function": {"name": tool, "arguments": scenario["args"]}}
-        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        calls = []
+        for index in range(scenario["tools"]):  # parallel calls stream one after the other
+            call_id = _TOOL_CALL_ID if index == 0 else f"call_fake_{index + 1}"
+            name = tool if index == 0 else f"{tool}_{index + 1}"
+            header = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            steps.append(({"tool_calls": [header]}, False))
+            steps.extend(
+                ({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, True)
+                for piece in _split_args(scenario["args"])
+            )
+            calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": scenario["args"]}})
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
         finish_reason = "tool_calls"
     else:
         prefix = scenario["text"]
@@ -212,7 +227,8 @@ def _plan(scenario: Scenario, body: dict[str, Any]) -> _Plan:
         message = {"role": "assistant", "content": "".join(tokens)}
         finish_reason = "stop"
     if reasoning:
-        message["reasoning_content"] = reasoning
+        message[field_name] = reasoning
+    finish_reason = scenario["finish"] or finish_reason
     return _Plan(steps=steps, finish_reason=finish_reason, message=message)
 
 
@@ -306,9 +322,9 @@ class _Exchange:
             "total_tokens": prompt + completion_tokens,
         }
 
-    async def run(self) -> None:
+    async def run(self, attempt: int = 1) -> None:
         status = self.scenario["status"]
-        if status is not None:
+        if status is not None and (not self.scenario["fail_first"] or attempt <= self.scenario["fail_first"]):
             await _send_json(self.send, status, _error_body(f"fake upstream status {status}", "fake_error", status))
             self.record.completed = True
         elif self.record.stream:
@@ -336,6 +352,12 @@ class _Exchange:
                 return
             if is_token:
                 self.record.tokens_sent += 1
+                if self.record.tokens_sent == self.scenario["hold_after"]:
+                    # Hold the stream open until the client leaves (or the server stops): cancellation tests
+                    # synchronise on this instead of on timing.
+                    await self.disconnected.wait()
+                    self._hung_up()
+                    return
         if fail_after is not None:
             if self.scenario["fail_mode"] == "drop":
                 raise _UpstreamDrop(f"{self.record.id}: dropped after {self.record.tokens_sent} tokens")
@@ -394,6 +416,7 @@ class _FakeApp:
     def __init__(self, upstream: FakeUpstream) -> None:
         self.upstream = upstream
         self.active: set[_Exchange] = set()  # touched only on the server loop
+        self.attempts: dict[str, int] = {}  # requests per model string, for ``fail_first``
         self.stopping = False
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
@@ -405,13 +428,13 @@ class _FakeApp:
             return
         method, path = scope["method"], scope["path"]
         if method == "POST" and path in _CHAT_PATHS:
-            await self._chat(receive, send)
+            await self._chat(scope, receive, send)
         elif method == "GET" and path in _MODELS_PATHS:
             await _send_json(send, 200, _MODELS)
         else:
             await _send_json(send, 404, _error_body(f"no route for {method} {path}", "not_found", 404))
 
-    async def _chat(self, receive: Receive, send: Send) -> None:
+    async def _chat(self, scope: Message, receive: Receive, send: Send) -> None:
         raw = bytearray()
         while True:
             message = await receive()
@@ -430,6 +453,8 @@ class _FakeApp:
             return
         plan = _plan(scenario, body)
         record = self.upstream._new_record(body, plan.planned_tokens)
+        record.headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        record.query = scope.get("query_string", b"").decode("latin-1")
         disconnected = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(receive, disconnected))
         exchange = _Exchange(record, scenario, plan, send, disconnected)
@@ -437,7 +462,8 @@ class _FakeApp:
         if self.stopping:
             exchange.abort()
         try:
-            await exchange.run()
+            attempt = self.attempts[body["model"]] = self.attempts.get(body["model"], 0) + 1
+            await exchange.run(attempt)
         finally:
             self.active.discard(exchange)
             watcher.cancel()
@@ -518,18 +544,22 @@ class FakeUpstream:
             self.records.clear()
 
 
-def fake_chat_generator(scenario: str = "fake", base_url: str | None = None, **kwargs: Any) -> Any:
+def fake_chat_generator(
+    scenario: str = "fake", base_url: str | None = None, *, generator_class: type | None = None, **kwargs: Any
+) -> Any:
     """An `OpenAIChatGenerator` pointed at a `FakeUpstream`, with its behaviour set by `scenario`.
 
     `base_url` defaults to the `FAKE_UPSTREAM_URL` environment variable, so that wrappers deployed into a server
     under test can find the fake its test started. Usage is requested, as a well-configured wrapper would.
+    `generator_class` defaults to Haystack's `OpenAIChatGenerator`; pass `haystream.components.OpenAIChatGenerator`
+    (or any subclass with the same constructor) to test that one.
     """
     from haystack.components.generators.chat import OpenAIChatGenerator
     from haystack.utils import Secret
 
     kwargs.setdefault("api_key", Secret.from_token("fake-key"))
     kwargs.setdefault("generation_kwargs", {"stream_options": {"include_usage": True}})
-    return OpenAIChatGenerator(
+    return (generator_class or OpenAIChatGenerator)(
         api_base_url=base_url or os.environ["FAKE_UPSTREAM_URL"], model=scenario, max_retries=0, **kwargs
     )
 

@@ -15,18 +15,22 @@ from haystack.dataclasses import ChatMessage, ReasoningContent, StreamingChunk
 from haystack.tools import Tool
 
 import haystream
+from haystream import components
 from haystream.testing import fake_chat_generator
 
 
 @cache
-def llm(scenario: str) -> OpenAIChatGenerator:
-    return fake_chat_generator(scenario)
+def llm(scenario: str, generator: str = "haystack") -> OpenAIChatGenerator:
+    # `generator: "haystream"` in the body picks haystream's OpenAIChatGenerator instead of Haystack's.
+    return fake_chat_generator(
+        scenario, generator_class=components.OpenAIChatGenerator if generator == "haystream" else None
+    )
 
 
 @cache
-def pipeline(scenario: str) -> Pipeline:
+def pipeline(scenario: str, generator: str = "haystack") -> Pipeline:
     pipe = Pipeline()
-    pipe.add_component("llm", llm(scenario))
+    pipe.add_component("llm", llm(scenario, generator))
     return pipe
 
 
@@ -54,19 +58,22 @@ class PipelineWrapper(BasePipelineWrapper):
     async def run_chat_completion_async(self, model: str, messages: list[dict], body: dict) -> Any:
         mode = body.get("mode", "astream")
         scenario = body.get("scenario", "fake")
+        generator = body.get("generator", "haystack")
         history = to_messages(messages)
         if mode == "astream":
-            return haystream.astream(pipeline(scenario), messages=history)
+            return haystream.astream(pipeline(scenario, generator), messages=history)
         if mode == "client_tools":
             tools = [
                 Tool(name=t["function"]["name"], description="", parameters={}, function=print) for t in body["tools"]
             ]
-            return haystream.astream(llm(scenario), messages=history, tools=tools)
+            return haystream.astream(llm(scenario, generator), messages=history, tools=tools)
         if mode == "agent":
-            agent = Agent(chat_generator=llm(scenario), tools=[MULTIPLY])
+            agent = Agent(chat_generator=llm(scenario, generator), tools=[MULTIPLY])
             return haystream.astream(agent, messages=history)
         if mode == "hayhooks":
-            return async_streaming_generator(pipeline(scenario), pipeline_run_args={"llm": {"messages": history}})
+            return async_streaming_generator(
+                pipeline(scenario, generator), pipeline_run_args={"llm": {"messages": history}}
+            )
         if mode == "string":
             return "a plain string answer"
         if mode == "fail_early":

@@ -1,0 +1,157 @@
+"""OpenAI `chat.completion.chunk` dicts → Haystack `StreamingChunk`s, as Haystack's `OpenAIChatGenerator` builds
+them (`_convert_chat_completion_chunk_to_streaming_chunk`), from plain dicts instead of SDK models.
+
+Differences, on purpose: reasoning deltas (`reasoning_content`, or `reasoning` as vLLM and OpenRouter send it)
+become chunks with `reasoning` (Haystack's drops them); `meta["tool_calls"]`, `meta["usage"]` and
+`meta["logprobs"]` hold the upstream's dicts (usage completed to the SDK's shape) rather than SDK objects.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from haystack.dataclasses import ComponentInfo, ReasoningContent, StreamingChunk, ToolCallDelta
+from openai.types import CompletionUsage
+from pydantic import ValidationError
+
+_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
+_EMPTY: dict[str, Any] = {}
+
+
+def usage_meta(usage: Any) -> Any:
+    """Usage as Haystack's generator reports it (`CompletionUsage.model_dump()`); once per stream, not per chunk."""
+    if not isinstance(usage, dict):
+        return usage
+    try:
+        return CompletionUsage.model_validate(usage).model_dump()
+    except ValidationError:
+        return usage
+
+
+class ChunkBuilder:
+    """Builds the `StreamingChunk`s of one streamed completion (it keeps the few facts that span chunks)."""
+
+    __slots__ = ("_component_info", "_count", "_reasoning_seen", "_text_started")
+
+    def __init__(self, component_info: ComponentInfo) -> None:
+        self._component_info = component_info
+        self._count = 0
+        self._reasoning_seen = False
+        self._text_started = False
+
+    def build(self, data: dict[str, Any]) -> tuple[StreamingChunk, ...]:
+        """The chunk(s) for one event: one, or two when a delta carries both reasoning and text."""
+        usage = data.get("usage")
+        if usage is not None:
+            usage = usage_meta(usage)
+        choices = data.get("choices")
+        if not choices:
+            self._count += 1
+            meta = {"model": data.get("model"), "received_at": datetime.now().isoformat(), "usage": usage}
+            return (StreamingChunk(content="", component_info=self._component_info, meta=meta),)
+
+        choice = choices[0]
+        delta = choice.get("delta") or _EMPTY
+        raw_finish = choice.get("finish_reason")
+        finish_reason = _FINISH_REASONS.get(raw_finish) if raw_finish else None
+        received_at = datetime.now().isoformat()
+        tool_calls = delta.get("tool_calls")
+        if tool_calls:
+            deltas = []
+            for call in tool_calls:
+                function = call.get("function")
+                deltas.append(
+                    ToolCallDelta(
+                        index=call.get("index", 0),
+                        id=call.get("id"),
+                        tool_name=function.get("name") if function else None,
+                        arguments=(function.get("arguments") or None) if function else None,
+                    )
+                )
+            self._count += 1
+            meta = {
+                "model": data.get("model"),
+                "index": choice.get("index", 0),
+                "tool_calls": tool_calls,
+                "finish_reason": raw_finish,
+                "received_at": received_at,
+                "usage": usage,
+            }
+            return (
+                StreamingChunk(
+                    content=delta.get("content") or "",
+                    component_info=self._component_info,
+                    index=deltas[0].index,
+                    tool_calls=deltas,
+                    start=deltas[0].tool_name is not None,
+                    finish_reason=finish_reason,  # type: ignore[arg-type]
+                    meta=meta,
+                ),
+            )
+
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        content = delta.get("content")
+        reasoning_chunk = None
+        if reasoning and isinstance(reasoning, str):
+            reasoning_chunk = StreamingChunk(
+                content="",
+                component_info=self._component_info,
+                index=0,
+                reasoning=ReasoningContent(reasoning_text=reasoning),
+                start=not self._reasoning_seen,
+                finish_reason=None if content else finish_reason,  # type: ignore[arg-type]
+                meta={
+                    "model": data.get("model"),
+                    "index": choice.get("index", 0),
+                    "tool_calls": None,
+                    "finish_reason": None if content else raw_finish,
+                    "received_at": received_at,
+                    "usage": None if content else usage,
+                },
+            )
+            self._reasoning_seen = True
+            self._count += 1
+            if not content:
+                return (reasoning_chunk,)
+
+        # Haystack: the role chunk and chunks without content have no content block; text is block 0 (here block 1
+        # after a reasoning block), and the second chunk of the stream starts it.
+        if content is None or delta.get("role") is not None:
+            index = None
+            start = self._count == 1 and not self._reasoning_seen
+        elif self._reasoning_seen:
+            index = 1
+            start = not self._text_started
+        else:
+            index = 0
+            start = self._count == 1
+        if content:
+            self._text_started = True
+        meta = {
+            "model": data.get("model"),
+            "index": choice.get("index", 0),
+            "tool_calls": None,
+            "finish_reason": raw_finish,
+            "received_at": received_at,
+            "usage": usage,
+        }
+        logprobs = choice.get("logprobs")
+        if logprobs:
+            meta["logprobs"] = logprobs
+        self._count += 1
+        chunk = StreamingChunk(
+            content=content or "",
+            component_info=self._component_info,
+            index=index,
+            start=start,
+            finish_reason=finish_reason,  # type: ignore[arg-type]
+            meta=meta,
+        )
+        return (chunk,) if reasoning_chunk is None else (reasoning_chunk, chunk)

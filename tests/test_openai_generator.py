@@ -1,0 +1,526 @@
+"""haystream's `OpenAIChatGenerator` against Haystack's, scenario by scenario, on the same fake upstream.
+
+Each scenario runs through both generators, sync (`run`) and async (`run_async`); the folded messages (the replies
+and `chunks_to_message` of the streamed chunks), the chunks' shape and the raised exception types must agree, except
+for the documented improvements: reasoning is kept, usage is requested by default, a sync run that is abandoned
+closes its upstream response at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import openai
+import pytest
+from haystack import Pipeline
+from haystack.components.generators.chat import OpenAIChatGenerator as HaystackGenerator
+from haystack.dataclasses import ChatMessage, StreamingChunk
+from haystack.tools import Tool
+from haystack.utils import Secret
+
+import haystream
+from haystream.components import OpenAIChatGenerator
+from haystream.components._upstream import SSEDecoder, loop_session
+from haystream.testing import FakeUpstream, fake_chat_generator
+
+USER = [ChatMessage.from_user("hello there")]
+USAGE = {"stream_options": {"include_usage": True}}
+ARGS = '{"city": "Paris", "unit": "celsius"}'
+KINDS = {"haystack": HaystackGenerator, "haystream": OpenAIChatGenerator}
+
+
+@dataclass
+class Outcome:
+    chunks: list[StreamingChunk] = field(default_factory=list)
+    replies: list[ChatMessage] | None = None
+    error: BaseException | None = None
+
+    @property
+    def folded(self) -> ChatMessage:
+        return haystream.chunks_to_message(self.chunks)
+
+
+def make(kind: str, upstream: FakeUpstream, scenario: str, **kwargs: Any) -> HaystackGenerator:
+    kwargs.setdefault("generation_kwargs", USAGE)
+    kwargs.setdefault("timeout", 30)
+    return fake_chat_generator(scenario, upstream.base_url, generator_class=KINDS[kind], **kwargs)
+
+
+def run(generator: HaystackGenerator, mode: str, **kwargs: Any) -> Outcome:
+    outcome = Outcome()
+    try:
+        if mode == "sync":
+            result = generator.run(USER, streaming_callback=outcome.chunks.append, **kwargs)
+        else:
+
+            async def collect(chunk: StreamingChunk) -> None:
+                outcome.chunks.append(chunk)
+
+            async def main() -> dict[str, Any]:
+                try:
+                    return await generator.run_async(USER, streaming_callback=collect, **kwargs)
+                finally:
+                    if isinstance(generator, HaystackGenerator) and generator.async_client is not None:
+                        await generator.close_async()  # Haystack's client must close on its own loop
+
+            result = asyncio.run(main())
+        outcome.replies = result["replies"]
+    except Exception as exc:
+        outcome.error = exc
+    return outcome
+
+
+def comparable(message: ChatMessage, *, reasoning: bool = True) -> dict[str, Any]:
+    data = message.to_dict()
+    data["meta"] = {k: v for k, v in data["meta"].items() if k != "completion_start_time"}
+    if not reasoning:
+        data["content"] = [part for part in data["content"] if "reasoning" not in part]
+    return data
+
+
+def chunk_shape(chunk: StreamingChunk) -> tuple[Any, ...]:
+    calls = tuple((c.index, c.id, c.tool_name, c.arguments) for c in chunk.tool_calls or ())
+    meta = {k: v for k, v in chunk.meta.items() if k not in ("received_at", "tool_calls")}
+    name = chunk.component_info.name if chunk.component_info else None  # its type names each generator's class
+    return (chunk.content, chunk.index, chunk.start, chunk.finish_reason, calls, meta, name)
+
+
+def both(upstream: FakeUpstream, scenario: str, mode: str, **kwargs: Any) -> tuple[Outcome, Outcome]:
+    return (
+        run(make("haystack", upstream, scenario, **kwargs), mode),
+        run(make("haystream", upstream, scenario, **kwargs), mode),
+    )
+
+
+# --- equivalence ---------------------------------------------------------------------------------------------------
+
+SCENARIOS = {
+    "text": "fake?tokens=6",
+    "echo": "fake?echo=1&tokens=2",
+    "tool_call": f"fake?tool=get_weather&args={quote(ARGS)}",
+    "parallel_tool_calls": f"fake?tool=get_weather&tools=3&args={quote(ARGS)}",
+    "finish_length": "fake?tokens=3&finish=length",
+    "finish_content_filter": "fake?tokens=3&finish=content_filter",
+    "finish_function_call": f"fake?tool=lookup&args={quote(ARGS)}&finish=function_call",
+    "slow_first_token": "fake?tokens=3&ttft=0.2",
+    "no_tokens": "fake?tokens=0",
+}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS.values()), ids=list(SCENARIOS))
+def test_same_chunks_and_replies_as_haystack(upstream, scenario, mode):
+    theirs, ours = both(upstream, scenario, mode)
+    assert theirs.error is None and ours.error is None, (theirs.error, ours.error)
+    assert comparable(ours.replies[0]) == comparable(theirs.replies[0])
+    assert comparable(ours.folded) == comparable(theirs.folded)
+    assert [chunk_shape(c) for c in ours.chunks] == [chunk_shape(c) for c in theirs.chunks]
+    assert {c.component_info.type for c in ours.chunks} == {"haystream.components.openai_chat.OpenAIChatGenerator"}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_tool_calls_arrive_in_pieces_and_fold_into_calls(upstream, mode):
+    _, ours = both(upstream, SCENARIOS["parallel_tool_calls"], mode)
+    deltas = [d for c in ours.chunks for d in c.tool_calls or ()]
+    starts = [c for c in ours.chunks if c.start and c.tool_calls]
+    assert [c.tool_calls[0].tool_name for c in starts] == ["get_weather", "get_weather_2", "get_weather_3"]
+    assert len([d for d in deltas if d.arguments]) > 3  # arguments came in pieces
+    calls = ours.replies[0].tool_calls
+    assert [(c.id, c.tool_name, c.arguments) for c in calls] == [
+        ("call_fake_1", "get_weather", {"city": "Paris", "unit": "celsius"}),
+        ("call_fake_2", "get_weather_2", {"city": "Paris", "unit": "celsius"}),
+        ("call_fake_3", "get_weather_3", {"city": "Paris", "unit": "celsius"}),
+    ]
+    assert ours.replies[0].meta["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("field_name", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_reasoning_is_kept_where_haystack_drops_it(upstream, mode, field_name):
+    theirs, ours = both(upstream, f"fake?tokens=3&reasoning=3&reasoning_field={field_name}", mode)
+    assert ours.replies[0].reasoning.reasoning_text == "r0 r1 r2 "
+    assert ours.folded.reasoning.reasoning_text == "r0 r1 r2 "
+    assert theirs.replies[0].reasoning is None  # the improvement
+    assert comparable(ours.replies[0], reasoning=False) == comparable(theirs.replies[0])
+    reasoning_chunks = [c for c in ours.chunks if c.reasoning]
+    assert [c.start for c in reasoning_chunks] == [True, False, False]
+    text_chunks = [c for c in ours.chunks if c.content]
+    assert text_chunks[0].start and text_chunks[0].index == 1  # the text block follows the reasoning block
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_usage_is_requested_by_default(upstream, mode):
+    theirs, ours = both(upstream, "fake?tokens=4", mode, generation_kwargs={})
+    assert theirs.replies[0].meta["usage"] is None
+    usage = ours.replies[0].meta["usage"]
+    assert usage["completion_tokens"] == 4 and usage["total_tokens"] == usage["prompt_tokens"] + 4
+    assert set(usage) == {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "completion_tokens_details",
+        "prompt_tokens_details",
+    }
+    # ... and a user's own stream_options win.
+    _, explicit = both(upstream, "fake?tokens=4", mode, generation_kwargs={"stream_options": {"include_usage": False}})
+    assert explicit.replies[0].meta["usage"] is None
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 429, 500, 503])
+def test_http_errors_raise_the_sdks_exceptions(upstream, status, mode):
+    theirs, ours = both(upstream, f"fake?status={status}", mode)
+    assert type(ours.error) is type(theirs.error)
+    assert isinstance(ours.error, openai.APIStatusError)
+    assert ours.error.status_code == theirs.error.status_code == status
+    assert ours.error.body == theirs.error.body
+    assert str(ours.error) == str(theirs.error)
+    assert ours.chunks == theirs.chunks == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("fail_mode", ["error", "drop"])
+def test_failure_mid_stream(upstream, mode, fail_mode):
+    theirs, ours = both(upstream, f"fake?tokens=6&fail_after=3&fail_mode={fail_mode}", mode)
+    assert type(ours.error) is type(theirs.error)
+    expected = openai.APIConnectionError if fail_mode == "drop" else openai.APIError
+    assert type(ours.error) is expected
+    assert str(ours.error) == str(theirs.error)
+    assert [chunk_shape(c)[:4] for c in ours.chunks] == [chunk_shape(c)[:4] for c in theirs.chunks]
+    assert "".join(c.content for c in ours.chunks) == "t0 t1 t2 "
+
+
+@pytest.mark.parametrize("where", ["init", "generation_kwargs"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_first_token_slower_than_the_timeout(upstream, mode, where):
+    kwargs = {"timeout": 0.3} if where == "init" else {"generation_kwargs": {**USAGE, "timeout": 0.3}}
+    theirs, ours = both(upstream, "fake?tokens=3&ttft=5", mode, **kwargs)
+    assert type(ours.error) is type(theirs.error) is openai.APITimeoutError
+    assert [chunk_shape(c) for c in ours.chunks] == [chunk_shape(c) for c in theirs.chunks]  # the role chunk
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_connection_refused(mode):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens once it is closed
+    outcomes = [
+        run(cls(api_key=Secret.from_token("k"), api_base_url=f"http://127.0.0.1:{port}/v1", max_retries=0), mode)
+        for cls in KINDS.values()
+    ]
+    assert [type(o.error) for o in outcomes] == [openai.APIConnectionError] * 2
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_retries_before_the_first_byte(upstream, mode):
+    for kind in KINDS:
+        scenario = f"retry-{uuid.uuid4().hex[:8]}?status=503&fail_first=1&tokens=2"
+        generator = KINDS[kind](
+            api_key=Secret.from_token("k"), api_base_url=upstream.base_url, model=scenario, max_retries=1
+        )
+        outcome = run(generator, mode)
+        assert outcome.error is None, (kind, outcome.error)
+        assert outcome.replies[0].text == "t0 t1 "
+        attempts = [r for r in upstream.records if r.model == scenario]
+        assert len(attempts) == 2, kind
+    scenario = f"retry-{uuid.uuid4().hex[:8]}?status=429&fail_first=5"
+    generator = OpenAIChatGenerator(
+        api_key=Secret.from_token("k"), api_base_url=upstream.base_url, model=scenario, max_retries=1
+    )
+    assert type(run(generator, mode).error) is openai.RateLimitError  # retries exhausted: the last error
+
+
+def test_request_body_is_the_sdks(upstream):
+    tool = Tool(
+        name="get_weather",
+        description="Weather in a city",
+        parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+        function=lambda city: city,
+    )
+    bodies = []
+    for kind in KINDS:
+        upstream.reset()
+        generation_kwargs = {**USAGE, "temperature": 0.2, "max_completion_tokens": 50, "extra_body": {"top_k": 3}}
+        generator = make(kind, upstream, "fake?tokens=1", tools=[tool], tools_strict=True)
+        generator.run(USER, streaming_callback=lambda chunk: None, generation_kwargs=generation_kwargs)
+        bodies.append(upstream.wait_for_requests(1)[0].body)
+    assert bodies[0] == bodies[1]
+    assert bodies[1]["tools"][0]["function"]["strict"] is True
+    assert bodies[1]["top_k"] == 3 and bodies[1]["stream"] is True
+
+
+def test_extra_headers_and_query_reach_the_upstream(upstream):
+    seen = []
+    for kind in KINDS:
+        upstream.reset()
+        generation_kwargs = {**USAGE, "extra_headers": {"X-Tenant": "blue"}, "extra_query": {"api-version": "2"}}
+        make(kind, upstream, "fake?tokens=1", organization="org-1").run(
+            USER, streaming_callback=lambda chunk: None, generation_kwargs=generation_kwargs
+        )
+        record = upstream.wait_for_requests(1)[0]
+        names = ("x-tenant", "authorization", "openai-organization", "content-type")
+        seen.append(({name: record.headers.get(name) for name in names}, record.query))
+    assert seen[0] == seen[1]
+    assert seen[1] == (
+        {
+            "x-tenant": "blue",
+            "authorization": "Bearer fake-key",
+            "openai-organization": "org-1",
+            "content-type": "application/json",
+        },
+        "api-version=2",
+    )
+
+
+def test_non_streaming_call_is_haystacks(upstream):
+    replies = [make(kind, upstream, "fake?tokens=3").run(USER)["replies"][0] for kind in KINDS]
+    assert comparable(replies[0]) == comparable(replies[1])
+
+
+# --- cancellation --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_cancelled_task_closes_the_upstream_response(upstream, kind):
+    generator = make(kind, upstream, "fake?tokens=50&hold_after=3")
+    seen: list[StreamingChunk] = []
+    third = asyncio.Event()
+
+    async def collect(chunk: StreamingChunk) -> None:
+        seen.append(chunk)
+        if len([c for c in seen if c.content]) == 3:
+            third.set()
+
+    upstream.reset()
+    task = asyncio.create_task(generator.run_async(USER, streaming_callback=collect))
+    await third.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    record = await asyncio.to_thread(lambda: upstream.wait_for_requests(1)[0].wait(10))
+    assert record.client_hung_up and record.tokens_sent == 3
+    if kind == "haystack":
+        await generator.close_async()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+async def test_cancelled_while_waiting_for_the_first_token(upstream, kind):
+    generator = make(kind, upstream, "fake?tokens=5&ttft=60")
+    upstream.reset()
+    task = asyncio.create_task(generator.run_async(USER, streaming_callback=_ignore))
+    record = (await asyncio.to_thread(upstream.wait_for_requests, 1))[0]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.to_thread(record.wait, 10)
+    assert record.client_hung_up and record.tokens_sent == 0
+    if kind == "haystack":
+        await generator.close_async()
+
+
+async def _ignore(chunk: StreamingChunk) -> None:
+    pass
+
+
+def test_sync_callback_that_raises_closes_the_upstream_response_at_once(upstream):
+    """Haystack's sync generator leaves the response open until a garbage collection; this one closes it."""
+    generator = make("haystream", upstream, "fake?tokens=50&hold_after=3")
+
+    def stop_at_third(chunk: StreamingChunk) -> None:
+        if chunk.content == "t2 ":
+            raise KeyboardInterrupt("enough")  # even a BaseException
+
+    upstream.reset()
+    with pytest.raises(KeyboardInterrupt):
+        generator.run(USER, streaming_callback=stop_at_third)
+    record = upstream.wait_for_requests(1)[0].wait(10)  # held until the client leaves
+    assert record.client_hung_up and record.tokens_sent == 3
+
+
+def test_leaving_haystream_stream_closes_the_upstream_response(upstream):
+    # Paced, not held: the sync producer learns that its consumer left at its next chunk.
+    upstream.reset()
+    chunks = haystream.stream(make("haystream", upstream, "fake?tokens=50&delay=0.02"), messages=USER)
+    texts = []
+    with chunks:
+        for chunk in chunks:
+            texts.append(chunk.content)
+            if chunk.content == "t2 ":
+                break
+    record = upstream.wait_for_requests(1)[0].wait(10)
+    assert record.client_hung_up and record.tokens_sent < 20, record.tokens_sent
+    assert "".join(texts) == "t0 t1 t2 "
+
+
+# --- pipelines, serialisation, plumbing ----------------------------------------------------------------------------
+
+
+def _pipeline(upstream: FakeUpstream) -> Pipeline:
+    pipe = Pipeline()
+    pipe.add_component("llm", make("haystream", upstream, "fake?tokens=5&reasoning=1", generation_kwargs={}))
+    return pipe
+
+
+async def test_astream_over_a_pipeline(upstream):
+    chunks = haystream.astream(_pipeline(upstream), messages=USER)
+    received = [chunk async for chunk in chunks]
+    assert "".join(c.content for c in received) == "t0 t1 t2 t3 t4 "
+    assert chunks.reply.reasoning.reasoning_text == "r0 "
+    assert chunks.reply.meta["usage"]["completion_tokens"] == 5
+    assert {c.component_info.name for c in received} == {"llm"}
+
+
+def test_stream_over_a_pipeline(upstream):
+    chunks = haystream.stream(_pipeline(upstream), messages=USER)
+    assert "".join(c.content for c in chunks) == "t0 t1 t2 t3 t4 "
+    assert chunks.reply.text == "t0 t1 t2 t3 t4 "
+    assert chunks.result["llm"]["replies"][0].meta["finish_reason"] == "stop"
+
+
+def test_to_dict_from_dict_and_yaml_round_trip(monkeypatch, upstream):
+    monkeypatch.setenv("FAKE_KEY", "secret")
+    tool = Tool(name="add", description="Add", parameters={"type": "object", "properties": {}}, function=print)
+    generator = OpenAIChatGenerator(
+        api_key=Secret.from_env_var("FAKE_KEY"),
+        model="fake?tokens=2",
+        api_base_url=upstream.base_url,
+        generation_kwargs={"temperature": 0.5},
+        timeout=12.0,
+        max_retries=2,
+        tools=[tool],
+        tools_strict=True,
+    )
+    data = generator.to_dict()
+    assert data["type"] == "haystream.components.openai_chat.OpenAIChatGenerator"
+    expected = HaystackGenerator.to_dict(generator)
+    assert data["init_parameters"] == expected["init_parameters"]
+    again = OpenAIChatGenerator.from_dict(copy.deepcopy(data))  # from_dict deserialises tools in place
+    assert type(again) is OpenAIChatGenerator and again.to_dict() == data
+
+    pipe = Pipeline()
+    pipe.add_component("llm", generator)
+    loaded = Pipeline.loads(pipe.dumps())
+    llm = loaded.get_component("llm")
+    assert type(llm) is OpenAIChatGenerator
+    assert "".join(c.content for c in haystream.stream(loaded, messages=USER)) == "t0 t1 "
+
+
+def test_session_per_loop_is_closed_with_its_loop():
+    async def grab():
+        first, second = await loop_session(), await loop_session()
+        assert first is second
+        return first
+
+    session = asyncio.run(grab())
+    assert session.closed
+    assert asyncio.run(grab()) is not session
+
+
+async def test_sync_run_inside_a_running_loop_falls_back_to_haystacks_path(upstream):
+    seen: list[StreamingChunk] = []
+    result = make("haystream", upstream, "fake?tokens=2").run(USER, streaming_callback=seen.append)
+    assert result["replies"][0].text == "t0 t1 " and "".join(c.content for c in seen) == "t0 t1 "
+
+
+def test_sync_runs_from_several_threads(upstream):
+    generator = make("haystream", upstream, "fake?tokens=2&delay=0.01")
+    results: list[str] = []
+
+    def call() -> None:
+        for _ in range(2):  # the second call reuses the thread's loop and pool
+            results.append(generator.run(USER, streaming_callback=lambda chunk: None)["replies"][0].text)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["t0 t1 "] * 8
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'data: {"a": 1}\n\ndata: {"a": 2}\n\ndata: [DONE]\n\n',
+        b': ping\r\ndata: {"a": 1}\r\n\r\nevent: x\r\ndata:{"a": 2}\r\n\r\ndata: [DONE]\r\n\r\n',
+        b'data: {"a":\ndata: 1}\n\n: comment\n\ndata: {"a": 2}\n\ndata: [DONE]',
+    ],
+)
+def test_sse_decoder_handles_any_split(body):
+    expected = None
+    for cut in range(len(body) + 1):
+        decoder = SSEDecoder()
+        events = decoder.feed(body[:cut]) + decoder.feed(body[cut:]) + decoder.flush()
+        if expected is None:
+            expected = events
+        assert events == expected, cut
+    assert expected[-1] == b"[DONE]"
+    assert [e for e in expected if e != b"[DONE]"][-1].replace(b" ", b"") == b'{"a":2}'
+
+
+# --- served: the same client-visible answers through haystream's server ------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def served(client: openai.OpenAI, generator: str, scenario: str, mode: str = "astream", **kwargs: Any) -> Any:
+    """What an OpenAI SDK client sees of one streamed answer: content, reasoning, tool calls, finish, usage."""
+    stream = client.chat.completions.create(
+        model="fake_async",
+        messages=[{"role": "user", "content": "hello there"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mode": mode, "scenario": scenario, "generator": generator},
+        **kwargs,
+    )
+    seen: dict[str, Any] = {"content": "", "reasoning": "", "calls": [], "finish": [], "usage": None}
+    for chunk in stream:
+        seen["usage"] = chunk.usage.model_dump() if chunk.usage else seen["usage"]
+        for choice in chunk.choices:
+            seen["content"] += choice.delta.content or ""
+            seen["reasoning"] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            seen["calls"] += [tc.model_dump() for tc in choice.delta.tool_calls or ()]
+            seen["finish"] += [choice.finish_reason] if choice.finish_reason else []
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("scenario", "mode"),
+    [("fake?tokens=5", "astream"), (f"fake?tool=get_weather&tools=2&args={quote(ARGS)}", "client_tools")],
+    ids=["text", "client_tools"],
+)
+def test_served_answers_are_the_same(client, scenario, mode):
+    kwargs = {"tools": TOOLS} if mode == "client_tools" else {}
+    theirs = served(client, "haystack", scenario, mode, **kwargs)
+    ours = served(client, "haystream", scenario, mode, **kwargs)
+    assert ours == theirs
+    assert ours["usage"]["completion_tokens"] > 0
+
+
+def test_served_reasoning_reaches_the_client(client):
+    theirs = served(client, "haystack", "fake?tokens=2&reasoning=2")
+    ours = served(client, "haystream", "fake?tokens=2&reasoning=2")
+    assert ours["reasoning"] == "r0 r1 " and theirs["reasoning"] == ""
+    assert {**ours, "reasoning": ""} == theirs
+
+
+@pytest.mark.parametrize(
+    ("scenario", "error"),
+    [("fake?status=429", openai.RateLimitError), ("fake?tokens=5&fail_after=2", openai.APIError)],
+    ids=["rate_limited", "fails_mid_stream"],
+)
+def test_served_errors_are_the_same(client, scenario, error):
+    raised = []
+    for generator in KINDS:
+        with pytest.raises(error) as caught:
+            served(client, generator, scenario)
+        message = caught.value.message.split(" (request id")[0]  # each answer has its own request id
+        raised.append((type(caught.value), getattr(caught.value, "status_code", None), message))
+    assert raised[0] == raised[1]
