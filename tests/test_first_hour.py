@@ -16,7 +16,6 @@ import openai
 import orjson
 import pytest
 
-from haystream.testing import FakeUpstream
 from support import start_server
 
 ENV = {**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False", "COLUMNS": "200"}
@@ -255,11 +254,11 @@ def test_chained_haystreams_say_the_failure_once():
 
 
 @pytest.fixture(scope="module")
-def local_server():
-    with FakeUpstream() as upstream:
-        server = start_server(upstream, pipelines_dir=str(Path(__file__).parents[1] / "pipeline_wrappers"))
-        yield server
-        server.stop()
+def local_server(upstream):
+    # the session's fake upstream: start_server points FAKE_UPSTREAM_URL at it for every later test too
+    server = start_server(upstream, pipelines_dir=str(Path(__file__).parents[1] / "pipeline_wrappers"))
+    yield server
+    server.stop()
 
 
 def test_the_local_model_reports_real_usage(local_server):
