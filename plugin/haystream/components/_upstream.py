@@ -15,7 +15,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aiohttp
@@ -59,7 +59,7 @@ class _LoopSession:
         self.session = aiohttp.ClientSession(connector=connector, trust_env=True, auto_decompress=True)
         self.closer = self._close_at_shutdown()
 
-    async def _close_at_shutdown(self) -> AsyncIterator[None]:
+    async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
         try:
             yield
         finally:
@@ -227,7 +227,7 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
             continue
     retry_header = headers.get("retry-after")
     try:
-        parsed = email.utils.parsedate_tz(retry_header)  # type: ignore[arg-type]
+        parsed = email.utils.parsedate_tz(retry_header)
         return None if parsed is None else float(email.utils.mktime_tz(parsed) - time.time())
     except (TypeError, ValueError, OverflowError, OSError):
         return None
