@@ -22,6 +22,8 @@ from haystack.core.serialization_security import allow_deserialization_module
 from haystack.dataclasses import ChatMessage, ChatRole, StreamingCallbackT, StreamingChunk
 from haystack.tools import ToolsType
 
+from haystream._compat import llama_context_tokens
+
 logger = logging.getLogger("haystream.local")
 
 MODEL_ENV = "HAYSTREAM_LOCAL_MODEL"
@@ -153,7 +155,9 @@ class LocalChatGenerator:
             if counter is not None:
                 # llama.cpp reports no usage when streaming: every streamed piece is one token, and the context
                 # holds prompt + answer once the generation is done.
-                result["replies"] = [counter.report(generator._model.n_tokens, reply) for reply in result["replies"]]
+                result["replies"] = [
+                    counter.report(llama_context_tokens(generator), reply) for reply in result["replies"]
+                ]
             return result
         finally:
             lock.release()

@@ -13,8 +13,6 @@ import openai
 import orjson
 from haystack import component
 from haystack.components.generators.chat import OpenAIChatGenerator as HaystackOpenAIChatGenerator
-from haystack.components.generators.chat.openai import _check_finish_reason
-from haystack.components.generators.utils import _convert_streaming_chunks_to_chat_message, _normalize_messages
 from haystack.core.serialization_security import allow_deserialization_module
 from haystack.dataclasses import (
     ChatMessage,
@@ -26,6 +24,7 @@ from haystack.dataclasses import (
 from haystack.tools import ToolsType
 from pydantic import BaseModel
 
+from haystream._compat import check_finish_reason, fold_chunks_like_haystack, normalize_messages
 from haystream.components._chunks import ChunkBuilder
 from haystream.components._upstream import (
     SSEDecoder,
@@ -112,7 +111,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
             return HaystackOpenAIChatGenerator.run(
                 self, messages, streaming_callback, generation_kwargs, tools=tools, tools_strict=tools_strict
             )
-        messages = _normalize_messages(messages)
+        messages = normalize_messages(messages)
         if not messages:
             return {"replies": []}
         request = self._request(messages, callback, generation_kwargs, tools, tools_strict)
@@ -149,7 +148,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
             init_callback=self.streaming_callback, runtime_callback=streaming_callback, requires_async=True
         )
         assert callback is not None
-        messages = _normalize_messages(messages)
+        messages = normalize_messages(messages)
         if not messages:
             return {"replies": []}
         request = self._request(messages, callback, generation_kwargs, tools, tools_strict)
@@ -307,9 +306,9 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
             raise
         # Fully read: the connection goes back to the pool (otherwise it is closed).
         response.release()
-        replies = [_convert_streaming_chunks_to_chat_message(chunks=chunks)]
+        replies = [fold_chunks_like_haystack(chunks)]
         for reply in replies:
-            _check_finish_reason(reply.meta)
+            check_finish_reason(reply.meta)
         return replies
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
-from hayhooks.server.utils.base_pipeline_wrapper import BasePipelineWrapper
+from hayhooks import BasePipelineWrapper
 from hayhooks.server.utils.request_headers import accepts_request_headers
 from starlette.datastructures import Headers
 
@@ -21,9 +21,7 @@ from haystream.streaming.stream import ChunkStream
 
 def is_chat_wrapper(wrapper: Any) -> bool:
     """Whether a registry entry implements a chat method (run_api-only wrappers are not models)."""
-    return isinstance(wrapper, BasePipelineWrapper) and (
-        wrapper._is_run_chat_completion_implemented or wrapper._is_run_chat_completion_async_implemented
-    )
+    return isinstance(wrapper, BasePipelineWrapper) and (_implements_sync(wrapper) or _implements_async(wrapper))
 
 
 async def open_items(
@@ -31,12 +29,12 @@ async def open_items(
 ) -> AsyncIterator[Any]:
     """Call the wrapper for one request; the returned iterator yields its items (str, chunks, events, dicts)."""
     kwargs: dict[str, Any] = {"model": model, "messages": body["messages"], "body": body}
-    if wrapper._is_run_chat_completion_async_implemented:
+    if _implements_async(wrapper):
         method = wrapper.run_chat_completion_async
         if accepts_request_headers(method):
             kwargs["headers"] = headers
         return as_async_items(await method(**kwargs), buffer_size)
-    if wrapper._is_run_chat_completion_implemented:
+    if _implements_sync(wrapper):
         method = wrapper.run_chat_completion
         if accepts_request_headers(method):
             kwargs["headers"] = headers
@@ -74,6 +72,15 @@ def drain(result: Any, sink: Callable[[Any], None]) -> None:
 
 def _call_and_drain(method: Callable[..., Any], kwargs: dict[str, Any], sink: Callable[[Any], None]) -> None:
     drain(method(**kwargs), sink)
+
+
+def _implements_sync(wrapper: BasePipelineWrapper) -> bool:
+    # What hayhooks' loader records in private flags, asked of the class: is the method overridden?
+    return type(wrapper).run_chat_completion is not BasePipelineWrapper.run_chat_completion
+
+
+def _implements_async(wrapper: BasePipelineWrapper) -> bool:
+    return type(wrapper).run_chat_completion_async is not BasePipelineWrapper.run_chat_completion_async
 
 
 def _is_sync_iterable(value: Any) -> bool:

@@ -17,6 +17,8 @@ from haystack import Pipeline
 from haystack.core.pipeline.base import PipelineBase
 from haystack.dataclasses import ChatMessage, StreamingChunk
 
+from haystream._compat import pipeline_input_data
+
 SyncSink = Callable[[StreamingChunk], None]
 AsyncSink = Callable[[StreamingChunk], Awaitable[None]]
 StreamingComponents = Sequence[str] | Literal["all"] | None
@@ -85,7 +87,7 @@ class PipelineTarget(StreamTarget):
         self._pipeline = pipeline
         capable = [name for name, instance in _instances(pipeline) if _accepts_streaming_callback(instance)]
         self.streamed = _select_streamed(pipeline, capable, streaming_components)
-        self._data = pipeline._prepare_component_input_data(dict(data or {}))
+        self._data = pipeline_input_data(pipeline, dict(data or {}))
         if messages is not None:
             _route_messages(pipeline, self._data, messages)
         self._run_kwargs = dict(run_kwargs)
@@ -208,7 +210,7 @@ def _instances(pipeline: PipelineBase) -> list[tuple[str, Any]]:
 def _accepts_streaming_callback(component: Any) -> bool:
     sockets = getattr(component, "__haystack_input__", None)
     if sockets is not None:
-        return "streaming_callback" in sockets._sockets_dict
+        return "streaming_callback" in sockets
     run = getattr(component, "run", None)
     return run is not None and "streaming_callback" in inspect.signature(run).parameters
 
