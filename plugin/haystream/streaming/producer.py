@@ -92,7 +92,7 @@ def abandon(channel: ThreadChannel[Any]) -> None:
     if ident is not None:
         frame = sys._current_frames().get(ident)
         if frame is not None:
-            _close_network_in_frames(frame)
+            _close_network_in_frames(frame, channel)
 
 
 def _produce(produce: Callable[[Callable[[Any], None]], Any], channel: ThreadChannel[Any]) -> None:
@@ -134,10 +134,11 @@ def close_http_responses(tb: TracebackType | None) -> int:
     return closed
 
 
-def _close_network_in_frames(frame: FrameType | None) -> None:
+def _close_network_in_frames(frame: FrameType | None, own: ThreadChannel[Any]) -> None:
     # Innermost first: the socket a read is blocked on, then the responses and SDK streams around it. Sockets are
     # only taken from HTTP clients' own frames, whose connections are per request: a pooled database or cache
-    # connection that a component happens to hold must not be cut.
+    # connection that a component happens to hold must not be cut. A producer that is itself waiting on another
+    # haystream stream (a wrapper's generator relaying `haystream.stream(...)`) abandons that one in turn.
     while frame is not None:
         in_http_client = frame.f_globals.get("__name__", "").startswith(_HTTP_CLIENT_MODULES)
         for value in list(frame.f_locals.values()):
@@ -145,6 +146,8 @@ def _close_network_in_frames(frame: FrameType | None) -> None:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in the producer thread
+            elif isinstance(value, ThreadChannel) and value is not own and not value.done:
+                abandon(value)
             elif _is_http_stream(value):
                 _close_quietly(value)
         frame = frame.f_back
