@@ -575,7 +575,9 @@ _chat_body = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(body=_chat_body | _json)
 def test_fuzzed_chat_bodies_never_cause_a_5xx(locked, body):
     response = httpx.post(locked.url + "/v1/chat/completions", content=orjson.dumps(body), headers=AUTH, timeout=30)

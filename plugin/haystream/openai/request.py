@@ -42,6 +42,8 @@ class ChatMessageIn(BaseModel):
             for part in value:
                 if not isinstance(part.get("type"), str):
                     raise ValueError("each content part needs a 'type'")
+                if part["type"] == "image_url" and not _image_url_of(part):
+                    raise ValueError("an image_url part needs an image_url with a url")
         return value
 
     @model_validator(mode="after")
@@ -49,6 +51,12 @@ class ChatMessageIn(BaseModel):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for {self.role} messages")
         return self
+
+
+def _image_url_of(part: dict[str, Any]) -> str:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    return url if isinstance(url, str) else ""
 
 
 class ChatCompletionRequest(BaseModel):
