@@ -3,6 +3,9 @@
 The agent's own tool calls run inside the pipeline; haystream never sends them to the client as `tool_calls` (a client
 such as Open WebUI would try to execute them) and shows them to people instead: status lines and a collapsed tool
 block in Open WebUI, status lines in `haystream chat`, optionally a text line for other clients.
+
+The embedded 135M model cannot call tools: without OPENAI_BASE_URL / OPENAI_API_KEY this answers like a plain chat
+(see README.md for the one-line switch to a real model).
 """
 
 import ast

@@ -1,7 +1,8 @@
 """Retrieval-augmented chat over a few bundled markdown files: BM25 retrieval, a prompt, a streamed answer.
 
 Only the final generator streams; the retrieved documents are sent first as Open WebUI source events (citations),
-which plain OpenAI clients never receive.
+which plain OpenAI clients never receive. The embedded 135M model often ignores the documents: set OPENAI_BASE_URL /
+OPENAI_API_KEY for answers worth judging (README.md).
 """
 
 from collections.abc import AsyncIterator
