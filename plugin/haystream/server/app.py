@@ -22,6 +22,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from haystream.openai import OpenAIError, parse_chat_request
+from haystream.openai.responses import parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server.asgi import (
@@ -40,14 +41,24 @@ from haystream.server.auth import ANONYMOUS, Caller
 from haystream.server.chat import ChatResponse, failure_error
 from haystream.server.gate import CALLER_KEY, Gate, without_private_headers
 from haystream.server.limits import StreamLimits
+from haystream.server.response_store import create_store
+from haystream.server.responses import ResponsesEndpoint, wrapper_body
 from haystream.server.settings import ServerSettings
-from haystream.server.wrappers import as_async_items, is_chat_wrapper, open_items
+from haystream.server.wrappers import (
+    as_async_items,
+    is_chat_wrapper,
+    is_responses_wrapper,
+    open_items,
+    open_response_items,
+)
 
 logger = logging.getLogger("haystream.server")
 
 OPENWEBUI_PREFIX = "/openwebui"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
+RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
+RESPONSE_PATH = re.compile(r"/(?:v1/)?responses/([A-Za-z0-9_-]{1,128})(/cancel)?")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -62,6 +73,11 @@ class HaystreamApp:
         self.ready = False  # True once hayhooks' lifespan has deployed the wrappers
         self.load_failures: dict[str, str] = {}  # wrapper folders that did not deploy at startup, and why
         self._created: dict[str, int] = {}
+        self.responses = ResponsesEndpoint(
+            create_store(settings.redis_url, settings.responses_ttl_seconds, settings.responses_max_stored),
+            keepalive_seconds=settings.keepalive_seconds,
+            send_timeout_seconds=settings.send_timeout_seconds,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -79,6 +95,10 @@ class HaystreamApp:
                 await self._chat(scope, receive, send, for_openwebui=for_openwebui)
             elif path in MODEL_PATHS:
                 await self._models(scope, send)
+            elif path in RESPONSES_PATHS:
+                await self._create_response(scope, receive, send, for_openwebui=for_openwebui)
+            elif match := RESPONSE_PATH.fullmatch(path):
+                await self._response(scope, receive, send, match.group(1), cancel=bool(match.group(2)))
             else:
                 await self.hayhooks_app(scope, receive, send)
         except OpenAIError as error:
@@ -94,9 +114,11 @@ class HaystreamApp:
                 self.load_failures = _load_failures(Path(self.settings.pipelines_dir), self.registry)
                 for name, reason in self.load_failures.items():
                     logger.error("wrapper %r did not load: %s", name, reason)
+                await self.responses.start()
                 self.ready = True
             elif message["type"].startswith("lifespan.shutdown"):
                 self.ready = False
+                await self.responses.close()
             await send(message)
 
         return watched
@@ -179,6 +201,64 @@ class HaystreamApp:
         with self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS):
             if await run_until_disconnect(respond(), receive):
                 logger.info("request %s: client disconnected; the run was cancelled", request_id)
+
+    async def _create_response(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool) -> None:
+        _require_method(scope, "POST")
+        raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
+        request, body = parse_responses_request(raw)
+        if (request.max_output_tokens or 0) > self.settings.max_tokens:
+            raise OpenAIError(
+                400,
+                f"max_output_tokens is {request.max_output_tokens}; this server allows at most "
+                f"{self.settings.max_tokens}.",
+                param="max_output_tokens",
+                code="max_tokens_too_large",
+            )
+        wrapper = self.registry.get(request.model)
+        if wrapper is None or not is_responses_wrapper(wrapper):
+            raise OpenAIError(
+                404, f"The model '{request.model}' does not exist.", param="model", code="model_not_found"
+            )
+        caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
+        conversation = await self.responses.conversation(request, caller.key_id)
+        system = [{"role": "system", "content": request.instructions}] if request.instructions else []
+        messages = system + conversation
+        chat_body = wrapper_body(request, body, messages)
+        input_items = request.input if isinstance(request.input, list) else messages[-1:]
+        headers = self._wrapper_headers(scope)
+
+        async def items() -> AsyncIterator[Any]:
+            return await open_response_items(
+                wrapper,
+                model=request.model,
+                input_items=input_items,
+                body=chat_body,
+                headers=headers,
+                buffer_size=self.settings.stream_buffer,
+            )
+
+        run = self.responses.new_run(
+            request,
+            open_items=items,
+            key_id=caller.key_id,
+            conversation=conversation,
+            request_id=_request_id(header(scope, b"x-request-id")),
+            style=self._client_style(scope, for_openwebui),
+            secrets=self.settings.secrets,
+        )
+        admission = self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS)
+        await self.responses.create(run, receive, send, admission)
+
+    async def _response(self, scope: Scope, receive: Receive, send: Send, id: str, *, cancel: bool) -> None:
+        caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
+        if cancel:
+            _require_method(scope, "POST")
+            await self.responses.cancel(id, caller.key_id, send)
+        elif scope["method"] == "DELETE":
+            await self.responses.delete(id, caller.key_id, send)
+        else:
+            _require_method(scope, "GET", "HEAD")
+            await self.responses.retrieve(id, caller.key_id, scope.get("query_string", b""), receive, send)
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Items answering an Open WebUI background task without running the pipeline."""

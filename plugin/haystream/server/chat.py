@@ -84,7 +84,7 @@ class ChatResponse:
             else:
                 await self._complete(send)
         finally:
-            await _aclose(self._items)
+            await aclose(self._items)
 
     async def _complete(self, send: Send) -> None:
         builder = CompletionBuilder()
@@ -172,17 +172,7 @@ class ChatResponse:
             await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _client_deltas(self, item: Any) -> list[Delta | Event]:
-        """What an item amounts to for this client: deltas and events, an agent's tool activity rendered for it."""
-        deltas = self._mapper.feed(item)
-        if not any(isinstance(delta, ToolCallStarted | ToolActivity) for delta in deltas):
-            return deltas  # type: ignore[return-value]  # the common case, without a copy
-        shown: list[Delta | Event] = []
-        for delta in deltas:
-            if isinstance(delta, ToolCallStarted | ToolActivity):
-                shown += activity.render(delta, self._style)
-            else:
-                shown.append(delta)
-        return shown
+        return client_deltas(self._mapper, item, self._style)
 
     async def _finish(self, send: Send) -> None:
         tool_deltas, finish_reason, usage = self._mapper.finish()
@@ -227,7 +217,22 @@ class ChatResponse:
         return [(b"x-request-id", self._request_id.encode())]
 
 
-async def _aclose(items: AsyncIterator[Any]) -> None:
+def client_deltas(mapper: DeltaMapper, item: Any, style: ClientStyle) -> list[Delta | Event]:
+    """What an item amounts to for a client: deltas and events, an agent's tool activity rendered for it."""
+    deltas = mapper.feed(item)
+    if not any(isinstance(delta, ToolCallStarted | ToolActivity) for delta in deltas):
+        return deltas  # type: ignore[return-value]  # the common case, without a copy
+    shown: list[Delta | Event] = []
+    for delta in deltas:
+        if isinstance(delta, ToolCallStarted | ToolActivity):
+            shown += activity.render(delta, style)
+        else:
+            shown.append(delta)
+    return shown
+
+
+async def aclose(items: AsyncIterator[Any]) -> None:
+    """Close an item iterator if it can be closed (running a generator's finally blocks)."""
     aclose = getattr(items, "aclose", None)
     if aclose is not None:
         with contextlib.suppress(Exception):

@@ -41,6 +41,16 @@ class ServerSettings(BaseSettings):
         60.0, gt=0, description="A client that reads nothing for this long is dropped and its run cancelled."
     )
     max_tokens: int = Field(32768, ge=1, description="Largest max_tokens / max_completion_tokens a client may ask.")
+    responses_ttl_seconds: float = Field(
+        3600.0, gt=0, description="How long stored Responses (and their event logs, for resuming) are kept."
+    )
+    responses_max_stored: int = Field(
+        1000, ge=1, description="Stored Responses kept in memory at most (oldest dropped first); Redis uses the TTL."
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Keep stored and background Responses in Redis (shared by replicas), e.g. redis://host:6379/0.",
+    )
     keepalive_seconds: float = Field(15.0, gt=0, description="Idle time after which a `: ping` comment is sent.")
     stream_buffer: int = Field(64, ge=1, description="Chunks a producer may run ahead of a slow client.")
     log_level: str = Field("info", description="Uvicorn log level.")

@@ -42,6 +42,39 @@ async def open_items(
     raise OpenAIError(501, f"Pipeline '{model}' does not implement chat completions.", code="chat_not_implemented")
 
 
+def is_responses_wrapper(wrapper: Any) -> bool:
+    """Whether a registry entry can answer `POST /v1/responses` (a chat method, or hayhooks' `run_response`)."""
+    return is_chat_wrapper(wrapper) or (
+        isinstance(wrapper, BasePipelineWrapper)
+        and (wrapper._is_run_response_implemented or wrapper._is_run_response_async_implemented)
+    )
+
+
+async def open_response_items(
+    wrapper: BasePipelineWrapper,
+    *,
+    model: str,
+    input_items: list[dict[str, Any]],
+    body: dict[str, Any],
+    headers: Headers,
+    buffer_size: int,
+) -> AsyncIterator[Any]:
+    """Call the wrapper for one Responses request: its `run_response[_async]` if it has one (hayhooks' contract),
+    else its chat method with `body["messages"]`."""
+    if wrapper._is_run_response_async_implemented or wrapper._is_run_response_implemented:
+        kwargs: dict[str, Any] = {"model": model, "input_items": input_items, "body": body}
+        if wrapper._is_run_response_async_implemented:
+            method = wrapper.run_response_async
+            if accepts_request_headers(method):
+                kwargs["headers"] = headers
+            return as_async_items(await method(**kwargs), buffer_size)
+        method = wrapper.run_response
+        if accepts_request_headers(method):
+            kwargs["headers"] = headers
+        return iterate_in_thread(lambda sink: _call_and_drain(method, kwargs, sink), buffer_size=buffer_size)
+    return await open_items(wrapper, model=model, body=body, headers=headers, buffer_size=buffer_size)
+
+
 def as_async_items(result: Any, buffer_size: int) -> AsyncIterator[Any]:
     """Any supported return value (str, async iterator, sync iterator, None) as an async iterator of items."""
     if hasattr(result, "__aiter__"):

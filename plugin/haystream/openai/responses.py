@@ -1,0 +1,472 @@
+"""The OpenAI Responses API on the wire: the request, its input as chat messages, and the event stream.
+
+`ResponseEvents` turns the neutral deltas of `DeltaMapper` (`{"content"}`, `{"reasoning_content"}`,
+`{"tool_calls"}`) into Responses events (`response.output_text.delta`, reasoning items, `function_call` items) and
+keeps the `response` object they describe, so the chat-completions and Responses endpoints share one item mapping.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal, NotRequired, TypedDict
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from haystream.openai.errors import OpenAIError
+from haystream.openai.messages import chat_messages
+
+TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete", "response.cancelled"})
+Status = Literal["queued", "in_progress", "completed", "failed", "incomplete", "cancelled"]
+
+
+class ResponsesRequest(BaseModel):
+    """The subset of a `POST /v1/responses` body that haystream reads; the rest reaches the wrapper in `body`."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]] = ""
+    instructions: str | None = None
+    stream: bool = False
+    background: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, strict=True)
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    metadata: dict[str, str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+
+
+class ResponseEvent(TypedDict):
+    """Every Responses stream event: its type and its place in the stream."""
+
+    type: str
+    sequence_number: int
+
+
+class ResponseLifecycleEvent(ResponseEvent):
+    """`response.created`, `.queued`, `.in_progress`, `.completed`, `.failed`, `.incomplete`, `.cancelled`."""
+
+    response: dict[str, Any]
+
+
+class OutputItemEvent(ResponseEvent):
+    """`response.output_item.added` / `.done`."""
+
+    output_index: int
+    item: dict[str, Any]
+
+
+class ContentPartEvent(ResponseEvent):
+    """`response.content_part.added` / `.done`."""
+
+    item_id: str
+    output_index: int
+    content_index: int
+    part: dict[str, Any]
+
+
+class TextDeltaEvent(ResponseEvent):
+    """`response.output_text.delta` / `response.reasoning_text.delta`."""
+
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    logprobs: NotRequired[list[Any]]
+
+
+class TextDoneEvent(ResponseEvent):
+    """`response.output_text.done` / `response.reasoning_text.done`."""
+
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    logprobs: NotRequired[list[Any]]
+
+
+class ArgumentsDeltaEvent(ResponseEvent):
+    """`response.function_call_arguments.delta`."""
+
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ArgumentsDoneEvent(ResponseEvent):
+    """`response.function_call_arguments.done`."""
+
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str
+
+
+def parse_responses_request(raw: bytes) -> tuple[ResponsesRequest, dict[str, Any]]:
+    """Parse and validate a Responses body.
+
+    :raises OpenAIError: 400 for malformed JSON or a body that does not fit the schema.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise OpenAIError(400, f"Malformed JSON body: {error}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        request = ResponsesRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise OpenAIError(
+            400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_request"
+        ) from None
+    if request.background and not request.store:
+        raise OpenAIError(400, "background responses need store=true.", param="store", code="invalid_request")
+    return request, body
+
+
+def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Responses `input` as chat-completions messages (text, images, function calls and their outputs).
+
+    :raises OpenAIError: 400 for an item Haystack cannot represent.
+    """
+    if isinstance(input, str):
+        return [{"role": "user", "content": input}] if input else []
+    messages: list[dict[str, Any]] = []
+    for position, item in enumerate(input):
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item.get("role", "user"), "content": _chat_content(item.get("content", ""))})
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id") or item.get("id"),
+                "type": "function",
+                "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                last["tool_calls"].append(call)  # parallel calls belong to one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output", "")
+            text = output if isinstance(output, str) else _text_of(output)
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+        elif kind == "reasoning":
+            continue  # the model's own earlier reasoning: not part of a chat prompt
+        else:
+            raise OpenAIError(400, f"input.{position}: items of type {kind!r} are not supported.", param="input")
+    chat_messages(messages)  # 400 now for what Haystack cannot represent, not a pipeline failure later
+    return messages
+
+
+def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Responses function tools (`{"type": "function", "name", ...}`) in the chat-completions shape."""
+    converted = []
+    for tool in tools:
+        if tool.get("type") != "function":
+            continue  # hosted tools (web search, ...) have no meaning for a pipeline
+        function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A finished response's output items as chat messages (for `previous_response_id` chaining)."""
+    return input_messages([item for item in output if item.get("type") in ("message", "function_call")])
+
+
+def response_id() -> str:
+    """A fresh `resp_…` id."""
+    return "resp_" + secrets.token_hex(16)
+
+
+def _chat_content(content: Any) -> Any:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "input_image":
+            url = part.get("image_url") or ""
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "refusal":
+            parts.append({"type": "text", "text": part.get("refusal", "")})
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def _text_of(parts: Any) -> str:
+    if isinstance(parts, list):
+        return "".join(part.get("text", "") for part in parts if isinstance(part, dict))
+    return str(parts)
+
+
+class ResponseEvents:
+    """Stateful: the events of one response, numbered, and the `response` object they build.
+
+    Each method returns the events to send, in order; `response` is always the current snapshot.
+    """
+
+    def __init__(self, request: ResponsesRequest, *, id: str | None = None, created_at: int | None = None) -> None:
+        self.response: dict[str, Any] = {
+            "id": id or response_id(),
+            "object": "response",
+            "created_at": created_at or int(time.time()),
+            "status": "queued" if request.background else "in_progress",
+            "background": request.background,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": request.instructions,
+            "max_output_tokens": request.max_output_tokens,
+            "metadata": request.metadata or {},
+            "model": request.model,
+            "output": [],
+            "parallel_tool_calls": request.parallel_tool_calls,
+            "previous_response_id": request.previous_response_id,
+            "store": request.store,
+            "temperature": request.temperature,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": request.tool_choice,
+            "tools": request.tools,
+            "top_p": request.top_p,
+            "truncation": "disabled",
+            "usage": None,
+        }
+        self._sequence = 0
+        self._open: dict[str, Any] | None = None  # the message or reasoning item receiving text
+        self._text: list[str] = []
+
+    @property
+    def id(self) -> str:
+        """The response id."""
+        return self.response["id"]
+
+    def created(self) -> list[ResponseEvent]:
+        """`response.created`, then `response.in_progress` (or `response.queued` for a background response)."""
+        first = self._lifecycle("response.created")
+        if self.response["status"] == "queued":
+            return [first, self._lifecycle("response.queued")]
+        return [first, self._lifecycle("response.in_progress")]
+
+    def started(self) -> list[ResponseEvent]:
+        """A queued (background) response begins running."""
+        self.response["status"] = "in_progress"
+        return [self._lifecycle("response.in_progress")]
+
+    def feed(self, delta: dict[str, Any]) -> list[ResponseEvent]:
+        """The events of one neutral delta (`content`, `reasoning_content` or `tool_calls`)."""
+        events: list[ResponseEvent] = []
+        if delta.get("reasoning_content"):
+            events += self._text_delta("reasoning", delta["reasoning_content"])
+        if delta.get("content"):
+            events += self._text_delta("message", delta["content"])
+        return events
+
+    def finish(
+        self, tool_deltas: list[dict[str, Any]], finish_reason: str, usage: dict[str, int]
+    ) -> list[ResponseEvent]:
+        """Close open items, add the client's function calls, and end with `response.completed` (or incomplete)."""
+        events = self._close()
+        events += self._function_calls(tool_deltas)
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        self.response["usage"] = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }
+        self.response["completed_at"] = int(time.time())
+        if finish_reason in ("length", "content_filter"):
+            reason = "max_output_tokens" if finish_reason == "length" else "content_filter"
+            self.response["status"] = "incomplete"
+            self.response["incomplete_details"] = {"reason": reason}
+            return [*events, self._lifecycle("response.incomplete")]
+        self.response["status"] = "completed"
+        return [*events, self._lifecycle("response.completed")]
+
+    def fail(self, error: OpenAIError) -> list[ResponseEvent]:
+        """End with `response.failed` carrying the error."""
+        events = self._close(status="incomplete")
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": "server_error", "message": error.message}
+        return [*events, self._lifecycle("response.failed")]
+
+    def cancel(self) -> list[ResponseEvent]:
+        """End a cancelled background response (`response.cancelled`: not an OpenAI event type, but terminal)."""
+        events = self._close(status="incomplete")
+        self.response["status"] = "cancelled"
+        return [*events, self._lifecycle("response.cancelled")]
+
+    # items ----------------------------------------------------------------------------------------------------
+
+    def _text_delta(self, kind: str, text: str) -> list[ResponseEvent]:
+        events: list[ResponseEvent] = []
+        item = self._open
+        if item is None or item["type"] != kind:
+            events += self._close()
+            events += self._open_item(kind)
+            item = self._open
+            assert item is not None
+        self._text.append(text)
+        delta_type = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
+        event: TextDeltaEvent = {
+            "type": delta_type,
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": len(self.response["output"]) - 1,
+            "content_index": 0,
+            "delta": text,
+        }
+        if kind == "message":
+            event["logprobs"] = []
+        events.append(event)
+        return events
+
+    def _open_item(self, kind: str) -> list[ResponseEvent]:
+        if kind == "message":
+            item = {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant"}
+            item.update(status="in_progress", content=[])
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        else:
+            item = {"id": "rs_" + secrets.token_hex(12), "type": "reasoning", "summary": [], "content": []}
+            item["status"] = "in_progress"
+            part = {"type": "reasoning_text", "text": ""}
+        self.response["output"].append(item)
+        self._open = item
+        self._text = []
+        index = len(self.response["output"]) - 1
+        added: OutputItemEvent = {
+            "type": "response.output_item.added",
+            "sequence_number": self._next(),
+            "output_index": index,
+            "item": {**item, "content": []},
+        }
+        item["content"].append(part)
+        part_added: ContentPartEvent = {
+            "type": "response.content_part.added",
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": index,
+            "content_index": 0,
+            "part": dict(part),
+        }
+        return [added, part_added]
+
+    def _close(self, status: str = "completed") -> list[ResponseEvent]:
+        item = self._open
+        if item is None:
+            return []
+        self._open = None
+        index = len(self.response["output"]) - 1
+        part = item["content"][0]
+        part["text"] = "".join(self._text)
+        item["status"] = status
+        kind = "output_text" if item["type"] == "message" else "reasoning_text"
+        text_done: TextDoneEvent = {
+            "type": f"response.{kind}.done",
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": index,
+            "content_index": 0,
+            "text": part["text"],
+        }
+        if item["type"] == "message":
+            text_done["logprobs"] = []
+        part_done: ContentPartEvent = {
+            "type": "response.content_part.done",
+            "sequence_number": self._next(),
+            "item_id": item["id"],
+            "output_index": index,
+            "content_index": 0,
+            "part": dict(part),
+        }
+        return [text_done, part_done, self._item_done(index)]
+
+    def _function_calls(self, tool_deltas: list[dict[str, Any]]) -> list[ResponseEvent]:
+        """Client tool calls (released by `DeltaMapper.finish`) as `function_call` items."""
+        calls: dict[int, dict[str, Any]] = {}
+        pieces: dict[int, list[str]] = {}
+        for delta in tool_deltas:
+            for call in delta["tool_calls"]:
+                if "id" in call:
+                    calls[call["index"]] = {"call_id": call["id"], "name": call["function"]["name"]}
+                pieces.setdefault(call["index"], []).append(call["function"].get("arguments") or "")
+        events: list[ResponseEvent] = []
+        for position in sorted(calls):
+            item = {
+                "id": "fc_" + secrets.token_hex(12),
+                "type": "function_call",
+                "call_id": calls[position]["call_id"],
+                "name": calls[position]["name"],
+                "arguments": "",
+                "status": "in_progress",
+            }
+            self.response["output"].append(item)
+            index = len(self.response["output"]) - 1
+            added: OutputItemEvent = {
+                "type": "response.output_item.added",
+                "sequence_number": self._next(),
+                "output_index": index,
+                "item": dict(item),
+            }
+            events.append(added)
+            for piece in pieces[position]:
+                if piece:
+                    delta_event: ArgumentsDeltaEvent = {
+                        "type": "response.function_call_arguments.delta",
+                        "sequence_number": self._next(),
+                        "item_id": item["id"],
+                        "output_index": index,
+                        "delta": piece,
+                    }
+                    events.append(delta_event)
+            item["arguments"] = "".join(pieces[position])
+            item["status"] = "completed"
+            done: ArgumentsDoneEvent = {
+                "type": "response.function_call_arguments.done",
+                "sequence_number": self._next(),
+                "item_id": item["id"],
+                "output_index": index,
+                "name": item["name"],
+                "arguments": item["arguments"],
+            }
+            events += [done, self._item_done(index)]
+        return events
+
+    def _item_done(self, index: int) -> OutputItemEvent:
+        item = self.response["output"][index]
+        return {
+            "type": "response.output_item.done",
+            "sequence_number": self._next(),
+            "output_index": index,
+            "item": {**item, "content": [dict(part) for part in item["content"]]} if "content" in item else dict(item),
+        }
+
+    def _lifecycle(self, type: str) -> ResponseLifecycleEvent:
+        return {"type": type, "sequence_number": self._next(), "response": snapshot(self.response)}
+
+    def _next(self) -> int:
+        number = self._sequence
+        self._sequence += 1
+        return number
+
+
+def snapshot(response: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the response object that later events cannot change."""
+    return orjson.loads(orjson.dumps(response))
+
+
+def event_frame(event: ResponseEvent | dict[str, Any]) -> bytes:
+    """One Responses event as SSE: an `event:` line naming its type, and its JSON."""
+    return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"

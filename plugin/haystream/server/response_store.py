@@ -1,0 +1,269 @@
+"""Where stored responses and their event logs live: this process's memory, or Redis (shared by replicas).
+
+A stored response is a record (the owner's key id, the `response` object, the conversation it ends) kept for a TTL.
+Its events are a log that a client can replay from any sequence number and then follow live: in memory an
+`EventLog` (woken by an `asyncio.Event`, nothing polls), in Redis a stream read with `XREAD BLOCK`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from haystream.openai.responses import TERMINAL_EVENTS
+
+logger = logging.getLogger("haystream.server")
+
+Batch = list[dict[str, Any]] | None  # events, or None when `idle` seconds passed without one (time for a ping)
+
+
+@dataclass
+class StoredResponse:
+    """One stored response: whose it is, the `response` object, and the conversation up to and including it."""
+
+    key_id: str
+    response: dict[str, Any]
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EventLog:
+    """The events of one running response in this process: appended by the run, read by any number of followers."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.ended = False
+        self._changed = asyncio.Event()
+
+    def append(self, events: list[dict[str, Any]]) -> None:
+        """Add events; a terminal event (or `end()`) ends the log. Wakes every follower once."""
+        self.events += events
+        if events and events[-1]["type"] in TERMINAL_EVENTS:
+            self.ended = True
+        self._wake()
+
+    def end(self) -> None:
+        """No more events will come (the run stopped without a terminal event)."""
+        self.ended = True
+        self._wake()
+
+    async def wait_for_first(self) -> None:
+        """Return once there is an event or the log ended."""
+        while not self.events and not self.ended:
+            await self._changed.wait()
+
+    async def follow(self, after: int, idle: float) -> AsyncIterator[Batch]:
+        """The events with `sequence_number > after`, in batches, then the live ones until the log ends."""
+        position = next((i for i, event in enumerate(self.events) if event["sequence_number"] > after), None)
+        position = len(self.events) if position is None else position
+        while True:
+            if position < len(self.events):
+                batch = self.events[position:]
+                position += len(batch)
+                yield batch
+                continue
+            if self.ended:
+                return
+            changed = self._changed
+            try:
+                async with asyncio.timeout(idle):
+                    await changed.wait()
+            except TimeoutError:
+                yield None
+
+    def _wake(self) -> None:
+        # One Event per generation: set it (waking every follower) and hand out a fresh one.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
+class ResponseStore(Protocol):
+    """What the Responses endpoint needs from a store."""
+
+    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+        """Create or replace a record (`log`: the run's local event log, which the memory store keeps)."""
+
+    async def get(self, id: str, key_id: str) -> StoredResponse | None:
+        """The record if it exists, has not expired, and belongs to `key_id`."""
+
+    async def delete(self, id: str, key_id: str) -> bool:
+        """Forget a record and its events; False when there was none (for this key)."""
+
+    async def append(self, id: str, events: list[dict[str, Any]]) -> None:
+        """Add events to the response's shared log."""
+
+    def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
+        """Replay the events after `after`, then follow live until a terminal event."""
+
+    async def request_cancel(self, id: str) -> None:
+        """Ask whichever process runs `id` to cancel it."""
+
+    async def start(self, on_cancel: Callable[[str], None]) -> None:
+        """Begin serving (e.g. listen for cancel requests from other replicas)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class MemoryStore:
+    """Records in this process, bounded by count (oldest dropped first) and by TTL."""
+
+    def __init__(self, ttl_seconds: float, max_stored: int) -> None:
+        self.ttl = ttl_seconds
+        self.max_stored = max_stored
+        self._records: OrderedDict[str, tuple[float, StoredResponse, EventLog | None]] = OrderedDict()
+        self._on_cancel: Callable[[str], None] = lambda id: None
+
+    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+        id = record.response["id"]
+        old = self._records.pop(id, None)
+        if log is None and old is not None:
+            log = old[2]
+        now = time.monotonic()
+        self._records[id] = (now + self.ttl, record, log)
+        while self._records:
+            oldest_id, (expires, _, _) = next(iter(self._records.items()))
+            if len(self._records) <= self.max_stored and expires > now:
+                break
+            del self._records[oldest_id]
+
+    async def get(self, id: str, key_id: str) -> StoredResponse | None:
+        entry = self._live(id)
+        return entry[1] if entry is not None and entry[1].key_id == key_id else None
+
+    async def delete(self, id: str, key_id: str) -> bool:
+        if await self.get(id, key_id) is None:
+            return False
+        del self._records[id]
+        return True
+
+    async def append(self, id: str, events: list[dict[str, Any]]) -> None:
+        pass  # the run's EventLog, kept with the record, is the log
+
+    async def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
+        entry = self._live(id)
+        if entry is None or entry[2] is None:
+            return
+        async for batch in entry[2].follow(after, idle):
+            yield batch
+
+    async def request_cancel(self, id: str) -> None:
+        self._on_cancel(id)
+
+    async def start(self, on_cancel: Callable[[str], None]) -> None:
+        self._on_cancel = on_cancel
+
+    async def close(self) -> None:
+        self._records.clear()
+
+    def _live(self, id: str) -> tuple[float, StoredResponse, EventLog | None] | None:
+        entry = self._records.get(id)
+        if entry is not None and entry[0] <= time.monotonic():
+            del self._records[id]
+            return None
+        return entry
+
+
+class RedisStore:
+    """Records as JSON keys with a TTL, event logs as Redis streams (`XADD`, `XREAD BLOCK`), cancels by pub/sub."""
+
+    CANCEL_CHANNEL = "haystream:responses:cancel"
+
+    def __init__(self, url: str, ttl_seconds: float, prefix: str = "haystream:responses:") -> None:
+        try:
+            from redis import asyncio as aioredis
+        except ImportError:
+            raise RuntimeError("HAYSTREAM_REDIS_URL needs the redis package: pip install 'haystream[redis]'") from None
+        self._redis = aioredis.from_url(url)
+        self.ttl = max(1, int(ttl_seconds))
+        self._prefix = prefix
+        self._listener: asyncio.Task[None] | None = None
+
+    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+        payload = orjson.dumps({"key_id": record.key_id, "response": record.response, "messages": record.messages})
+        await self._redis.set(self._key(record.response["id"]), payload, ex=self.ttl)
+
+    async def get(self, id: str, key_id: str) -> StoredResponse | None:
+        raw = await self._redis.get(self._key(id))
+        if raw is None:
+            return None
+        data = orjson.loads(raw)
+        if data["key_id"] != key_id:
+            return None
+        return StoredResponse(data["key_id"], data["response"], data["messages"])
+
+    async def delete(self, id: str, key_id: str) -> bool:
+        if await self.get(id, key_id) is None:
+            return False
+        await self._redis.delete(self._key(id), self._log(id))
+        return True
+
+    async def append(self, id: str, events: list[dict[str, Any]]) -> None:
+        # Stream ids "0-(n+1)" for sequence number n: XREAD after "0-(N+1)" is exactly "starting_after=N".
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.xadd(self._log(id), {"e": orjson.dumps(event)}, id=f"0-{event['sequence_number'] + 1}")
+            pipe.expire(self._log(id), self.ttl)
+            await pipe.execute()
+
+    async def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
+        log = self._log(id)
+        cursor = f"0-{after + 1}" if after >= 0 else "0-0"
+        block = max(1, int(idle * 1000))
+        while True:
+            found = await self._redis.xread({log: cursor}, block=block, count=512)
+            if not found:
+                if not await self._redis.exists(log, self._key(id)):
+                    return  # deleted or expired while we waited
+                yield None
+                continue
+            entries = found[0][1]
+            cursor = entries[-1][0]
+            batch = [orjson.loads(fields[b"e"]) for _, fields in entries]
+            yield batch
+            if batch[-1]["type"] in TERMINAL_EVENTS:
+                return
+
+    async def request_cancel(self, id: str) -> None:
+        await self._redis.publish(self.CANCEL_CHANNEL, id)
+
+    async def start(self, on_cancel: Callable[[str], None]) -> None:
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self.CANCEL_CHANNEL)
+
+        async def listen() -> None:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    on_cancel(message["data"].decode())
+
+        self._listener = asyncio.create_task(listen())
+        self._pubsub = pubsub
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+        await self._redis.aclose()
+
+    def _key(self, id: str) -> str:
+        return f"{self._prefix}{id}"
+
+    def _log(self, id: str) -> str:
+        return f"{self._prefix}{id}:events"
+
+
+def create_store(redis_url: str | None, ttl_seconds: float, max_stored: int) -> ResponseStore:
+    """The Redis store when a URL is configured, else the memory store."""
+    if redis_url:
+        return RedisStore(redis_url, ttl_seconds)
+    return MemoryStore(ttl_seconds, max_stored)

@@ -1,0 +1,332 @@
+"""`/v1/responses`: the OpenAI Responses API over the same wrappers, with stored and background responses.
+
+Every response is a run (a task) that writes its events into an `EventLog`; the client that asked, and anyone
+resuming later, follows that log. A foreground run belongs to its connection (a disconnect cancels it); a background
+run belongs to the server until it ends or `POST /v1/responses/{id}/cancel`. Stored records and, with Redis, the
+event logs live in the `ResponseStore`, so another replica can answer a `GET` or a resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qs
+
+from haystream.openai import DeltaMapper, Event, OpenAIError
+from haystream.openai.frames import PING
+from haystream.openai.responses import (
+    TERMINAL_EVENTS,
+    ResponseEvents,
+    ResponsesRequest,
+    chat_tools,
+    event_frame,
+    input_messages,
+    output_messages,
+    snapshot,
+)
+from haystream.openwebui.activity import ClientStyle
+from haystream.server.asgi import Receive, Send, run_until_disconnect, send_error, send_json
+from haystream.server.chat import aclose, client_deltas, failure_error
+from haystream.server.response_store import Batch, EventLog, ResponseStore, StoredResponse
+
+logger = logging.getLogger("haystream.server")
+
+_NOTHING: Any = object()
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+CANCEL_WAIT_SECONDS = 10.0
+
+
+class ResponseRun:
+    """One response being produced: wrapper items → neutral deltas → Responses events → the event log (and store)."""
+
+    def __init__(
+        self,
+        request: ResponsesRequest,
+        open_items: Callable[[], Awaitable[AsyncIterator[Any]]],
+        *,
+        store: ResponseStore,
+        key_id: str,
+        conversation: list[dict[str, Any]],
+        request_id: str,
+        keepalive_seconds: float,
+        style: ClientStyle,
+        secrets: Sequence[str],
+    ) -> None:
+        self.request = request
+        self.events = ResponseEvents(request)
+        self.log = EventLog()
+        self.early_error: OpenAIError | None = None  # a failure before the first event: an HTTP error instead
+        self._open_items = open_items
+        self._store = store
+        self._key_id = key_id
+        self._conversation = conversation
+        self._request_id = request_id
+        self._keepalive = keepalive_seconds
+        self._style = style
+        self._secrets = secrets
+
+    @property
+    def id(self) -> str:
+        """The response id."""
+        return self.events.id
+
+    async def save(self) -> None:
+        """Store the record as it stands (with the conversation once the response is done)."""
+        if not self.request.store:
+            return
+        response = snapshot(self.events.response)
+        messages = self._conversation
+        if response["status"] in ("completed", "incomplete"):
+            messages = self._conversation + output_messages(response["output"])
+        await self._store.save(StoredResponse(self._key_id, response, messages), self.log)
+
+    async def run(self) -> None:
+        """Produce the response; ends the log however it ends."""
+        items: AsyncIterator[Any] | None = None
+        first_item: asyncio.Future[Any] | None = None
+        mapper = DeltaMapper()
+        try:
+            if self.request.background:
+                await self._emit(self.events.started())
+            items = await self._open_items()
+            first_item = asyncio.ensure_future(anext(items, _NOTHING))
+            # Like chat: wait for the first item before committing, so an early failure keeps its HTTP status.
+            await asyncio.wait({first_item}, timeout=None if self.request.background else self._keepalive)
+            if first_item.done():
+                first_item.result()  # raises an early failure here
+            if not self.request.background:
+                await self._emit(self.events.created())
+            first = await first_item
+            if first is not _NOTHING:
+                await self._feed(mapper, first)
+                async for item in items:
+                    await self._feed(mapper, item)
+            await self._emit(self.events.finish(*mapper.finish()))
+        except asyncio.CancelledError:
+            if first_item is not None and not first_item.done():
+                first_item.cancel()
+                await asyncio.wait({first_item})  # let the wrapper unwind before its iterator is closed
+            if self.log.events:
+                with contextlib.suppress(Exception):
+                    await self._emit(self.events.cancel())
+            raise
+        except Exception as error:
+            failure = failure_error(error, self._request_id, self._secrets)
+            if not self.log.events:
+                self.early_error = failure
+                self.events.response["status"] = "failed"
+                self.events.response["error"] = {"code": "server_error", "message": failure.message}
+            else:
+                await self._emit(self.events.fail(failure))
+        finally:
+            self.log.end()
+            if items is not None:
+                await aclose(items)
+            with contextlib.suppress(Exception):
+                await self.save()
+
+    async def _feed(self, mapper: DeltaMapper, item: Any) -> None:
+        events = []
+        for delta in client_deltas(mapper, item, self._style):
+            if not isinstance(delta, Event):  # Open WebUI events have no Responses counterpart
+                events += self.events.feed(delta)
+        if events:
+            await self._emit(events)
+
+    async def _emit(self, events: list[Any]) -> None:
+        self.log.append(events)
+        if self.request.store:
+            await self._store.append(self.id, events)
+
+
+class ResponsesEndpoint:
+    """The `/v1/responses` routes."""
+
+    def __init__(
+        self,
+        store: ResponseStore,
+        *,
+        keepalive_seconds: float,
+        send_timeout_seconds: float,
+    ) -> None:
+        self.store = store
+        self._keepalive = keepalive_seconds
+        self._send_timeout = send_timeout_seconds
+        self._runs: dict[str, tuple[ResponseRun, asyncio.Task[None]]] = {}
+
+    async def start(self) -> None:
+        """Begin listening for cancel requests (from this or another replica)."""
+        await self.store.start(self._cancel_local)
+
+    async def close(self) -> None:
+        """Cancel background runs and release the store."""
+        for _, task in list(self._runs.values()):
+            task.cancel()
+        await asyncio.gather(*(task for _, task in self._runs.values()), return_exceptions=True)
+        await self.store.close()
+
+    def new_run(self, request: ResponsesRequest, **kwargs: Any) -> ResponseRun:
+        """A run for a validated request (see `ResponseRun`)."""
+        return ResponseRun(request, store=self.store, keepalive_seconds=self._keepalive, **kwargs)
+
+    async def conversation(self, request: ResponsesRequest, key_id: str) -> list[dict[str, Any]]:
+        """The messages a request continues: the stored conversation of `previous_response_id`, then its input."""
+        messages: list[dict[str, Any]] = []
+        if request.previous_response_id:
+            previous = await self.store.get(request.previous_response_id, key_id)
+            if previous is None:
+                raise OpenAIError(
+                    404,
+                    f"Previous response with id '{request.previous_response_id}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            messages += previous.messages
+        return messages + input_messages(request.input)
+
+    async def create(self, run: ResponseRun, receive: Receive, send: Send, admission: Any) -> None:
+        """Answer a `POST`: stream or not, foreground or background."""
+        if run.request.background:
+            await self._start_background(run, admission)
+            if run.request.stream:
+                await run_until_disconnect(self._stream(send, run.log.follow(-1, self._keepalive)), receive)
+            else:
+                await send_json(send, 200, snapshot(run.events.response))
+            return
+        with admission:
+            task = asyncio.ensure_future(run.run())
+            if run.request.store:
+                self._runs[run.id] = (run, task)
+            try:
+                left = await run_until_disconnect(self._foreground(run, task, send), receive)
+            finally:
+                if not task.done():
+                    task.cancel()
+                await asyncio.wait({task})
+                self._runs.pop(run.id, None)
+            if left:
+                logger.info("response %s: client disconnected; the run was cancelled", run.id)
+
+    async def retrieve(self, id: str, key_id: str, query: bytes, receive: Receive, send: Send) -> None:
+        """`GET /v1/responses/{id}`: the response object, or (`stream=true`) its events after `starting_after`."""
+        params = parse_qs(query.decode("latin-1"))
+        record = await self.store.get(id, key_id)
+        if record is None:
+            raise _not_found(id)
+        if params.get("stream", ["false"])[0].lower() != "true":
+            local = self._runs.get(id)
+            await send_json(send, 200, snapshot(local[0].events.response) if local else record.response)
+            return
+        try:
+            after = int(params.get("starting_after", ["-1"])[0])
+        except ValueError:
+            raise OpenAIError(400, "starting_after must be an integer.", param="starting_after") from None
+        local = self._runs.get(id)
+        events = local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
+        await run_until_disconnect(self._stream(send, events), receive)
+
+    async def delete(self, id: str, key_id: str, send: Send) -> None:
+        """`DELETE /v1/responses/{id}`."""
+        local = self._runs.get(id)
+        if not await self.store.delete(id, key_id):
+            raise _not_found(id)
+        if local is not None:
+            local[1].cancel()
+        await send_json(send, 200, {"id": id, "object": "response.deleted", "deleted": True})
+
+    async def cancel(self, id: str, key_id: str, send: Send) -> None:
+        """`POST /v1/responses/{id}/cancel`: stop a background run (wherever it runs) and return the response."""
+        record = await self.store.get(id, key_id)
+        if record is None:
+            raise _not_found(id)
+        if not record.response.get("background"):
+            raise OpenAIError(400, "Only background responses can be cancelled.", code="invalid_request")
+        if record.response["status"] in ("queued", "in_progress"):
+            local = self._runs.get(id)
+            if local is not None:
+                local[1].cancel()
+                await asyncio.wait({local[1]})
+            else:
+                await self.store.request_cancel(id)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                        async for batch in self.store.follow(id, -1, self._keepalive):
+                            if batch and batch[-1]["type"] in TERMINAL_EVENTS:
+                                break
+            record = await self.store.get(id, key_id) or record
+        await send_json(send, 200, record.response)
+
+    # internals ------------------------------------------------------------------------------------------------
+
+    async def _start_background(self, run: ResponseRun, admission: Any) -> None:
+        admission.__enter__()  # held until the run ends, not until this request ends
+        run.log.append(run.events.created())
+        await self.store.append(run.id, run.log.events)
+        await run.save()
+
+        async def background() -> None:
+            try:
+                await run.run()
+            finally:
+                admission.__exit__(None, None, None)
+                self._runs.pop(run.id, None)
+
+        self._runs[run.id] = (run, asyncio.ensure_future(background()))
+
+    async def _foreground(self, run: ResponseRun, task: asyncio.Task[None], send: Send) -> None:
+        await run.log.wait_for_first()
+        if run.early_error is not None:
+            await send_error(send, run.early_error)
+            return
+        if run.request.stream:
+            await self._stream(send, run.log.follow(-1, self._keepalive))
+            return
+        await asyncio.wait({task})
+        response = snapshot(run.events.response)
+        if response["status"] == "failed":
+            await send_error(send, OpenAIError(500, response["error"]["message"], code="pipeline_error"))
+            return
+        await send_json(send, 200, response)
+
+    async def _stream(self, send: Send, events: AsyncIterator[Batch]) -> None:
+        """Send a log's events as SSE, pinging when idle; a client that reads nothing is dropped."""
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        try:
+            async for batch in events:
+                body = PING if batch is None else b"".join(event_frame(event) for event in batch)
+                try:
+                    async with asyncio.timeout(self._send_timeout):
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                except TimeoutError:
+                    logger.warning("a Responses client read nothing for %gs; dropped", self._send_timeout)
+                    return
+        finally:
+            await aclose(events)  # type: ignore[arg-type]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _cancel_local(self, id: str) -> None:
+        local = self._runs.get(id)
+        if local is not None:
+            local[1].cancel()
+
+
+def _not_found(id: str) -> OpenAIError:
+    return OpenAIError(404, f"Response with id '{id}' not found.", param="response_id", code="response_not_found")
+
+
+def wrapper_body(request: ResponsesRequest, body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The body a chat wrapper sees: the Responses body plus chat-completions `messages`, `tools` and
+    `max_tokens`, so that wrappers written for chat completions work unchanged."""
+    chat = {**body, "messages": messages, "stream": True}
+    if request.tools:
+        chat["tools"] = chat_tools(request.tools)
+    if request.max_output_tokens:
+        chat["max_tokens"] = request.max_output_tokens
+    return chat
