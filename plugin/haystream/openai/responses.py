@@ -54,6 +54,13 @@ class ResponseLifecycleEvent(ResponseEvent):
     response: dict[str, Any]
 
 
+class ResponseFailedEvent(ResponseLifecycleEvent):
+    """`response.failed`, with the error also at the top level: the openai SDK raises `APIError` for an event that
+    carries one, so a failed stream fails in the client instead of ending quietly."""
+
+    error: dict[str, Any]
+
+
 class OutputItemEvent(ResponseEvent):
     """`response.output_item.added` / `.done`."""
 
@@ -300,7 +307,8 @@ class ResponseEvents:
         events = self._close(status="incomplete")
         self.response["status"] = "failed"
         self.response["error"] = {"code": "server_error", "message": error.message}
-        return [*events, self._lifecycle("response.failed")]
+        failed: ResponseFailedEvent = {**self._lifecycle("response.failed"), "error": error.to_dict()["error"]}
+        return [*events, failed]
 
     def cancel(self) -> list[ResponseEvent]:
         """End a cancelled background response (`response.cancelled`: not an OpenAI event type, but terminal)."""

@@ -1,0 +1,297 @@
+"""The OpenAI Responses API as real clients use it: the openai SDK (streams, the stream helper, stored and
+background responses, resume after a dropped connection, cancel), raw httpx, and two servers sharing one Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from support import start_server
+
+
+# A second server in this process shares hayhooks' registry, and fake_async's cached async clients belong to the
+# first server's loop: later servers use the sync wrapper, whose clients have no loop.
+SYNC = {"mode": "stream", "scenario": "fake?tokens=1"}
+
+
+def text(n: int, prefix: str = "t") -> str:
+    return "".join(f"{prefix}{i} " for i in range(n))
+
+
+def sse(body: str) -> list[tuple[str, dict]]:
+    """(event name, data) pairs of a Responses SSE body."""
+    pairs = []
+    for block in body.split("\n\n"):
+        lines = block.splitlines()
+        names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+        data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+        if data:
+            pairs.append((names[0] if names else "", orjson.loads(data[0])))
+    return pairs
+
+
+def test_stream_event_sequence_and_usage(client):
+    stream = client.responses.create(
+        model="fake_async", input="hello", stream=True, extra_body={"scenario": "fake?tokens=5"}
+    )
+    events = list(stream)
+    types = [event.type for event in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == text(5)
+    final = events[-1].response
+    assert final.status == "completed"
+    assert final.output_text == text(5)
+    assert final.usage is not None and final.usage.output_tokens > 0
+    assert final.usage.total_tokens == final.usage.input_tokens + final.usage.output_tokens
+
+
+def test_raw_frames_name_their_event(server):
+    body = {"model": "fake_async", "input": "hi", "stream": True, "scenario": "fake?tokens=2"}
+    response = httpx.post(server.url + "/v1/responses", json=body, timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    pairs = sse(response.text)
+    assert pairs and all(name == data["type"] for name, data in pairs)
+
+
+def test_stream_helper_final_response(client):
+    with client.responses.stream(
+        model="fake_sync", input="hello", extra_body={"mode": "stream", "scenario": "fake?tokens=4"}
+    ) as stream:
+        seen = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert seen == text(4)
+    assert final.output_text == text(4)
+    assert final.status == "completed"
+
+
+def test_non_stream_returns_the_response_object(client):
+    response = client.responses.create(
+        model="fake_async", input="hello", instructions="be brief", extra_body={"scenario": "fake?tokens=3"}
+    )
+    assert response.object == "response"
+    assert response.status == "completed"
+    assert response.output_text == text(3)
+    assert response.output[0].type == "message"
+    assert response.instructions == "be brief"
+
+
+def test_reasoning_becomes_a_reasoning_item(client):
+    response = client.responses.create(model="fake_async", input="hello", extra_body={"mode": "mixed"})
+    kinds = [item.type for item in response.output]
+    assert kinds == ["reasoning", "message"]
+    assert response.output[0].content[0].text == "thinking..."
+    assert response.output_text == "plain chunk dict"  # Open WebUI events have no Responses counterpart
+
+
+def test_client_tool_call_is_a_function_call_item(client):
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}]
+    stream = client.responses.create(
+        model="fake_async",
+        input="look it up",
+        tools=tools,
+        stream=True,
+        extra_body={"mode": "client_tools", "scenario": 'fake?tool=lookup&args={"q":"x"}'},
+    )
+    events = list(stream)
+    types = [event.type for event in events]
+    assert "response.function_call_arguments.delta" in types
+    done = next(event for event in events if event.type == "response.function_call_arguments.done")
+    assert done.arguments == '{"q":"x"}'
+    final = events[-1].response
+    call = next(item for item in final.output if item.type == "function_call")
+    assert (call.name, call.arguments, call.call_id) == ("lookup", '{"q":"x"}', "call_fake_1")
+
+
+def test_agent_tool_calls_stay_internal(client):
+    response = client.responses.create(
+        model="fake_async", input="multiply", extra_body={"mode": "agent", "scenario": "fake?tool=multiply&args={}"}
+    )
+    assert all(item.type != "function_call" for item in response.output)
+
+
+def test_previous_response_id_prepends_the_conversation(client, upstream):
+    first = client.responses.create(model="fake_async", input="first question", extra_body={"scenario": "fake"})
+    upstream.reset()
+    client.responses.create(
+        model="fake_async",
+        input="second question",
+        previous_response_id=first.id,
+        extra_body={"scenario": "fake?tokens=1"},
+    )
+    sent = upstream.wait_for_requests(1)[0].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[0]["content"] == "first question"
+    assert sent[1]["content"] == first.output_text
+    assert sent[2]["content"] == "second question"
+
+
+def test_retrieve_and_delete(client):
+    created = client.responses.create(model="fake_async", input="hello", extra_body={"scenario": "fake?tokens=2"})
+    assert client.responses.retrieve(created.id).output_text == text(2)
+    client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+
+
+def test_store_false_is_not_kept(client):
+    created = client.responses.create(
+        model="fake_async", input="hello", store=False, extra_body={"scenario": "fake?tokens=2"}
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+
+
+def test_unknown_model_is_a_404_envelope(server):
+    response = httpx.post(server.url + "/v1/responses", json={"model": "nope", "input": "x", "stream": True})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_bad_id_is_a_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_doesnotexist", stream=True)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="fake_async", input="x", previous_response_id="resp_doesnotexist")
+
+
+def test_failure_before_the_first_byte_is_an_http_error(client):
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.responses.create(model="fake_async", input="x", stream=True, extra_body={"mode": "fail_early"})
+    assert "refused" in caught.value.message
+
+
+def test_mid_stream_failure_is_response_failed(client):
+    stream = client.responses.create(
+        model="fake_async", input="x", stream=True, extra_body={"scenario": "fake?tokens=6&fail_after=2"}
+    )
+    seen = []
+    with pytest.raises(openai.APIError) as caught:
+        for event in stream:
+            seen.append(event.type)
+    assert "response.output_text.delta" in seen
+    assert "upstream" in str(caught.value) or "pipeline" in str(caught.value)
+
+
+def test_mid_stream_failure_event_on_the_wire(server):
+    body = {"model": "fake_async", "input": "hi", "stream": True, "scenario": "fake?tokens=6&fail_after=2"}
+    pairs = sse(httpx.post(server.url + "/v1/responses", json=body, timeout=30).text)
+    name, data = pairs[-1]
+    assert name == "response.failed"
+    assert data["response"]["status"] == "failed"
+    assert data["response"]["error"]["message"]
+
+
+def test_background_resume_after_dropped_connection(client, server):
+    full = text(12)
+    stream = client.responses.create(
+        model="fake_async",
+        input="hello",
+        stream=True,
+        background=True,
+        extra_body={"scenario": "fake?tokens=12&delay=0.05"},
+    )
+    response_id = None
+    before = []
+    last = -1
+    for event in stream:
+        last = event.sequence_number
+        if event.type == "response.created":
+            response_id = event.response.id
+            assert event.response.background
+        if event.type == "response.output_text.delta":
+            before.append(event.delta)
+            if len(before) == 3:
+                break
+    stream.close()  # the connection drops mid-answer
+    assert response_id is not None
+    resumed = client.responses.retrieve(response_id, stream=True, starting_after=last)
+    after = []
+    numbers = []
+    for event in resumed:
+        numbers.append(event.sequence_number)
+        if event.type == "response.output_text.delta":
+            after.append(event.delta)
+    assert numbers[0] == last + 1
+    assert "".join(before) + "".join(after) == full
+    assert client.responses.retrieve(response_id).output_text == full
+
+
+def test_background_returns_at_once_and_cancel_cuts_upstream(client, upstream):
+    upstream.reset()
+    created = client.responses.create(
+        model="fake_async", input="hello", background=True, extra_body={"scenario": "fake?tokens=2000&delay=0.01"}
+    )
+    assert created.status in ("queued", "in_progress")
+    record = upstream.wait_for_requests(1)[0]
+    cancelled = client.responses.cancel(created.id)
+    assert cancelled.status == "cancelled"
+    record.wait()
+    assert record.client_hung_up and not record.completed
+    assert client.responses.retrieve(created.id).status == "cancelled"
+
+
+def test_streamed_request_whose_client_leaves_is_cancelled(server, upstream):
+    upstream.reset()
+    body = {"model": "fake_async", "input": "hi", "stream": True, "scenario": "fake?tokens=2000&delay=0.01"}
+    with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if "output_text.delta" in line:
+                break
+    record = upstream.wait_for_requests(1)[0].wait()
+    assert record.client_hung_up and not record.completed
+
+
+def test_another_keys_response_is_not_found(upstream):
+    srv = start_server(upstream, api_keys="key-aaaaaaaa,key-bbbbbbbb")
+    try:
+        with (
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="key-aaaaaaaa", max_retries=0) as a,
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="key-bbbbbbbb", max_retries=0) as b,
+        ):
+            mine = a.responses.create(model="fake_sync", input="x", extra_body=SYNC)
+            assert a.responses.retrieve(mine.id).id == mine.id
+            with pytest.raises(openai.NotFoundError):
+                b.responses.retrieve(mine.id)
+            with pytest.raises(openai.NotFoundError):
+                b.responses.delete(mine.id)
+            with pytest.raises(openai.NotFoundError):
+                b.responses.create(model="fake_sync", input="x", previous_response_id=mine.id, extra_body=SYNC)
+    finally:
+        srv.stop()
+
+
+def test_expired_response_is_not_found(upstream):
+    srv = start_server(upstream, responses_ttl_seconds=0.001)
+    try:
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0) as sdk:
+            created = sdk.responses.create(model="fake_sync", input="x", extra_body=SYNC)
+            with pytest.raises(openai.NotFoundError):
+                sdk.responses.retrieve(created.id, stream=True, starting_after=0)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("path", ["/responses", "/openwebui/v1/responses"])
+def test_other_base_paths(server, path):
+    body = {"model": "fake_async", "input": "hi", "scenario": "fake?tokens=2"}
+    response = httpx.post(server.url + path, json=body, timeout=30)
+    assert response.status_code == 200
+    assert response.json()["output"][0]["content"][0]["text"] == text(2)
