@@ -3,7 +3,6 @@ background responses, resume after a dropped connection, cancel), raw httpx, and
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,6 @@ import orjson
 import pytest
 
 from support import start_server
-
 
 # A second server in this process shares hayhooks' registry, and fake_async's cached async clients belong to the
 # first server's loop: later servers use the sync wrapper, whose clients have no loop.
@@ -295,3 +293,99 @@ def test_other_base_paths(server, path):
     response = httpx.post(server.url + path, json=body, timeout=30)
     assert response.status_code == 200
     assert response.json()["output"][0]["content"][0]["text"] == text(2)
+
+
+# Redis: two servers share one real redis-server --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as workdir:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "", "--appendonly", "no"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            for line in process.stdout:  # wait for the server to say it is ready, not for a time
+                if "Ready to accept connections" in line:
+                    break
+            else:
+                pytest.fail("redis-server exited before it was ready")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def replicas(upstream, redis_url):
+    first = start_server(upstream, redis_url=redis_url)
+    second = start_server(upstream, redis_url=redis_url)
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_redis_background_started_on_one_replica_resumes_on_the_other(replicas):
+    one, two = replicas
+    full = text(10)
+    with sdk(one) as a, sdk(two) as b:
+        stream = a.responses.create(
+            model="fake_sync",
+            input="hello",
+            stream=True,
+            background=True,
+            extra_body={"mode": "stream", "scenario": "fake?tokens=10&delay=0.05"},
+        )
+        response_id, before, last = None, [], -1
+        for event in stream:
+            last = event.sequence_number
+            if event.type == "response.created":
+                response_id = event.response.id
+            if event.type == "response.output_text.delta":
+                before.append(event.delta)
+                if len(before) == 2:
+                    break
+        stream.close()
+        assert response_id is not None
+        after = [
+            event.delta
+            for event in b.responses.retrieve(response_id, stream=True, starting_after=last)
+            if event.type == "response.output_text.delta"
+        ]
+        assert "".join(before) + "".join(after) == full
+        assert b.responses.retrieve(response_id).output_text == full
+        follow_up = b.responses.create(
+            model="fake_sync", input="more", previous_response_id=response_id, extra_body=SYNC
+        )
+        assert follow_up.status == "completed"
+
+
+def test_redis_cancel_through_the_other_replica(replicas, upstream):
+    one, two = replicas
+    upstream.reset()
+    with sdk(one) as a, sdk(two) as b:
+        created = a.responses.create(
+            model="fake_sync",
+            input="hello",
+            background=True,
+            extra_body={"mode": "stream", "scenario": "fake?tokens=2000&delay=0.01"},
+        )
+        record = upstream.wait_for_requests(1)[0]
+        assert b.responses.cancel(created.id).status == "cancelled"
+        record.wait()
+        assert record.client_hung_up and not record.completed
+        with pytest.raises(openai.NotFoundError):
+            b.responses.retrieve("resp_unknown")

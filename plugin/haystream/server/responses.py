@@ -71,6 +71,7 @@ class ResponseRun:
         self._keepalive = keepalive_seconds
         self._style = style
         self._secrets = secrets
+        self._saved_final = False
 
     @property
     def id(self) -> str:
@@ -129,8 +130,9 @@ class ResponseRun:
             self.log.end()
             if items is not None:
                 await aclose(items)
-            with contextlib.suppress(Exception):
-                await self.save()
+            if not self._saved_final:
+                with contextlib.suppress(Exception):
+                    await self.save()
 
     async def _feed(self, mapper: DeltaMapper, item: Any) -> None:
         events = []
@@ -141,6 +143,11 @@ class ResponseRun:
             await self._emit(events)
 
     async def _emit(self, events: list[Any]) -> None:
+        ending = bool(events) and events[-1]["type"] in TERMINAL_EVENTS
+        if ending:
+            # Stored before anyone can see the end: a GET after the terminal event finds the final response.
+            self._saved_final = True
+            await self.save()
         self.log.append(events)
         if self.request.store:
             await self._store.append(self.id, events)
