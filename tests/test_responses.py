@@ -389,3 +389,28 @@ def test_redis_cancel_through_the_other_replica(replicas, upstream):
         assert record.client_hung_up and not record.completed
         with pytest.raises(openai.NotFoundError):
             b.responses.retrieve("resp_unknown")
+
+
+# The OpenAI Agents SDK ---------------------------------------------------------------------------------------------
+
+
+async def test_openai_agents_sdk_runs_a_turn(server):
+    agents = pytest.importorskip("agents", reason="openai-agents is not installed")
+    agents.set_tracing_disabled(True)
+    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        model = agents.OpenAIResponsesModel(model="fake_async", openai_client=client)
+        agent = agents.Agent(
+            name="helper",
+            instructions="Answer briefly.",
+            model=model,
+            model_settings=agents.ModelSettings(extra_body={"scenario": "fake?tokens=4"}),
+        )
+        result = await agents.Runner.run(agent, "hello")
+        assert result.final_output == text(4)
+        streamed = agents.Runner.run_streamed(agent, "hello again")
+        deltas = [
+            event.data.delta
+            async for event in streamed.stream_events()
+            if event.type == "raw_response_event" and event.data.type == "response.output_text.delta"
+        ]
+        assert "".join(deltas) == text(4) == streamed.final_output
