@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from haystream.server import ServerSettings
-from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX
+from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX, RESPONSES_PATHS
 from support import start_server
 
 PROBE_WRAPPERS = Path(__file__).parent / "security_wrappers"
@@ -108,6 +108,11 @@ def app_routes(server) -> dict[str, set[str]]:
         routes.setdefault(path, set()).add("POST")
     for path in MODEL_PATHS | {OPENWEBUI_PREFIX + p for p in MODEL_PATHS}:
         routes.setdefault(path, set()).add("GET")
+    for path in RESPONSES_PATHS | {OPENWEBUI_PREFIX + p for p in RESPONSES_PATHS}:
+        routes.setdefault(path, set()).add("POST")
+    for path in ("/v1/responses/{response_id}", "/responses/{response_id}"):
+        routes.setdefault(path, set()).update({"GET", "DELETE"})
+        routes.setdefault(path + "/cancel", set()).add("POST")
     return routes
 
 
