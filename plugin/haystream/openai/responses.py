@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
@@ -270,7 +271,7 @@ class ResponseEvents:
         self.response["status"] = "in_progress"
         return [self._lifecycle("response.in_progress")]
 
-    def feed(self, delta: dict[str, Any]) -> list[ResponseEvent]:
+    def feed(self, delta: Mapping[str, Any]) -> list[ResponseEvent]:
         """The events of one neutral delta (`content`, `reasoning_content` or `tool_calls`)."""
         events: list[ResponseEvent] = []
         if delta.get("reasoning_content"):
@@ -280,7 +281,7 @@ class ResponseEvents:
         return events
 
     def finish(
-        self, tool_deltas: list[dict[str, Any]], finish_reason: str, usage: dict[str, int]
+        self, tool_deltas: Sequence[Mapping[str, Any]], finish_reason: str, usage: Mapping[str, int]
     ) -> list[ResponseEvent]:
         """Close open items, add the client's function calls, and end with `response.completed` (or incomplete)."""
         events = self._close()
@@ -307,7 +308,7 @@ class ResponseEvents:
         events = self._close(status="incomplete")
         self.response["status"] = "failed"
         self.response["error"] = {"code": "server_error", "message": error.message}
-        failed: ResponseFailedEvent = {**self._lifecycle("response.failed"), "error": error.to_dict()["error"]}
+        failed: ResponseFailedEvent = {**self._lifecycle("response.failed"), "error": dict(error.to_dict()["error"])}
         return [*events, failed]
 
     def cancel(self) -> list[ResponseEvent]:
@@ -342,6 +343,8 @@ class ResponseEvents:
         return events
 
     def _open_item(self, kind: str) -> list[ResponseEvent]:
+        item: dict[str, Any]
+        part: dict[str, Any]
         if kind == "message":
             item = {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant"}
             item.update(status="in_progress", content=[])
@@ -401,7 +404,7 @@ class ResponseEvents:
         }
         return [text_done, part_done, self._item_done(index)]
 
-    def _function_calls(self, tool_deltas: list[dict[str, Any]]) -> list[ResponseEvent]:
+    def _function_calls(self, tool_deltas: Sequence[Mapping[str, Any]]) -> list[ResponseEvent]:
         """Client tool calls (released by `DeltaMapper.finish`) as `function_call` items."""
         calls: dict[int, dict[str, Any]] = {}
         pieces: dict[int, list[str]] = {}
@@ -475,6 +478,6 @@ def snapshot(response: dict[str, Any]) -> dict[str, Any]:
     return orjson.loads(orjson.dumps(response))
 
 
-def event_frame(event: ResponseEvent | dict[str, Any]) -> bytes:
+def event_frame(event: Mapping[str, Any]) -> bytes:
     """One Responses event as SSE: an `event:` line naming its type, and its JSON."""
     return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"

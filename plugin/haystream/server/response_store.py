@@ -12,9 +12,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 
@@ -22,7 +22,7 @@ from haystream.openai.responses import TERMINAL_EVENTS
 
 logger = logging.getLogger("haystream.server")
 
-Batch = list[dict[str, Any]] | None  # events, or None when `idle` seconds passed without one (time for a ping)
+Batch = Sequence[Mapping[str, Any]] | None  # events, or None when `idle` seconds passed without one (time for a ping)
 
 
 @dataclass
@@ -38,11 +38,11 @@ class EventLog:
     """The events of one running response in this process: appended by the run, read by any number of followers."""
 
     def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Mapping[str, Any]] = []
         self.ended = False
         self._changed = asyncio.Event()
 
-    def append(self, events: list[dict[str, Any]]) -> None:
+    def append(self, events: Sequence[Mapping[str, Any]]) -> None:
         """Add events; a terminal event (or `end()`) ends the log. Wakes every follower once."""
         self.events += events
         if events and events[-1]["type"] in TERMINAL_EVENTS:
@@ -96,7 +96,7 @@ class ResponseStore(Protocol):
     async def delete(self, id: str, key_id: str) -> bool:
         """Forget a record and its events; False when there was none (for this key)."""
 
-    async def append(self, id: str, events: list[dict[str, Any]]) -> None:
+    async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
         """Add events to the response's shared log."""
 
     def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
@@ -144,7 +144,7 @@ class MemoryStore:
         del self._records[id]
         return True
 
-    async def append(self, id: str, events: list[dict[str, Any]]) -> None:
+    async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
         pass  # the run's EventLog, kept with the record, is the log
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
@@ -205,7 +205,7 @@ class RedisStore:
         await self._redis.delete(self._key(id), self._log(id))
         return True
 
-    async def append(self, id: str, events: list[dict[str, Any]]) -> None:
+    async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
         # Stream ids "0-(n+1)" for sequence number n: XREAD after "0-(N+1)" is exactly "starting_after=N".
         async with self._redis.pipeline(transaction=False) as pipe:
             for event in events:
@@ -218,14 +218,14 @@ class RedisStore:
         cursor = f"0-{after + 1}" if after >= 0 else "0-0"
         block = max(1, int(idle * 1000))
         while True:
-            found = await self._redis.xread({log: cursor}, block=block, count=512)
+            found: Any = await self._redis.xread({log: cursor}, block=block, count=512)
             if not found:
                 if not await self._redis.exists(log, self._key(id)):
                     return  # deleted or expired while we waited
                 yield None
                 continue
             entries = found[0][1]
-            cursor = entries[-1][0]
+            cursor = cast(str, entries[-1][0])
             batch = [orjson.loads(fields[b"e"]) for _, fields in entries]
             yield batch
             if batch[-1]["type"] in TERMINAL_EVENTS:

@@ -315,7 +315,7 @@ class ResponsesEndpoint:
                     logger.warning("a Responses client read nothing for %gs; dropped", self._send_timeout)
                     return
         finally:
-            await aclose(events)  # type: ignore[arg-type]
+            await aclose(events)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _cancel_local(self, id: str) -> None:
