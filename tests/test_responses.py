@@ -414,3 +414,43 @@ async def test_openai_agents_sdk_runs_a_turn(server):
             if event.type == "raw_response_event" and event.data.type == "response.output_text.delta"
         ]
         assert "".join(deltas) == text(4) == streamed.final_output
+
+
+def test_length_cut_is_an_incomplete_response(client):
+    response = client.responses.create(
+        model="fake_async", input="hello", extra_body={"scenario": "fake?tokens=3&finish=length"}
+    )
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == text(3)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "fake_async", "input": "x", "background": True, "store": False}, "store"),
+        ({"model": "fake_async", "input": [{"type": "web_search_call"}]}, "input"),
+        ({"model": "fake_async", "input": "x", "stream": "yes"}, "stream"),
+    ],
+)
+def test_bad_requests_are_400_envelopes(server, body, param):
+    response = httpx.post(server.url + "/v1/responses", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_function_call_output_round_trips_as_a_tool_message(client, upstream):
+    upstream.reset()
+    client.responses.create(
+        model="fake_async",
+        input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "look it up"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "found"},
+        ],
+        extra_body={"scenario": "fake?tokens=1"},
+    )
+    sent = upstream.wait_for_requests(1)[0].body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[1]["tool_calls"][0]["id"] == "call_1"
+    assert sent[2]["tool_call_id"] == "call_1"

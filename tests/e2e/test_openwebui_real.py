@@ -99,3 +99,25 @@ def _appears(locator) -> bool:
     except Exception:
         return False
     return True
+
+
+def test_chat_through_a_responses_connection_streams(openwebui, webui_token):
+    """The connection's API type set to "Responses": Open WebUI posts {base}/responses and streams its events."""
+    headers = {"Authorization": f"Bearer {webui_token}"}
+    config = httpx.get(openwebui + "/openai/config", headers=headers, timeout=60).json()
+    original = {key: config[key] for key in ("ENABLE_OPENAI_API", "OPENAI_API_BASE_URLS", "OPENAI_API_KEYS")}
+    original["OPENAI_API_CONFIGS"] = config.get("OPENAI_API_CONFIGS") or {}
+    responses = {**original, "OPENAI_API_CONFIGS": {"0": {**original["OPENAI_API_CONFIGS"].get("0", {})}}}
+    responses["OPENAI_API_CONFIGS"]["0"]["api_type"] = "responses"
+    update = httpx.post(openwebui + "/openai/config/update", json=responses, headers=headers, timeout=60)
+    assert update.status_code == 200, update.text
+    try:
+        lines = chat_lines(openwebui, webui_token, "local_chat", "Say hello.")
+    finally:
+        httpx.post(openwebui + "/openai/config/update", json=original, headers=headers, timeout=60)
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    types = [event.get("type") for event in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed", types
+    deltas = [event["delta"] for event in events if event.get("type") == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas).strip()  # streamed, token by token
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))

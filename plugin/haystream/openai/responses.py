@@ -29,9 +29,9 @@ class ResponsesRequest(BaseModel):
     model: str = Field(min_length=1)
     input: str | list[dict[str, Any]] = ""
     instructions: str | None = None
-    stream: bool = False
-    background: bool = False
-    store: bool = True
+    stream: bool = Field(False, strict=True)
+    background: bool = Field(False, strict=True)
+    store: bool = Field(True, strict=True)
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
     tools: list[dict[str, Any]] = Field(default_factory=list)
