@@ -202,12 +202,19 @@ async def test_async_user_callback_in_astream(make_llm):
     assert seen == received and "".join(received) == expected_text(3)
 
 
-def test_async_user_callback_in_sync_stream_raises_from_iterator(make_llm):
-    async def record(chunk: StreamingChunk) -> None:
-        pass
+def test_async_user_callback_in_sync_stream(make_llm):
+    seen: list[str] = []
 
+    async def record(chunk: StreamingChunk) -> None:
+        seen.append(chunk.content)
+
+    # The generator has run_async: the sync stream runs it on the shared loop, where an async callback is fine.
+    chunks = haystream.stream(make_llm("fake?tokens=3"), messages=USER, streaming_callback=record)
+    received = [c.content for c in chunks]
+    assert seen == received and "".join(received) == expected_text(3)
+    # A sync-only component cannot await it.
     with pytest.raises(ValueError, match="astream"):
-        list(haystream.stream(make_llm("fake?tokens=3"), messages=USER, streaming_callback=record))
+        list(haystream.stream(SyncOnlyEcho(), messages=USER, streaming_callback=record))
 
 
 # --- 4. cancellation ------------------------------------------------------------------------------------------

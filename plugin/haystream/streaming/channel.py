@@ -5,6 +5,7 @@ Two twins with the same contract:
 - `ThreadChannel`: the producer runs in a worker thread; the consumer reads from a thread (`get`) or from an event
   loop (`aget`, woken with `loop.call_soon_threadsafe` only when it is actually waiting).
 - `AsyncChannel`: producer and consumer are tasks on one event loop.
+- `LoopToThreadChannel`: the producer is a task on an event loop (haystream's shared loop), the consumer a thread.
 
 Both are bounded: a producer that gets ahead of its consumer by `capacity` items waits, so a slow reader throttles
 generation instead of growing memory. When the consumer leaves (`close`), the producer's next `put` raises
@@ -186,6 +187,84 @@ class AsyncChannel(_ChannelState[T]):
         self._items.clear()
         self._putter = _wake(self._putter)
         self._getter = _wake(self._getter)
+
+
+class LoopToThreadChannel(_ChannelState[T]):
+    """Hand-off from a producer task on `loop` to a consumer thread.
+
+    Wake-ups only happen when someone waits: the consumer thread is woken (one lock release) when it waits for an
+    item, so chunks that arrive while it is busy are picked up without one; the producer, when the buffer was full,
+    is woken once the consumer has drained it to half, not once per item.
+    """
+
+    def __init__(self, capacity: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(capacity)
+        self._loop = loop
+        self._lock = threading.Lock()
+        # A plain lock used as a binary semaphore: cheaper than a Condition, which allocates a lock per wait.
+        self._wakeup = threading.Lock()
+        self._wakeup.acquire()
+        self._consumer_waiting = False
+        self._putter: asyncio.Future[None] | None = None
+        self._low_water = capacity // 2
+        self._ended = threading.Event()
+
+    # producer side (the loop)
+    async def put(self, item: T) -> None:
+        """Hand one item over; waits while the consumer is `capacity` items behind."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StreamCancelled()
+                if len(self._items) < self._capacity:
+                    self._items.append(item)
+                    self._wake_consumer()
+                    return
+                putter = self._putter = self._loop.create_future()
+            await putter
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Mark the end of production, with the run's result or the error that ended it."""
+        with self._lock:
+            self._finish(result, error)
+            self._wake_consumer()
+        self._ended.set()
+
+    def _wake_consumer(self) -> None:
+        if self._consumer_waiting:
+            self._consumer_waiting = False
+            self._wakeup.release()
+
+    # consumer side (any one thread)
+    def get(self) -> T:
+        """Next item, blocking the calling thread; `END` after the last one; raises the producer's error."""
+        while True:
+            with self._lock:
+                if self._items or self._done or self._closed:
+                    item = self._take()
+                    if self._putter is not None and len(self._items) <= self._low_water:
+                        self._wake_producer()
+                    return item
+                self._consumer_waiting = True
+            self._wakeup.acquire()
+
+    def close(self) -> None:
+        """The consumer leaves: drop buffered items and make the producer's next `put` raise `StreamCancelled`."""
+        with self._lock:
+            self._closed = True
+            self._items.clear()
+            self._wake_producer()
+            self._wake_consumer()  # a read still waiting in another thread ends
+
+    def wait_ended(self, timeout: float) -> bool:
+        """Wait until the producer has finished (after a `close`, until the cancelled run has unwound)."""
+        return self._ended.wait(timeout)
+
+    def _wake_producer(self) -> None:
+        if self._putter is not None:
+            putter, self._putter = self._putter, None
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody left to wake
+                self._loop.call_soon_threadsafe(_resolve, putter)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
