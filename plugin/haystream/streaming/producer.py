@@ -160,15 +160,36 @@ def _close_network_in_frames(frame: FrameType | None) -> None:
         frame = frame.f_back
 
 
+# Where HTTP clients keep the socket a streamed response reads: httpcore's sync stream (`_sock`), http.client's and
+# urllib3's connections (`sock`), urllib3's response (`_connection.sock`), http.client's response (its buffered
+# `fp` over a `SocketIO`), and requests' response (`raw`, the urllib3 response).
+_SOCKET_PATHS = (
+    ("_sock",),
+    ("sock",),
+    ("_connection", "sock"),
+    ("fp", "raw", "_sock"),
+    ("_fp", "fp", "raw", "_sock"),
+    ("raw", "_fp", "fp", "raw", "_sock"),
+)
+
+
 def _socket_of(value: Any) -> socket.socket | None:
-    # httpcore's sync network stream keeps its socket as `_sock`; a frame may also hold a socket directly.
     if isinstance(value, socket.socket):
         return value
-    try:
-        sock = getattr(value, "_sock", None) if not isinstance(value, type) else None
-    except Exception:  # an arbitrary object's attribute access may fail in any way
+    if isinstance(value, type):
         return None
-    return sock if isinstance(sock, socket.socket) else None
+    for path in _SOCKET_PATHS:
+        current = value
+        try:
+            for name in path:
+                current = getattr(current, name, None)
+                if current is None:
+                    break
+        except Exception:  # an arbitrary object's attribute access may fail in any way
+            continue
+        if isinstance(current, socket.socket):
+            return current
+    return None
 
 
 def _close_quietly(stream: Any) -> int:
