@@ -150,12 +150,22 @@ class ThreadChannel(_ChannelState[T]):
 
 
 class AsyncChannel(_ChannelState[T]):
-    """Hand-off between a producer task and a consumer task on the same event loop."""
+    """Hand-off between a producer task and a consumer task on the same event loop.
 
-    def __init__(self, capacity: int) -> None:
+    A producer that finds many chunks waiting in its socket would put them all (up to `capacity`) before the
+    consumer task gets a turn, which under load holds a stream's first chunk back for as long as the loop is busy.
+    So the producer lets a waiting consumer run at once for a stream's first `eager_items` items, and later when it
+    has got `handoff_threshold` items ahead of a consumer it already woke. Each costs one extra turn of the producer
+    task, never one per chunk: a paced stream (one chunk per read) never reaches the threshold.
+    """
+
+    def __init__(self, capacity: int, *, eager_items: int = 4, handoff_threshold: int = 8) -> None:
         super().__init__(capacity)
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
+        self._eager = eager_items
+        self._threshold = max(handoff_threshold, 1)
+        self._consumer_woken = False  # woken by a put, and has not taken anything since
 
     async def put(self, item: T) -> None:
         """Hand one item over; waits while the consumer is `capacity` items behind."""
@@ -165,7 +175,14 @@ class AsyncChannel(_ChannelState[T]):
         if self._closed:
             raise StreamCancelled()
         self._items.append(item)
-        self._getter = _wake(self._getter)
+        if self._getter is not None:
+            self._getter = _wake(self._getter)
+            self._consumer_woken = True
+            if self._eager > 0:
+                self._eager -= 1
+                await asyncio.sleep(0)  # the consumer's wake-up was queued first: it runs before we go on
+        elif self._consumer_woken and len(self._items) >= self._threshold:
+            await asyncio.sleep(0)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         """Mark the end of production, with the run's result or the error that ended it."""
@@ -177,6 +194,7 @@ class AsyncChannel(_ChannelState[T]):
         while not self._items and not self._done and not self._closed:
             self._getter = asyncio.get_running_loop().create_future()
             await self._getter
+        self._consumer_woken = False
         item = self._take()
         self._putter = _wake(self._putter)
         return item
