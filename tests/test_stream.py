@@ -423,3 +423,24 @@ def test_closing_while_waiting_for_the_first_token_cuts_the_upstream_at_once(mak
     consumer.join(10)
     # The consumer still iterating saw the stream end (at most the role chunk sent before the wait), not an error.
     assert len(outcome) == 1 and "".join(chunk.content for chunk in outcome[0]) == ""
+
+
+def test_a_pipeline_reshaped_after_streaming_is_planned_again(make_llm):
+    pipe = Pipeline()
+    pipe.add_component("draft", make_llm("fake?tokens=3&text=a"))
+    assert "".join(c.content for c in haystream.stream(pipe, messages=USER)) == expected_text(3, "a")
+    pipe.add_component(
+        "prompt",
+        ChatPromptBuilder(template=[ChatMessage.from_user("Improve: {{ draft[0].text }}")], required_variables="*"),
+    )
+    pipe.add_component("final", make_llm("fake?tokens=4&text=b"))
+    pipe.connect("draft.replies", "prompt.draft")
+    pipe.connect("prompt.prompt", "final.messages")
+    assert "".join(c.content for c in haystream.stream(pipe, messages=USER)) == expected_text(4, "b")
+
+
+def test_nested_inputs_are_not_modified(make_llm):
+    pipe = two_llm_pipeline(make_llm)
+    data = {"draft": {"messages": USER}}
+    assert "".join(c.content for c in haystream.stream(pipe, data)) == expected_text(4, "b")
+    assert data == {"draft": {"messages": USER}}
