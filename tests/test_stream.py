@@ -444,3 +444,10 @@ def test_nested_inputs_are_not_modified(make_llm):
     data = {"draft": {"messages": USER}}
     assert "".join(c.content for c in haystream.stream(pipe, data)) == expected_text(4, "b")
     assert data == {"draft": {"messages": USER}}
+
+
+async def test_start_sends_the_upstream_request_before_the_first_read(make_llm, upstream):
+    upstream.reset()
+    chunks = haystream.astream(make_llm("fake?tokens=2"), messages=USER).start()
+    await asyncio.to_thread(upstream.wait_for_requests, 1)  # nothing has read from the stream yet
+    assert "".join([c.content async for c in chunks]) == expected_text(2)

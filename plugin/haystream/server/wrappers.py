@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from haystream.openai import OpenAIError
 from haystream.streaming.loop import use_event_loop
 from haystream.streaming.producer import iterate_in_thread, producer_executor
-from haystream.streaming.stream import ChunkStream
+from haystream.streaming.stream import AsyncChunkStream, ChunkStream
 
 # Whether a wrapper method takes `headers`: hayhooks inspects the signature (~1.2 ms); once per method is enough.
 _takes_headers: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
@@ -61,10 +61,12 @@ async def open_items(
 
 def as_async_items(result: Any, buffer_size: int) -> AsyncIterator[Any]:
     """Any supported return value (str, async iterator, sync iterator, None) as an async iterator of items."""
+    if isinstance(result, AsyncChunkStream):
+        return result.start()  # the upstream request goes out now, not when the response task first reads
     if hasattr(result, "__aiter__"):
         return result.__aiter__()
     if isinstance(result, ChunkStream) and not result.started:
-        return result.as_async(buffer_size)  # no thread, when its components support run_async
+        return result.as_async(buffer_size).start()  # no thread, when its components support run_async
     if _is_sync_iterable(result):
         return iterate_in_thread(lambda sink: drain(result, sink), buffer_size=buffer_size)
     return _single(result)

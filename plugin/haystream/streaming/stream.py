@@ -179,6 +179,16 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
             raise StopAsyncIteration
         return item
 
+    def start(self) -> AsyncChunkStream:
+        """Start the run now, on the running loop, instead of at the first `__anext__`; returns the stream.
+
+        A server that will iterate the stream in another task saves that task's first turn before the upstream
+        request goes out (under load, a turn of the loop can take long).
+        """
+        if self._channel is None:
+            self._start()
+        return self
+
     def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._target.supports_async:
