@@ -21,7 +21,7 @@ from hayhooks.server.utils.request_headers import accepts_request_headers
 from starlette.datastructures import Headers
 
 from haystream.openai import OpenAIError
-from haystream.streaming.loop import use_event_loop
+from haystream.streaming import use_event_loop
 from haystream.streaming.producer import iterate_in_thread, producer_executor
 from haystream.streaming.stream import AsyncChunkStream, ChunkStream
 
