@@ -51,6 +51,8 @@ class _ChannelState(Generic[T]):
         self._done = False
         self._error: BaseException | None = None
         self.result: Any = None
+        #: Set by the producer when it starts (a run cancelled before it started never finishes the channel).
+        self.producing = False
 
     @property
     def closed(self) -> bool:

@@ -131,7 +131,7 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
             return
         self._channel.close()
         self._future.cancel()  # thread-safe: the task is cancelled on the shared loop
-        if wait and not _in_event_loop_thread():
+        if wait and self._channel.producing and not _in_event_loop_thread():
             # Returns once the run has unwound (the upstream response closed), as `aclose()` does.
             self._channel.wait_ended(_CANCEL_TIMEOUT_SECONDS)
 
@@ -248,6 +248,7 @@ def _in_event_loop_thread() -> bool:
 
 
 async def _run_on_loop(target: StreamTarget, channel: AsyncChannel[StreamingChunk] | LoopToThreadChannel[Any]) -> None:
+    channel.producing = True
     try:
         result = await target.run_async(channel.put)
     except StreamCancelled:
