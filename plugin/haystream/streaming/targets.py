@@ -281,7 +281,7 @@ def _plan_for(pipeline: PipelineBase, streaming_components: StreamingComponents)
         else (tuple(streaming_components))
     )
     graph = pipeline.graph
-    key = (choice, tuple(graph.nodes), tuple(graph.edges))  # a pipeline still being built changes its key
+    key = (choice, tuple(graph), len(graph.edges))  # a pipeline still being built changes its key
     try:
         plans = _plans[pipeline]
     except KeyError:
