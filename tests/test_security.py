@@ -370,7 +370,7 @@ def test_a_body_that_never_arrives_times_out(tight):
 
 
 def test_max_tokens_is_bounded_by_the_operator(tight):
-    chat = {"model": "probe", "messages": USER}
+    chat = {"model": "probe_tight", "messages": USER}
     too_many = httpx.post(tight.url + "/v1/chat/completions", json={**chat, "max_tokens": 5000}, headers=AUTH)
     assert assert_envelope(too_many, 400, "max_tokens_too_large")["param"] == "max_tokens"
     completion = {**chat, "max_completion_tokens": 1001}
@@ -381,7 +381,7 @@ def test_max_tokens_is_bounded_by_the_operator(tight):
 
 def _open_stream(server, key: str, scenario: str) -> tuple[httpx.Client, httpx.Response]:
     client = httpx.Client(timeout=60)
-    body = {"model": "probe", "messages": USER, "stream": True, "scenario": scenario}
+    body = {"model": "probe_tight", "messages": USER, "stream": True, "scenario": scenario}
     response = client.send(
         client.build_request(
             "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
@@ -396,20 +396,20 @@ def test_concurrent_streams_are_capped_globally_and_per_key(tight, upstream):
     held = []
     try:
         for key in (KEY, KEY):  # two streams for one key: its cap
-            client, response = _open_stream(tight, key, "fake?tokens=3&delay=30")
+            client, response = _open_stream(tight, key, "fake?tokens=3&hold_after=1")
             assert response.status_code == 200
             held.append((client, response))
         per_key = httpx.post(
-            tight.url + "/v1/chat/completions", json={"model": "probe", "messages": USER}, headers=AUTH
+            tight.url + "/v1/chat/completions", json={"model": "probe_tight", "messages": USER}, headers=AUTH
         )
         assert_envelope(per_key, 429, "too_many_requests")
         assert per_key.headers["retry-after"] == "1"
-        client, response = _open_stream(tight, "k-two", "fake?tokens=3&delay=30")  # another key still gets in
+        client, response = _open_stream(tight, "k-two", "fake?tokens=3&hold_after=1")  # another key still gets in
         assert response.status_code == 200
         held.append((client, response))
         over = httpx.post(
             tight.url + "/v1/chat/completions",
-            json={"model": "probe", "messages": USER},
+            json={"model": "probe_tight", "messages": USER},
             headers={"Authorization": "Bearer k-two"},
         )
         assert_envelope(over, 429, "too_many_requests")  # the server's cap of 3
@@ -422,14 +422,14 @@ def test_concurrent_streams_are_capped_globally_and_per_key(tight, upstream):
         assert record.wait(timeout=30).client_hung_up  # leaving cut each held run at the upstream
     # places are given back: a new request is admitted again
     sdk = openai.OpenAI(base_url=tight.url + "/v1", api_key=KEY, max_retries=2)
-    answer = sdk.chat.completions.create(model="probe", messages=USER, extra_body={"scenario": "fake?tokens=2"})
+    answer = sdk.chat.completions.create(model="probe_tight", messages=USER, extra_body={"scenario": "fake?tokens=2"})
     assert answer.choices[0].message.content
 
 
 def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cut(tight, upstream):
     upstream.reset()
     total = 400_000
-    body = orjson.dumps({"model": "probe", "messages": USER, "stream": True, "scenario": f"fake?tokens={total}"})
+    body = orjson.dumps({"model": "probe_tight", "messages": USER, "stream": True, "scenario": f"fake?tokens={total}"})
     request = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

@@ -154,3 +154,31 @@ def test_deploy_needs_a_key_and_accepts_basic_auth_from_netrc(locked):
     assert_envelope(httpx.post(locked.url + "/deploy_files", json=payload), 401)
     basic = "Basic " + base64.b64encode(b"anyone:k-one").decode()
     assert_envelope(httpx.post(locked.url + "/deploy_files", json=payload, headers={"Authorization": basic}), 400)
+
+
+@pytest.mark.parametrize(("model", "mode"), [("fake_async", "astream"), ("fake_sync", "stream")])
+def test_failure_after_the_role_chunk_is_still_a_typed_status_error(client, model, mode):
+    # The upstream sends its role chunk (an empty StreamingChunk for Haystack), then fails: nothing visible has
+    # been produced yet, so the client still gets a real status and the envelope, not an error frame mid-stream.
+    with pytest.raises(openai.InternalServerError, match="upstream failed after 0 tokens") as raised:
+        client.chat.completions.create(
+            model=model, messages=USER, stream=True, extra_body={"mode": mode, "scenario": "fake?fail_after=0"}
+        )
+    assert set(raised.value.body) == {"message", "type", "param", "code"}
+
+
+def test_events_a_plain_client_does_not_get_do_not_commit_the_headers(client):
+    with pytest.raises(openai.RateLimitError, match="rate limiting"):
+        client.chat.completions.create(
+            model="fake_async", messages=USER, stream=True, extra_body={"mode": "role_then_rate_limit"}
+        )
+
+
+def test_events_an_openwebui_client_gets_commit_the_headers(server):
+    body = {"model": "fake_async", "messages": USER, "stream": True, "mode": "role_then_rate_limit"}
+    headers = {"x-haystream-events": "true"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status_code == 200
+        events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[1]) == {"event": {"type": "status", "data": {"description": "working", "done": False}}}
+    assert "rate limiting" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 
 import httpx
 import pytest
 
-from haystream.streaming.producer import wait_for_idle_producers
+from haystream.streaming.producer import running_producers, wait_for_idle_producers
 from support import start_server
 
 USER = [{"role": "user", "content": "hello"}]
@@ -71,3 +73,25 @@ def test_idle_stream_gets_keepalive_pings_and_slow_first_token_commits_headers(u
     finally:
         fast_pings.stop()
     assert pings == 2 and record.client_hung_up and record.tokens_sent == 0
+
+
+async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each(server):
+    # A sync wrapper returning haystream.stream(): its thread is released when the method returns, and the run
+    # (run_async-capable) goes on on the server's loop. Every stream is mid-flight when the threads are counted.
+    before = threading.active_count()
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with (
+        httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as http,
+        contextlib.AsyncExitStack() as streams,
+    ):
+        readers = []
+        for _ in range(40):
+            body = {"model": "fake_sync", "messages": USER, "stream": True, "scenario": "fake?tokens=30&delay=0.05"}
+            response = await streams.enter_async_context(http.stream("POST", "/v1/chat/completions", json=body))
+            readers.append(response.aiter_lines())
+        for lines in readers:
+            async for line in lines:
+                if '"content":"t' in line:
+                    break
+        assert running_producers() == 0
+        assert threading.active_count() < before + 10, threading.active_count() - before

@@ -204,12 +204,19 @@ async def test_async_user_callback_in_astream(make_llm):
     assert seen == received and "".join(received) == expected_text(3)
 
 
-def test_async_user_callback_in_sync_stream_raises_from_iterator(make_llm):
-    async def record(chunk: StreamingChunk) -> None:
-        pass
+def test_async_user_callback_in_sync_stream(make_llm):
+    seen: list[str] = []
 
+    async def record(chunk: StreamingChunk) -> None:
+        seen.append(chunk.content)
+
+    # The generator has run_async: the sync stream runs it on the shared loop, where an async callback is fine.
+    chunks = haystream.stream(make_llm("fake?tokens=3"), messages=USER, streaming_callback=record)
+    received = [c.content for c in chunks]
+    assert seen == received and "".join(received) == expected_text(3)
+    # A sync-only component cannot await it.
     with pytest.raises(ValueError, match="astream"):
-        list(haystream.stream(make_llm("fake?tokens=3"), messages=USER, streaming_callback=record))
+        list(haystream.stream(SyncOnlyEcho(), messages=USER, streaming_callback=record))
 
 
 # --- 4. cancellation ------------------------------------------------------------------------------------------
@@ -416,3 +423,31 @@ def test_closing_while_waiting_for_the_first_token_cuts_the_upstream_at_once(mak
     consumer.join(10)
     # The consumer still iterating saw the stream end (at most the role chunk sent before the wait), not an error.
     assert len(outcome) == 1 and "".join(chunk.content for chunk in outcome[0]) == ""
+
+
+def test_a_pipeline_reshaped_after_streaming_is_planned_again(make_llm):
+    pipe = Pipeline()
+    pipe.add_component("draft", make_llm("fake?tokens=3&text=a"))
+    assert "".join(c.content for c in haystream.stream(pipe, messages=USER)) == expected_text(3, "a")
+    pipe.add_component(
+        "prompt",
+        ChatPromptBuilder(template=[ChatMessage.from_user("Improve: {{ draft[0].text }}")], required_variables="*"),
+    )
+    pipe.add_component("final", make_llm("fake?tokens=4&text=b"))
+    pipe.connect("draft.replies", "prompt.draft")
+    pipe.connect("prompt.prompt", "final.messages")
+    assert "".join(c.content for c in haystream.stream(pipe, messages=USER)) == expected_text(4, "b")
+
+
+def test_nested_inputs_are_not_modified(make_llm):
+    pipe = two_llm_pipeline(make_llm)
+    data = {"draft": {"messages": USER}}
+    assert "".join(c.content for c in haystream.stream(pipe, data)) == expected_text(4, "b")
+    assert data == {"draft": {"messages": USER}}
+
+
+async def test_start_sends_the_upstream_request_before_the_first_read(make_llm, upstream):
+    upstream.reset()
+    chunks = haystream.astream(make_llm("fake?tokens=2"), messages=USER).start()
+    await asyncio.to_thread(upstream.wait_for_requests, 1)  # nothing has read from the stream yet
+    assert "".join([c.content async for c in chunks]) == expected_text(2)

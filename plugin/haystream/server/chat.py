@@ -31,7 +31,6 @@ from haystream.server.asgi import Send, send_error, send_json
 
 logger = logging.getLogger("haystream.server")
 
-_NOTHING: Any = object()
 _FAILED = "The pipeline failed: "
 
 
@@ -106,16 +105,18 @@ class ChatResponse:
         await send_json(send, 200, completion, headers=self._id_header())
 
     async def _stream(self, send: Send) -> None:
-        # Headers wait for the first item, so that an early failure gets a real status; a slow first item (longer
-        # than the keep-alive interval) commits them anyway, and pings keep the connection alive from then on.
-        first_item = asyncio.ensure_future(anext(self._items, _NOTHING))
+        # Headers wait for the first item a client can see (a role-only chunk, or an event this client does not
+        # get, is not one), so that a failure before any visible output gets a real status and the error envelope.
+        # A slow first output (longer than the keep-alive interval) commits them anyway, and pings keep the
+        # connection alive from then on.
+        first_output = asyncio.ensure_future(self._first_output())
         try:
-            done, _ = await asyncio.wait({first_item}, timeout=self._keepalive)
+            done, _ = await asyncio.wait({first_output}, timeout=self._keepalive)
             if done:
-                first = first_item.result()
+                first = first_output.result()
         except asyncio.CancelledError:
-            first_item.cancel()
-            await asyncio.wait({first_item})  # let the wrapper unwind before its iterator is closed
+            first_output.cancel()
+            await asyncio.wait({first_output})  # let the wrapper unwind before its iterator is closed
             raise
         except Exception as error:
             await send_error(send, failure_error(error, self._request_id, self._secrets), headers=self._id_header())
@@ -124,9 +125,9 @@ class ChatResponse:
         watchdog = asyncio.ensure_future(self._watch(send, asyncio.current_task()))
         try:
             if not done:
-                first = await first_item
-            if first is not _NOTHING:
-                await self._send_item(send, first)
+                first = await first_output
+            if first is not None:
+                await self._write(send, first)
                 async for item in self._items:
                     await self._send_item(send, item)
             await self._finish(send)
@@ -146,6 +147,14 @@ class ChatResponse:
         finally:
             watchdog.cancel()
 
+    async def _first_output(self) -> bytes | None:
+        """The frames of the first item that shows the client anything; None if the items end first."""
+        async for item in self._items:
+            frames = self._frames(item)
+            if frames:
+                return frames
+        return None
+
     async def _start(self, send: Send) -> None:
         await send(
             {
@@ -162,14 +171,21 @@ class ChatResponse:
         await self._write(send, self._framer.role())
 
     async def _send_item(self, send: Send, item: Any) -> None:
+        frames = self._frames(item)
+        if frames:
+            await self._write(send, frames)
+
+    def _frames(self, item: Any) -> bytes:
+        """What one item amounts to on this client's wire (empty when nothing of it is shown)."""
         frames = []
         for delta in self._client_deltas(item):
             if not isinstance(delta, Event):
                 frames.append(self._framer.delta(delta))
             elif self._events:
                 frames.append(data_frame({"event": {"type": delta.type, "data": delta.data}}))
-        if frames:
-            await self._write(send, frames[0] if len(frames) == 1 else b"".join(frames))
+        if not frames:
+            return b""
+        return frames[0] if len(frames) == 1 else b"".join(frames)
 
     def _client_deltas(self, item: Any) -> list[Delta | Event]:
         return client_deltas(self._mapper, item, self._style)

@@ -1,12 +1,18 @@
 """Calling a pipeline wrapper's chat method and turning whatever it returns into one async iterator of items.
 
-Sync methods never run on the event loop: the call and the iteration of what it returns happen in one producer
-thread (`iterate_in_threadpool`'s thread hop per chunk is what makes hayhooks' sync streams expensive). A
-`haystream.stream()` returned by a sync wrapper runs directly in that thread, without a second hand-off.
+Sync methods never run on the event loop: the call happens in a producer thread, and so does the iteration of a
+sync iterator it returns (`iterate_in_threadpool`'s thread hop per chunk is what makes hayhooks' sync streams
+expensive). A `haystream.stream()` returned by a sync wrapper is not iterated in a thread at all: its async twin
+runs on the server's loop, so the thread is released as soon as the method returns.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import functools
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -15,8 +21,12 @@ from hayhooks.server.utils.request_headers import accepts_request_headers
 from starlette.datastructures import Headers
 
 from haystream.openai import OpenAIError
-from haystream.streaming.producer import iterate_in_thread
-from haystream.streaming.stream import ChunkStream
+from haystream.streaming import use_event_loop
+from haystream.streaming.producer import iterate_in_thread, producer_executor
+from haystream.streaming.stream import AsyncChunkStream, ChunkStream
+
+# Whether a wrapper method takes `headers`: hayhooks inspects the signature (~1.2 ms); once per method is enough.
+_takes_headers: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def is_chat_wrapper(wrapper: Any) -> bool:
@@ -31,14 +41,19 @@ async def open_items(
     kwargs: dict[str, Any] = {"model": model, "messages": body["messages"], "body": body}
     if _implements_async(wrapper):
         method = wrapper.run_chat_completion_async
-        if accepts_request_headers(method):
+        if _accepts_headers(method):
             kwargs["headers"] = headers
         return as_async_items(await method(**kwargs), buffer_size)
     if _implements_sync(wrapper):
         method = wrapper.run_chat_completion
-        if accepts_request_headers(method):
+        if _accepts_headers(method):
             kwargs["headers"] = headers
-        return iterate_in_thread(lambda sink: _call_and_drain(method, kwargs, sink), buffer_size=buffer_size)
+        loop = asyncio.get_running_loop()
+        # Sync streams started in producer threads (a wrapper's generator iterating haystream.stream) run on this
+        # loop too, so that components are only ever driven from one loop.
+        use_event_loop(loop)
+        call = functools.partial(contextvars.copy_context().run, functools.partial(method, **kwargs))
+        return as_async_items(await loop.run_in_executor(producer_executor(), call), buffer_size)
     raise OpenAIError(501, f"Pipeline '{model}' does not implement chat completions.", code="chat_not_implemented")
 
 
@@ -46,7 +61,7 @@ def is_responses_wrapper(wrapper: Any) -> bool:
     """Whether a registry entry can answer `POST /v1/responses` (a chat method, or hayhooks' `run_response`)."""
     return is_chat_wrapper(wrapper) or (
         isinstance(wrapper, BasePipelineWrapper)
-        and (wrapper._is_run_response_implemented or wrapper._is_run_response_async_implemented)
+        and (_implements(wrapper, "run_response") or _implements(wrapper, "run_response_async"))
     )
 
 
@@ -61,15 +76,15 @@ async def open_response_items(
 ) -> AsyncIterator[Any]:
     """Call the wrapper for one Responses request: its `run_response[_async]` if it has one (hayhooks' contract),
     else its chat method with `body["messages"]`."""
-    if wrapper._is_run_response_async_implemented or wrapper._is_run_response_implemented:
+    if _implements(wrapper, "run_response_async") or _implements(wrapper, "run_response"):
         kwargs: dict[str, Any] = {"model": model, "input_items": input_items, "body": body}
-        if wrapper._is_run_response_async_implemented:
+        if _implements(wrapper, "run_response_async"):
             method = wrapper.run_response_async
-            if accepts_request_headers(method):
+            if _accepts_headers(method):
                 kwargs["headers"] = headers
             return as_async_items(await method(**kwargs), buffer_size)
         method = wrapper.run_response
-        if accepts_request_headers(method):
+        if _accepts_headers(method):
             kwargs["headers"] = headers
         return iterate_in_thread(lambda sink: _call_and_drain(method, kwargs, sink), buffer_size=buffer_size)
     return await open_items(wrapper, model=model, body=body, headers=headers, buffer_size=buffer_size)
@@ -77,16 +92,31 @@ async def open_response_items(
 
 def as_async_items(result: Any, buffer_size: int) -> AsyncIterator[Any]:
     """Any supported return value (str, async iterator, sync iterator, None) as an async iterator of items."""
+    if isinstance(result, AsyncChunkStream):
+        return result.start()  # the upstream request goes out now, not when the response task first reads
     if hasattr(result, "__aiter__"):
         return result.__aiter__()
+    if isinstance(result, ChunkStream) and not result.started:
+        return result.as_async(buffer_size).start()  # no thread, when its components support run_async
     if _is_sync_iterable(result):
         return iterate_in_thread(lambda sink: drain(result, sink), buffer_size=buffer_size)
     return _single(result)
 
 
+def _accepts_headers(method: Any) -> bool:
+    function = getattr(method, "__func__", method)
+    try:
+        return _takes_headers[function]
+    except (KeyError, TypeError):
+        accepts = accepts_request_headers(method)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: asked again next time
+        _takes_headers[function] = accepts
+    return accepts
+
+
 def drain(result: Any, sink: Callable[[Any], None]) -> None:
     """Hand a wrapper's (sync) result to `sink` item by item, closing the iterator however the loop ends."""
-    if isinstance(result, ChunkStream) and not _started(result):
+    if isinstance(result, ChunkStream) and not result.started:
         result.run_into(sink)
         return
     if not _is_sync_iterable(result):
@@ -107,21 +137,21 @@ def _call_and_drain(method: Callable[..., Any], kwargs: dict[str, Any], sink: Ca
     drain(method(**kwargs), sink)
 
 
-def _implements_sync(wrapper: BasePipelineWrapper) -> bool:
+def _implements(wrapper: BasePipelineWrapper, method: str) -> bool:
     # What hayhooks' loader records in private flags, asked of the class: is the method overridden?
-    return type(wrapper).run_chat_completion is not BasePipelineWrapper.run_chat_completion
+    return getattr(type(wrapper), method, None) is not getattr(BasePipelineWrapper, method, None)
+
+
+def _implements_sync(wrapper: BasePipelineWrapper) -> bool:
+    return _implements(wrapper, "run_chat_completion")
 
 
 def _implements_async(wrapper: BasePipelineWrapper) -> bool:
-    return type(wrapper).run_chat_completion_async is not BasePipelineWrapper.run_chat_completion_async
+    return _implements(wrapper, "run_chat_completion_async")
 
 
 def _is_sync_iterable(value: Any) -> bool:
     return isinstance(value, Iterable) and not isinstance(value, str | bytes | dict)
-
-
-def _started(stream: ChunkStream) -> bool:
-    return stream._channel is not None
 
 
 async def _single(value: Any) -> AsyncIterator[Any]:

@@ -2,6 +2,7 @@
 
 from haystream.streaming.channel import StreamCancelled
 from haystream.streaming.component import LazyChunkStream, StreamingChatGenerator
+from haystream.streaming.loop import use_event_loop
 from haystream.streaming.message import chunks_to_message
 from haystream.streaming.stream import AsyncChunkStream, ChunkStream, astream, stream
 
@@ -14,4 +15,5 @@ __all__ = [
     "astream",
     "chunks_to_message",
     "stream",
+    "use_event_loop",
 ]

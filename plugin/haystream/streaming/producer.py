@@ -1,10 +1,13 @@
-"""Running a target in a producer thread, and what happens when that run is abandoned.
+"""Running a sync-only target in a producer thread, and what happens when that run is abandoned.
 
-Every sync stream gets one producer thread from haystream's own executor (never anyio's shared limiter, never a
+Runs whose streamed components all have `run_async` need no thread (they run on an event loop and are cancelled as
+tasks); the others get one producer thread from haystream's own executor (never anyio's shared limiter, never a
 thread hop per chunk). When the consumer leaves, the producer stops at its next chunk: the injected callback raises
 `StreamCancelled`. Providers' sync streaming loops do not close their HTTP response on an exception (Haystack's
-`OpenAIChatGenerator` among them), so the upstream would keep generating until a garbage collection; the producer
-closes every HTTP response it finds in the failed call's frames instead, which cuts the upstream at once.
+`OpenAIChatGenerator` among them), so the upstream would keep generating until a garbage collection, and a producer
+blocked in a read would wait for the next chunk. Unless `HAYSTREAM_ABANDON_SOCKETS=false`, haystream therefore
+closes the HTTP responses it finds in the producer's frames (and shuts down the sockets HTTP clients' own frames are
+reading: httpx/httpcore, which the OpenAI SDK uses, requests/urllib3, http.client), which cuts the upstream at once.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ def wait_for_idle_producers(timeout: float) -> bool:
         return _running_changed.wait_for(lambda: _running == 0, timeout=timeout)
 
 
+def abandon_sockets() -> bool:
+    """Whether abandoned sync runs get their HTTP responses and sockets closed (`HAYSTREAM_ABANDON_SOCKETS`)."""
+    return os.environ.get("HAYSTREAM_ABANDON_SOCKETS", "true").strip().lower() not in ("0", "false", "no", "off")
+
+
 def abandon(channel: ThreadChannel[Any]) -> None:
     """The consumer leaves: stop the producer at its next chunk, and at once if it is waiting on the network.
 
@@ -89,10 +97,20 @@ def abandon(channel: ThreadChannel[Any]) -> None:
     """
     channel.close()
     ident = channel.producer_ident
-    if ident is not None:
+    if ident is not None and abandon_sockets():
         frame = sys._current_frames().get(ident)
         if frame is not None:
             _close_network_in_frames(frame, channel)
+
+
+#: Stream types a producer may be consuming (a wrapper's generator relaying `haystream.stream(...)`), and how to stop
+#: one without waiting: registered by `haystream.streaming.stream`, which imports this module.
+_nested_streams: dict[type, Callable[[Any], None]] = {}
+
+
+def register_nested_stream(kind: type, stop: Callable[[Any], None]) -> None:
+    """Let `abandon` stop a stream of type `kind` found in an abandoned producer's frames."""
+    _nested_streams[kind] = stop
 
 
 def _produce(produce: Callable[[Callable[[Any], None]], Any], channel: ThreadChannel[Any]) -> None:
@@ -101,10 +119,12 @@ def _produce(produce: Callable[[Callable[[Any], None]], Any], channel: ThreadCha
     try:
         result = produce(channel.put)
     except StreamCancelled as cancelled:
-        close_http_responses(cancelled.__traceback__)
+        if abandon_sockets():
+            close_http_responses(cancelled.__traceback__)
         channel.finish()
     except BaseException as error:  # delivered to the consumer, which re-raises it
-        close_http_responses(error.__traceback__)
+        if abandon_sockets():
+            close_http_responses(error.__traceback__)
         channel.finish(error=error)
     else:
         channel.finish(result=result)
@@ -148,20 +168,43 @@ def _close_network_in_frames(frame: FrameType | None, own: ThreadChannel[Any]) -
                     sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in the producer thread
             elif isinstance(value, ThreadChannel) and value is not own and not value.done:
                 abandon(value)
+            elif type(value) in _nested_streams:
+                _nested_streams[type(value)](value)
             elif _is_http_stream(value):
                 _close_quietly(value)
         frame = frame.f_back
 
 
+# Where HTTP clients keep the socket a streamed response reads: httpcore's sync stream (`_sock`), http.client's and
+# urllib3's connections (`sock`), urllib3's response (`_connection.sock`), http.client's response (its buffered
+# `fp` over a `SocketIO`), and requests' response (`raw`, the urllib3 response).
+_SOCKET_PATHS = (
+    ("_sock",),
+    ("sock",),
+    ("_connection", "sock"),
+    ("fp", "raw", "_sock"),
+    ("_fp", "fp", "raw", "_sock"),
+    ("raw", "_fp", "fp", "raw", "_sock"),
+)
+
+
 def _socket_of(value: Any) -> socket.socket | None:
-    # httpcore's sync network stream keeps its socket as `_sock`; a frame may also hold a socket directly.
     if isinstance(value, socket.socket):
         return value
-    try:
-        sock = getattr(value, "_sock", None) if not isinstance(value, type) else None
-    except Exception:  # an arbitrary object's attribute access may fail in any way
+    if isinstance(value, type):
         return None
-    return sock if isinstance(sock, socket.socket) else None
+    for path in _SOCKET_PATHS:
+        current = value
+        try:
+            for name in path:
+                current = getattr(current, name, None)
+                if current is None:
+                    break
+        except Exception:  # an arbitrary object's attribute access may fail in any way
+            continue
+        if isinstance(current, socket.socket):
+            return current
+    return None
 
 
 def _close_quietly(stream: Any) -> int:

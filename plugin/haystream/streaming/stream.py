@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
@@ -10,8 +11,9 @@ from typing import Any
 
 from haystack.dataclasses import ChatMessage, StreamingChunk
 
-from haystream.streaming.channel import END, AsyncChannel, StreamCancelled, ThreadChannel
-from haystream.streaming.producer import abandon, start_producer
+from haystream.streaming.channel import END, AsyncChannel, LoopToThreadChannel, StreamCancelled, ThreadChannel
+from haystream.streaming.loop import shared_loop
+from haystream.streaming.producer import abandon, register_nested_stream, start_producer
 from haystream.streaming.targets import StreamingComponents, StreamTarget, resolve_target
 
 DEFAULT_BUFFER_SIZE = 64
@@ -48,10 +50,16 @@ class _Ran:
 class ChunkStream(_Outcome, Iterator[StreamingChunk]):
     """A synchronous iterator over the `StreamingChunk`s of one run.
 
-    The run starts on the first `next()`, in a producer thread of haystream's own executor. Closing the stream
-    (`close()`, leaving a `with` block, or dropping the last reference) stops the run at its next chunk and closes
-    the upstream HTTP stream. Errors raised by the run are re-raised here after the chunks produced before them.
+    The run starts on the first `next()`. When every streamed component supports `run_async`, it runs on
+    haystream's shared event loop (one daemon thread per process, whatever the number of streams), exactly as
+    `astream()` would; otherwise in a producer thread of haystream's own executor. Closing the stream (`close()`,
+    leaving a `with` block, or dropping the last reference) stops the run: a run on the shared loop is cancelled
+    (which closes the upstream HTTP stream), a sync run stops at its next chunk. Errors raised by the run are
+    re-raised here after the chunks produced before them.
     """
+
+    _future: concurrent.futures.Future[None] | None = None
+    _handed_over = False
 
     def __init__(self, target: StreamTarget, buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
         self._target = target
@@ -62,8 +70,7 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
 
     def __next__(self) -> StreamingChunk:
         if self._channel is None:
-            self._channel = ThreadChannel(self._buffer_size)
-            start_producer(self._target.run, self._channel)
+            self._start()
         if self._finished:
             raise StopIteration
         item = self._channel.get()
@@ -72,21 +79,61 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
             raise StopIteration
         return item
 
+    def _start(self) -> None:
+        if self._handed_over:
+            raise RuntimeError("This stream was handed over with as_async(); iterate that one instead.")
+        if self._target.supports_async and not _in_event_loop_thread():
+            loop = shared_loop()
+            channel: Any = LoopToThreadChannel(self._buffer_size, loop)
+            # The task runs in a copy of this thread's context (tracing spans, request ids).
+            self._future = asyncio.run_coroutine_threadsafe(_run_on_loop(self._target, channel), loop)
+        else:
+            channel = ThreadChannel(self._buffer_size)
+            start_producer(self._target.run, channel)
+        self._channel = channel
+
+    def as_async(self, buffer_size: int | None = None) -> AsyncChunkStream:
+        """The async twin of this not-yet-started stream, to iterate on the caller's own event loop instead.
+
+        For bridges that hold a `ChunkStream` but run an event loop (haystream's server does this with what a sync
+        wrapper returns): the run then needs no thread at all when its components support `run_async`.
+        """
+        if self._channel is not None or self._handed_over:
+            raise RuntimeError("as_async() needs a stream that has not been iterated yet.")
+        self._handed_over = True
+        return AsyncChunkStream(self._target, buffer_size or self._buffer_size)
+
     def run_into(self, sink: Callable[[StreamingChunk], None]) -> dict[str, Any]:
         """Run this (not yet started) stream in the calling thread, handing each chunk to `sink`.
 
         For bridges that already own a thread: it saves the hand-off through a second one. Returns the result.
         """
-        if self._channel is not None:
+        if self._channel is not None or self._handed_over:
             raise RuntimeError("run_into() needs a stream that has not been iterated yet.")
         self._channel = _Ran(self._target.run(sink))
         self._finished = True
         return self._channel.result
 
+    @property
+    def started(self) -> bool:
+        """True once the run has started (by iteration, `run_into` or `as_async`)."""
+        return self._channel is not None or self._handed_over
+
     def close(self) -> None:
-        """Stop the run (if it is still going) and release the producer thread."""
-        if self._channel is not None and not self._finished:
+        """Stop the run (if it is still going): cancel it on the shared loop, or release the producer thread."""
+        self._stop(wait=True)
+
+    def _stop(self, *, wait: bool) -> None:
+        if self._channel is None or self._finished:
+            return
+        if self._future is None:
             abandon(self._channel)
+            return
+        self._channel.close()
+        self._future.cancel()  # thread-safe: the task is cancelled on the shared loop
+        if wait and self._channel.producing and not _in_event_loop_thread():
+            # Returns once the run has unwound (the upstream response closed), as `aclose()` does.
+            self._channel.wait_ended(_CANCEL_TIMEOUT_SECONDS)
 
     def __enter__(self) -> ChunkStream:
         return self
@@ -95,7 +142,11 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        # Garbage collection may run on any thread, the shared loop's included: never wait here.
+        self._stop(wait=False)
+
+
+register_nested_stream(ChunkStream, lambda stream: stream._stop(wait=False))
 
 
 class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
@@ -131,30 +182,27 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
             raise StopAsyncIteration
         return item
 
+    def start(self) -> AsyncChunkStream:
+        """Start the run now, on the running loop, instead of at the first `__anext__`; returns the stream.
+
+        A server that will iterate the stream in another task saves that task's first turn before the upstream
+        request goes out (under load, a turn of the loop can take long).
+        """
+        if self._channel is None:
+            self._start()
+        return self
+
     def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._target.supports_async:
             channel: Any = AsyncChannel(self._buffer_size)
-            self._task = self._loop.create_task(self._run_on_loop(channel))
+            self._task = self._loop.create_task(_run_on_loop(self._target, channel))
             self._next_item = channel.get
         else:
             channel = ThreadChannel(self._buffer_size, loop=self._loop)
             start_producer(self._target.run, channel)
             self._next_item = channel.aget
         self._channel = channel
-
-    async def _run_on_loop(self, channel: AsyncChannel[StreamingChunk]) -> None:
-        try:
-            result = await self._target.run_async(channel.put)
-        except StreamCancelled:
-            channel.finish()
-        except asyncio.CancelledError:
-            channel.finish(error=asyncio.CancelledError())
-            raise
-        except Exception as error:
-            channel.finish(error=error)
-        else:
-            channel.finish(result=result)
 
     def _abort(self) -> None:
         if self._channel is None or self._finished:
@@ -189,6 +237,32 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
         elif self._loop is not None and not self._loop.is_closed():
             self._channel.close()
             self._loop.call_soon_threadsafe(self._task.cancel)
+
+
+def _in_event_loop_thread() -> bool:
+    # A sync stream consumed in a thread that runs an event loop blocks that loop: its run must not need it (nor
+    # the shared loop, which may be this very loop), and its components' async clients may belong to it. Such a
+    # stream keeps a producer thread.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _run_on_loop(target: StreamTarget, channel: AsyncChannel[StreamingChunk] | LoopToThreadChannel[Any]) -> None:
+    channel.producing = True
+    try:
+        result = await target.run_async(channel.put)
+    except StreamCancelled:
+        channel.finish()
+    except asyncio.CancelledError:
+        channel.finish(error=asyncio.CancelledError())
+        raise
+    except Exception as error:
+        channel.finish(error=error)
+    else:
+        channel.finish(result=result)
 
 
 def stream(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -85,11 +86,18 @@ class PipelineTarget(StreamTarget):
         run_kwargs: dict[str, Any],
     ) -> None:
         self._pipeline = pipeline
-        capable = [name for name, instance in _instances(pipeline) if _accepts_streaming_callback(instance)]
-        self.streamed = _select_streamed(pipeline, capable, streaming_components)
-        self._data = pipeline_input_data(pipeline, dict(data or {}))
+        plan = _plan_for(pipeline, streaming_components)
+        self.streamed = plan.streamed
+        self._supports_async = plan.supports_async
+        # Pipeline.run deep-copies its inputs itself: only flat inputs need Haystack's normalisation (another copy).
+        self._data = _nested_inputs(pipeline, data)
         if messages is not None:
-            _route_messages(pipeline, self._data, messages)
+            if not plan.message_receivers:
+                raise ValueError(
+                    "messages= was given but no component of the pipeline has an unconnected 'messages' input."
+                )
+            for name in plan.message_receivers:
+                self._data.setdefault(name, {}).setdefault("messages", messages)
         self._run_kwargs = dict(run_kwargs)
         # The streamed components' outputs are kept so that `reply` finds them even when they feed other components.
         self._run_kwargs["include_outputs_from"] = set(run_kwargs.get("include_outputs_from") or ()) | set(
@@ -98,12 +106,11 @@ class PipelineTarget(StreamTarget):
 
     @property
     def supports_async(self) -> bool:
-        return isinstance(self._pipeline, Pipeline) and all(
-            _supports_async(self._pipeline.get_component(name)) for name in self.streamed
-        )
+        return self._supports_async
 
     def run(self, sink: SyncSink) -> dict[str, Any]:
-        return self._pipeline.run(self._inputs(sink, sync_forwarder), **self._run_kwargs)
+        run: Callable[..., dict[str, Any]] = self._pipeline.run  # type: ignore[attr-defined]  # Pipeline and AsyncPipeline alike
+        return run(self._inputs(sink, sync_forwarder), **self._run_kwargs)
 
     async def run_async(self, sink: AsyncSink) -> dict[str, Any]:
         assert isinstance(self._pipeline, Pipeline)
@@ -117,7 +124,7 @@ class PipelineTarget(StreamTarget):
         return None
 
     def _inputs(self, sink: Any, make_forwarder: Callable[[Any, Any], Any]) -> dict[str, dict[str, Any]]:
-        data = {name: dict(inputs) for name, inputs in self._data.items()}
+        data = {name: dict(inputs) for name, inputs in self._data.items()}  # the caller's dicts stay untouched
         for name in self.streamed:
             inputs = data.setdefault(name, {})
             user_callback = inputs.get("streaming_callback") or getattr(
@@ -251,13 +258,54 @@ def _final_components(pipeline: PipelineBase, capable: list[str]) -> tuple[str, 
     return tuple(name for name in capable if not feeds_another(name))
 
 
-def _route_messages(pipeline: PipelineBase, data: dict[str, dict[str, Any]], messages: list[ChatMessage]) -> None:
-    """Give `messages` to every component whose `messages` input is not fed by another component."""
-    receivers = [name for name, sockets in pipeline.inputs().items() if "messages" in sockets]
-    if not receivers:
-        raise ValueError("messages= was given but no component of the pipeline has an unconnected 'messages' input.")
-    for name in receivers:
-        data.setdefault(name, {}).setdefault("messages", messages)
+class _PipelinePlan:
+    """What a pipeline's streams need to know about its graph, worked out once per pipeline and choice."""
+
+    __slots__ = ("message_receivers", "streamed", "supports_async")
+
+    def __init__(self, pipeline: PipelineBase, streaming_components: StreamingComponents) -> None:
+        capable = [name for name, instance in _instances(pipeline) if _accepts_streaming_callback(instance)]
+        self.streamed = _select_streamed(pipeline, capable, streaming_components)
+        self.supports_async = isinstance(pipeline, Pipeline) and all(
+            _supports_async(pipeline.get_component(name)) for name in self.streamed
+        )
+        self.message_receivers = tuple(name for name, sockets in pipeline.inputs().items() if "messages" in sockets)
+
+
+# Per pipeline: {(choice of streaming components, graph shape): plan}. Building a plan walks the graph (networkx
+# descendants, input sockets); a server does it for every request otherwise.
+_plans: weakref.WeakKeyDictionary[PipelineBase, dict[tuple[Any, ...], _PipelinePlan]] = weakref.WeakKeyDictionary()
+
+
+def _plan_for(pipeline: PipelineBase, streaming_components: StreamingComponents) -> _PipelinePlan:
+    choice = (
+        streaming_components
+        if streaming_components is None or isinstance(streaming_components, str)
+        else (tuple(streaming_components))
+    )
+    graph = pipeline.graph
+    key = (choice, tuple(graph), len(graph.edges))  # a pipeline still being built changes its key
+    try:
+        plans = _plans[pipeline]
+    except KeyError:
+        plans = _plans[pipeline] = {}
+    except TypeError:  # not weak-referenceable: no cache
+        return _PipelinePlan(pipeline, streaming_components)
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) > 16:  # a pipeline reshaped many times: forget old shapes
+            plans.clear()
+        plan = plans[key] = _PipelinePlan(pipeline, streaming_components)
+    return plan
+
+
+def _nested_inputs(pipeline: PipelineBase, data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """`data` as `{component: {input: value}}` (shallow copies); flat inputs are resolved by Haystack."""
+    if not data:
+        return {}
+    if all(isinstance(value, dict) and name in pipeline.graph.nodes for name, value in data.items()):
+        return {name: dict(inputs) for name, inputs in data.items()}
+    return pipeline_input_data(pipeline, dict(data))
 
 
 def _reply_from_output(output: Any) -> ChatMessage | None:

@@ -51,6 +51,12 @@ def to_messages(messages: list[dict]) -> list[ChatMessage]:
     return [ChatMessage.from_openai_dict_format(m) for m in messages]
 
 
+class RateLimited(Exception):
+    """Carries an HTTP status like a provider's rate-limit error does."""
+
+    status_code = 429
+
+
 class PipelineWrapper(BasePipelineWrapper):
     def setup(self) -> None:
         pass
@@ -80,6 +86,8 @@ class PipelineWrapper(BasePipelineWrapper):
             raise ValueError("the wrapper refused this request")
         if mode == "mixed":
             return self._mixed()
+        if mode == "role_then_rate_limit":
+            return self._role_then_rate_limit()
         if mode == "think":
             return iter(["<think>", "weighing it", "</think>", "The answer."])
         raise ValueError(f"unknown mode {mode}")
@@ -87,6 +95,11 @@ class PipelineWrapper(BasePipelineWrapper):
     def run_task(self, task: str, messages: list[dict], body: dict) -> Any:
         """Open WebUI background tasks, when the server runs with HAYSTREAM_OPENWEBUI_TASKS=wrapper."""
         return {"title": "From the wrapper"} if task == "title" else None  # None: haystream's built-in answer
+
+    async def _role_then_rate_limit(self) -> AsyncIterator[Any]:
+        yield StreamingChunk(content="")  # what a generator's role chunk becomes: nothing a client sees
+        yield {"event": {"type": "status", "data": {"description": "working", "done": False}}}
+        raise RateLimited("the upstream is rate limiting")
 
     async def _mixed(self) -> AsyncIterator[Any]:
         yield create_status_event("working")
