@@ -35,6 +35,7 @@ from haystream.server.asgi import (
 )
 from haystream.server.auth import ANONYMOUS, Caller
 from haystream.server.chat import ChatResponse, failure_error
+from haystream.server.drain import Drain
 from haystream.server.gate import CALLER_KEY, Gate, without_private_headers
 from haystream.server.limits import StreamLimits
 from haystream.server.settings import ServerSettings
@@ -58,6 +59,7 @@ class HaystreamApp:
         self.registry = registry
         self.limits = StreamLimits(settings.max_streams, settings.max_streams_per_key)
         self.ready = False  # True once hayhooks' lifespan has deployed the wrappers
+        self.drain = Drain(settings.drain_grace_seconds, settings.drain_timeout)
         self._created: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -106,6 +108,7 @@ class HaystreamApp:
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool = False) -> None:
         _require_method(scope, "POST")
+        self.drain.check()  # 503 while shutting down
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         request, body = parse_chat_request(raw)
         asked_tokens = max(request.max_tokens or 0, request.max_completion_tokens or 0)
@@ -133,7 +136,7 @@ class HaystreamApp:
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         secrets_ = self.settings.secrets
 
-        async def respond() -> None:
+        async def respond(send: Send) -> None:
             try:
                 if task is not None:
                     items = await self._task_items(task, wrapper, body)
@@ -164,7 +167,7 @@ class HaystreamApp:
             await response.send(send)
 
         with self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS):
-            if await run_until_disconnect(respond(), receive):
+            if await run_until_disconnect(self.drain.run(respond, send, request_id), receive):
                 logger.info("request %s: client disconnected; the run was cancelled", request_id)
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
@@ -220,7 +223,8 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     from hayhooks import create_app as create_hayhooks_app
 
     app = HaystreamApp(create_hayhooks_app(), settings, registry)
-    return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=lambda: app.ready)
+    ready = lambda: app.ready and not app.drain.draining  # noqa: E731
+    return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=ready)
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
