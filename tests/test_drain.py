@@ -52,7 +52,7 @@ def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstrea
                 received = []
                 for line in lines:  # up to the first content chunk
                     received.append(line)
-                    if line.startswith("data: ") and '"content"' in line:
+                    if line.startswith("data: ") and '"content":"t' in line:
                         break
                 process.send_signal(signal.SIGTERM)
                 # The drain has begun once /ready says so (the handler runs on the server's loop).
@@ -93,7 +93,7 @@ def test_a_stream_longer_than_the_drain_timeout_ends_with_an_error_event_and_don
             received = []
             for line in lines:
                 received.append(line)
-                if line.startswith("data: ") and '"content"' in line:
+                if line.startswith("data: ") and '"content":"t' in line:
                     process.send_signal(signal.SIGTERM)
                     break
             received.extend(lines)

@@ -72,6 +72,10 @@ def serve(
     }
     target = "haystream.server.app:create_app"
     if settings.workers > 1:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # workers share their metrics through files here
+            import tempfile
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="haystream-metrics-")
         # uvicorn's supervisor builds each worker's server itself: workers get uvicorn's own shutdown, no drain.
         uvicorn.run(target, workers=settings.workers, **options)
         return

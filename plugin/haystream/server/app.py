@@ -21,6 +21,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from haystream.openai import OpenAIError, parse_chat_request
+from haystream.server import logs, metrics
 from haystream.server.asgi import (
     ClientDisconnected,
     Message,
@@ -47,6 +48,7 @@ logger = logging.getLogger("haystream.server")
 OPENWEBUI_PREFIX = "/openwebui"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
+METRICS_PATH = "/metrics"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -78,9 +80,13 @@ class HaystreamApp:
                 await self._chat(scope, receive, send, for_openwebui=for_openwebui)
             elif path in MODEL_PATHS:
                 await self._models(scope, send)
+            elif path == METRICS_PATH and not for_openwebui:
+                await self._metrics(scope, send)
             else:
                 await self.hayhooks_app(scope, receive, send)
         except OpenAIError as error:
+            if path in CHAT_PATHS:
+                metrics.refused(_chat_route(for_openwebui), error.status)
             await send_error(send, error)
         except ClientDisconnected:
             logger.info("client left before its request was read: %s", path)
@@ -105,6 +111,14 @@ class HaystreamApp:
                 created = self._created.setdefault(name, _now())
                 data.append({"id": name, "object": "model", "created": created, "owned_by": "haystream", "name": name})
         await send_json(send, 200, {"object": "list", "data": data})
+
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        _require_method(scope, "GET", "HEAD")
+        body, content_type = metrics.scrape()
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type.encode())]}
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool = False) -> None:
         _require_method(scope, "POST")
@@ -132,6 +146,7 @@ class HaystreamApp:
                 code="model_not_found",
             )
         request_id = _request_id(header(scope, b"x-request-id"))
+        logs.REQUEST_ID.set(request_id)  # for JSON log lines (each request runs in its own context)
         task = detect_task(body["messages"]) if self.settings.openwebui_tasks != "pipeline" else None
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         secrets_ = self.settings.secrets
@@ -167,7 +182,13 @@ class HaystreamApp:
             await response.send(send)
 
         with self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS):
-            if await run_until_disconnect(self.drain.run(respond, send, request_id), receive):
+            observed = metrics.ChatObservation(send, request.model, _chat_route(for_openwebui))
+            cancelled = False
+            try:
+                cancelled = await run_until_disconnect(self.drain.run(respond, observed.send, request_id), receive)
+            finally:
+                observed.finish(cancelled=cancelled)
+            if cancelled:
                 logger.info("request %s: client disconnected; the run was cancelled", request_id)
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
@@ -203,6 +224,7 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     """Build hayhooks' app (deploying the wrappers in `settings.pipelines_dir` at startup) with haystream in front,
     behind the gate."""
     settings = settings or ServerSettings()
+    logs.configure(settings.log_format)
     warn_if_exposed(settings)
     from hayhooks.server.pipelines.registry import registry
     from hayhooks.settings import StartupDeployStrategy
@@ -251,6 +273,10 @@ def _request_id(presented: bytes | None) -> str:
     if presented and len(presented) <= 128 and REQUEST_ID.fullmatch(presented.decode("latin-1")):
         return presented.decode("latin-1")
     return secrets.token_hex(8)
+
+
+def _chat_route(for_openwebui: bool) -> str:
+    return OPENWEBUI_PREFIX + "/v1/chat/completions" if for_openwebui else "/v1/chat/completions"
 
 
 def _route_path(scope: Scope) -> str:

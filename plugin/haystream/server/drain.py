@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 
 from haystream.openai import DONE, OpenAIError, data_frame
+from haystream.server import metrics
 from haystream.server.asgi import Message, Send, send_error
 
 logger = logging.getLogger("haystream.server")
@@ -46,6 +47,7 @@ class Drain:
         """Stop taking chat requests (`/ready` says 503 from now on); running answers go on."""
         if not self.draining:
             self.draining = True
+            metrics.draining(True)
             logger.info("draining: %d chat answers running; new chat requests get 503", len(self._running))
 
     def expire(self) -> None:
