@@ -21,7 +21,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from haystream.openai import OpenAIError, parse_chat_request
-from haystream.server import logs, metrics
+from haystream.server import logs, metrics, tracing
 from haystream.server.asgi import (
     ClientDisconnected,
     Message,
@@ -87,6 +87,7 @@ class HaystreamApp:
         except OpenAIError as error:
             if path in CHAT_PATHS:
                 metrics.refused(_chat_route(for_openwebui), error.status)
+                tracing.record_refusal(error.status, error.message)
             await send_error(send, error)
         except ClientDisconnected:
             logger.info("client left before its request was read: %s", path)
@@ -183,11 +184,20 @@ class HaystreamApp:
 
         with self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS):
             observed = metrics.ChatObservation(send, request.model, _chat_route(for_openwebui))
+            mode = "async" if wrapper._is_run_chat_completion_async_implemented else "sync"
+            trace = tracing.ChatTrace(request.model, stream=bool(request.stream), mode=mode, request_id=request_id)
             cancelled = False
             try:
                 cancelled = await run_until_disconnect(self.drain.run(respond, observed.send, request_id), receive)
             finally:
                 observed.finish(cancelled=cancelled)
+                trace.finish(
+                    status=observed.status,
+                    ttft=observed.ttft,
+                    chunks=max(observed.chunks, 0),
+                    cancelled=cancelled,
+                    failed=observed.failed,
+                )
             if cancelled:
                 logger.info("request %s: client disconnected; the run was cancelled", request_id)
 

@@ -76,18 +76,17 @@ class ChatObservation:
     """Watches the messages of one chat response (via `send`) and records it when `finish()` is called."""
 
     __slots__ = (
-        "_e2e",
         "_itl",
         "_last",
         "_model",
         "_route",
         "_send",
         "_start",
-        "_ttft",
         "chunks",
         "failed",
         "status",
         "tokens",
+        "ttft",
     )
 
     def __init__(self, send: Send, model: str, route: str) -> None:
@@ -96,7 +95,7 @@ class ChatObservation:
         self._route = route
         self._itl = ITL.labels(model)  # label lookups once per request, not per chunk
         self._start = self._last = time.perf_counter()
-        self._ttft: float | None = None
+        self.ttft: float | None = None
         self.chunks = -1  # the first body message of a stream is the role chunk
         self.status = 0
         self.failed = False
@@ -108,9 +107,9 @@ class ChatObservation:
         if body is not None and body is not PING:
             now = time.perf_counter()
             self.chunks += 1
-            if self._ttft is None:
+            if self.ttft is None:
                 if self.chunks == 1 or not message.get("more_body", False):
-                    self._ttft = now - self._start
+                    self.ttft = now - self._start
             else:
                 self._itl.observe(now - self._last)
             self._last = now
@@ -136,8 +135,8 @@ class ChatObservation:
         model = self._model
         REQUESTS.labels(model, self._route, str(self.status or 499)).inc()
         E2E.labels(model).observe(time.perf_counter() - self._start)
-        if self._ttft is not None and self.status < 400:
-            TTFT.labels(model).observe(self._ttft)
+        if self.ttft is not None and self.status < 400:
+            TTFT.labels(model).observe(self.ttft)
         chunks = max(self.chunks, 0)
         if chunks:
             CHUNKS.labels(model).inc(chunks)
