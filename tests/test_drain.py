@@ -107,3 +107,31 @@ def test_a_stream_longer_than_the_drain_timeout_ends_with_an_error_event_and_don
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_second_sigterm_stops_waiting_for_running_streams(upstream):
+    process, base = serve(upstream, HAYSTREAM_DRAIN_GRACE_SECONDS="0", HAYSTREAM_DRAIN_TIMEOUT="600")
+    try:
+        body = chat("fake?tokens=1000&delay=0.2")
+        with (
+            httpx.Client(base_url=base, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            for line in lines:
+                if line.startswith("data: ") and '"content":"t' in line:
+                    process.send_signal(signal.SIGTERM)
+                    break
+            # The server stops listening at once (no grace): once /ready is refused, the drain has begun.
+            with httpx.Client(base_url=base, timeout=5) as probe:
+                while True:
+                    try:
+                        probe.get("/ready")
+                    except httpx.TransportError:
+                        break
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) != 0  # forced: it did not wait out the 600 s drain timeout
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -137,7 +137,9 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None or not self.started:
-            super().handle_exit(sig, frame)  # a second signal, or not serving yet: uvicorn's immediate exit
+            # Not serving yet, or a second signal: exit without waiting for running responses.
+            super().handle_exit(sig, frame)
+            self.force_exit = self._draining or self.force_exit
             return
         self._draining = True
         # Signal handlers run between bytecodes of the loop's thread: hand the work to the loop.
