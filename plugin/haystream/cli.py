@@ -80,15 +80,33 @@ def serve(
         if value is not None:
             os.environ[f"HAYSTREAM_{key.upper()}"] = str(value)
     os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
-    uvicorn.run(
-        "haystream.server.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        # A backstop only: the drain ends running streams itself at drain_timeout.
+        "timeout_graceful_shutdown": int(settings.drain_timeout) + 5,
+    }
+    target = "haystream.server.app:create_app"
+    if settings.workers > 1:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # workers share their metrics through files here
+            import tempfile
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="haystream-metrics-")
+        # uvicorn's supervisor builds each worker's server itself: workers get uvicorn's own shutdown, no drain.
+        uvicorn.run(target, workers=settings.workers, **options)
+        return
+    from haystream.server.drain import DrainingServer
+
+    server = DrainingServer(
+        uvicorn.Config(target, **options),
+        grace_seconds=settings.drain_grace_seconds,
+        timeout_seconds=settings.drain_timeout,
     )
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's own code for a failed startup
 
 
 @app.command()

@@ -25,6 +25,7 @@ from haystream.openai import OpenAIError, parse_chat_request
 from haystream.openai.responses import parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
+from haystream.server import logs, metrics, tracing
 from haystream.server.asgi import (
     ClientDisconnected,
     Message,
@@ -39,6 +40,7 @@ from haystream.server.asgi import (
 )
 from haystream.server.auth import ANONYMOUS, Caller
 from haystream.server.chat import ChatResponse, failure_error
+from haystream.server.drain import Drain
 from haystream.server.gate import CALLER_KEY, Gate, without_private_headers
 from haystream.server.limits import StreamLimits
 from haystream.server.response_store import create_store
@@ -46,6 +48,7 @@ from haystream.server.responses import ResponsesEndpoint, wrapper_body
 from haystream.server.settings import ServerSettings
 from haystream.server.wrappers import (
     as_async_items,
+    is_async_chat_wrapper,
     is_chat_wrapper,
     is_responses_wrapper,
     open_items,
@@ -59,6 +62,7 @@ CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
 RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
 RESPONSE_PATH = re.compile(r"/(?:v1/)?responses/([A-Za-z0-9_-]{1,128})(/cancel)?")
+METRICS_PATH = "/metrics"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -72,6 +76,7 @@ class HaystreamApp:
         self.limits = StreamLimits(settings.max_streams, settings.max_streams_per_key)
         self.ready = False  # True once hayhooks' lifespan has deployed the wrappers
         self.load_failures: dict[str, str] = {}  # wrapper folders that did not deploy at startup, and why
+        self.drain = Drain(settings.drain_grace_seconds, settings.drain_timeout)
         self._created: dict[str, int] = {}
         self.responses = ResponsesEndpoint(
             create_store(settings.redis_url, settings.responses_ttl_seconds, settings.responses_max_stored),
@@ -95,6 +100,8 @@ class HaystreamApp:
                 await self._chat(scope, receive, send, for_openwebui=for_openwebui)
             elif path in MODEL_PATHS:
                 await self._models(scope, send)
+            elif path == METRICS_PATH and not for_openwebui:
+                await self._metrics(scope, send)
             elif path in RESPONSES_PATHS:
                 await self._create_response(scope, receive, send, for_openwebui=for_openwebui)
             elif match := RESPONSE_PATH.fullmatch(path):
@@ -102,6 +109,9 @@ class HaystreamApp:
             else:
                 await self.hayhooks_app(scope, receive, send)
         except OpenAIError as error:
+            if path in CHAT_PATHS:
+                metrics.refused(_chat_route(for_openwebui), error.status)
+                tracing.record_refusal(error.status, error.message)
             await send_error(send, error)
         except ClientDisconnected:
             logger.info("client left before its request was read: %s", path)
@@ -132,8 +142,17 @@ class HaystreamApp:
                 data.append({"id": name, "object": "model", "created": created, "owned_by": "haystream", "name": name})
         await send_json(send, 200, {"object": "list", "data": data})
 
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        _require_method(scope, "GET", "HEAD")
+        body, content_type = metrics.scrape()
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type.encode())]}
+        )
+        await send({"type": "http.response.body", "body": body})
+
     async def _chat(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool = False) -> None:
         _require_method(scope, "POST")
+        self.drain.check()  # 503 while shutting down
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         request, body = parse_chat_request(raw)
         asked_tokens = max(request.max_tokens or 0, request.max_completion_tokens or 0)
@@ -164,11 +183,12 @@ class HaystreamApp:
                 code="model_not_found",
             )
         request_id = _request_id(header(scope, b"x-request-id"))
+        logs.REQUEST_ID.set(request_id)  # for JSON log lines (each request runs in its own context)
         task = detect_task(body["messages"]) if self.settings.openwebui_tasks != "pipeline" else None
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         secrets_ = self.settings.secrets
 
-        async def respond() -> None:
+        async def respond(send: Send) -> None:
             try:
                 if task is not None:
                     items = await self._task_items(task, wrapper, body)
@@ -199,7 +219,22 @@ class HaystreamApp:
             await response.send(send)
 
         with self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS):
-            if await run_until_disconnect(respond(), receive):
+            observed = metrics.ChatObservation(send, request.model, _chat_route(for_openwebui))
+            mode = "async" if is_async_chat_wrapper(wrapper) else "sync"
+            trace = tracing.ChatTrace(request.model, stream=bool(request.stream), mode=mode, request_id=request_id)
+            cancelled = False
+            try:
+                cancelled = await run_until_disconnect(self.drain.run(respond, observed.send, request_id), receive)
+            finally:
+                observed.finish(cancelled=cancelled)
+                trace.finish(
+                    status=observed.status,
+                    ttft=observed.ttft,
+                    chunks=max(observed.chunks, 0),
+                    cancelled=cancelled,
+                    failed=observed.failed,
+                )
+            if cancelled:
                 logger.info("request %s: client disconnected; the run was cancelled", request_id)
 
     async def _create_response(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool) -> None:
@@ -293,6 +328,7 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     """Build hayhooks' app (deploying the wrappers in `settings.pipelines_dir` at startup) with haystream in front,
     behind the gate."""
     settings = settings or ServerSettings()
+    logs.configure(settings.log_format)
     warn_if_exposed(settings)
     from hayhooks.server.pipelines.registry import registry
     from hayhooks.settings import StartupDeployStrategy
@@ -313,7 +349,8 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     from hayhooks import create_app as create_hayhooks_app
 
     app = HaystreamApp(create_hayhooks_app(), settings, registry)
-    return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=lambda: app.ready)
+    ready = lambda: app.ready and not app.drain.draining  # noqa: E731
+    return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=ready)
 
 
 def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:
@@ -358,6 +395,10 @@ def _request_id(presented: bytes | None) -> str:
     if presented and len(presented) <= 128 and REQUEST_ID.fullmatch(presented.decode("latin-1")):
         return presented.decode("latin-1")
     return secrets.token_hex(8)
+
+
+def _chat_route(for_openwebui: bool) -> str:
+    return OPENWEBUI_PREFIX + "/v1/chat/completions" if for_openwebui else "/v1/chat/completions"
 
 
 def _route_path(scope: Scope) -> str:

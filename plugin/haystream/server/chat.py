@@ -27,6 +27,7 @@ from haystream.openai import (
 from haystream.openai.protocol import Delta
 from haystream.openwebui import activity
 from haystream.openwebui.activity import PLAIN_CLIENT, ClientStyle
+from haystream.server import tracing
 from haystream.server.asgi import Send, send_error, send_json
 
 logger = logging.getLogger("haystream.server")
@@ -37,6 +38,7 @@ _FAILED = "The pipeline failed: "
 def failure_error(error: BaseException, request_id: str, secrets: Sequence[str] = ()) -> OpenAIError:
     """The client-facing error for a wrapper that raised: secrets redacted, the request id added; the traceback is
     logged, never sent."""
+    tracing.note_failure(error)  # the request's span is marked failed with this error
     if isinstance(error, OpenAIError):
         return error
     logger.error("request %s: the pipeline failed", request_id, exc_info=error)

@@ -54,6 +54,15 @@ class ServerSettings(BaseSettings):
     keepalive_seconds: float = Field(15.0, gt=0, description="Idle time after which a `: ping` comment is sent.")
     stream_buffer: int = Field(64, ge=1, description="Chunks a producer may run ahead of a slow client.")
     log_level: str = Field("info", description="Uvicorn log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="haystream's log lines as text or as one JSON object per line (with the request id)."
+    )
+    drain_grace_seconds: float = Field(
+        5.0, ge=0, description="After SIGTERM, how long the server keeps listening (new chat requests get 503)."
+    )
+    drain_timeout: float = Field(
+        30.0, gt=0, description="After SIGTERM, how long running streams may take before they end with an error."
+    )
     openwebui_tasks: Literal["heuristic", "wrapper", "pipeline"] = Field(
         "heuristic",
         description="Open WebUI background tasks (title, tags, ...): a fast built-in answer, the wrapper's "

@@ -34,6 +34,11 @@ def is_chat_wrapper(wrapper: Any) -> bool:
     return isinstance(wrapper, BasePipelineWrapper) and (_implements_sync(wrapper) or _implements_async(wrapper))
 
 
+def is_async_chat_wrapper(wrapper: Any) -> bool:
+    """Whether a chat wrapper answers with `run_chat_completion_async` (which haystream prefers)."""
+    return isinstance(wrapper, BasePipelineWrapper) and _implements_async(wrapper)
+
+
 async def open_items(
     wrapper: BasePipelineWrapper, *, model: str, body: dict[str, Any], headers: Headers, buffer_size: int
 ) -> AsyncIterator[Any]:

@@ -1,0 +1,162 @@
+"""Graceful drain: what the server does between SIGTERM and exit, so that no answer is cut in half.
+
+On SIGTERM (`DrainingServer.handle_exit`): `/ready` turns 503 at once; for `drain_grace_seconds` the server keeps
+accepting connections (load balancers need a moment to notice) but answers new chat requests with a 503 and
+`Retry-After`; then uvicorn stops listening and waits for the streams still running. At `drain_timeout_seconds`
+after the signal, streams still running end with an error event and `[DONE]`, never a bare cut, and the process
+exits 0. A second signal exits at once (uvicorn's own behaviour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from haystream.openai import DONE, OpenAIError, data_frame
+from haystream.server import metrics
+from haystream.server.asgi import Message, Send, send_error
+
+logger = logging.getLogger("haystream.server")
+
+_DRAINS: weakref.WeakSet[Drain] = weakref.WeakSet()  # every app's drain in this process (one, when served)
+
+
+class Drain:
+    """One app's drain state, and the chat answers it must end if the drain times out."""
+
+    def __init__(self, grace_seconds: float, timeout_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.timeout_seconds = timeout_seconds
+        self.draining = False
+        self._running: set[asyncio.Task[Any]] = set()
+        self._expired: set[asyncio.Task[Any]] = set()
+        _DRAINS.add(self)
+
+    @property
+    def running(self) -> int:
+        """Chat answers running now."""
+        return len(self._running)
+
+    def begin(self) -> None:
+        """Stop taking chat requests (`/ready` says 503 from now on); running answers go on."""
+        if not self.draining:
+            self.draining = True
+            metrics.draining(True)
+            logger.info("draining: %d chat answers running; new chat requests get 503", len(self._running))
+
+    def expire(self) -> None:
+        """The drain timed out: end every answer still running (with an error event and `[DONE]`)."""
+        if self._running:
+            logger.warning("drain timeout: ending %d chat answers that are still running", len(self._running))
+        for task in self._running:
+            self._expired.add(task)
+            task.cancel()
+
+    def check(self) -> None:
+        """:raises OpenAIError: 503 with `Retry-After` while draining."""
+        if self.draining:
+            raise OpenAIError(
+                503,
+                "The server is shutting down; retry on another replica.",
+                type="server_error",
+                code="server_shutting_down",
+                headers={"retry-after": "1"},
+            )
+
+    async def run(self, answer: Callable[[Send], Awaitable[None]], send: Send, request_id: str) -> None:
+        """Run one chat answer (in the current task); if the drain times out, end its response properly."""
+        task = asyncio.current_task()
+        assert task is not None
+        response = _ResponseState(send)
+        self._running.add(task)
+        try:
+            await answer(response.send)
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            task.uncancel()
+            await response.end_for_shutdown(request_id)
+        finally:
+            self._running.discard(task)
+            self._expired.discard(task)
+
+
+class _ResponseState:
+    """Remembers how far a response got, so that a shutdown can end it the right way. One call per message."""
+
+    __slots__ = ("_send", "ended", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.ended = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif not message.get("more_body", False):
+            self.ended = True
+        await self._send(message)
+
+    async def end_for_shutdown(self, request_id: str) -> None:
+        error = OpenAIError(
+            503,
+            f"The server shut down before the answer was complete (request id {request_id}).",
+            type="server_error",
+            code="server_shutting_down",
+            headers={"retry-after": "1"},
+        )
+        if self.ended:
+            return
+        if not self.started:
+            await send_error(self._send, error, headers=[(b"x-request-id", request_id.encode())])
+            return
+        body = data_frame(error.to_dict()) + DONE
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with SIGTERM/SIGINT starting a drain of this process' apps instead of closing at once."""
+
+    def __init__(self, config: uvicorn.Config, *, grace_seconds: float, timeout_seconds: float) -> None:
+        super().__init__(config)
+        self.grace_seconds = grace_seconds
+        self.timeout_seconds = timeout_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None or not self.started:
+            # Not serving yet, or a second signal: exit without waiting for running responses.
+            super().handle_exit(sig, frame)
+            self.force_exit = self._draining or self.force_exit
+            return
+        self._draining = True
+        # Signal handlers run between bytecodes of the loop's thread: hand the work to the loop.
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        assert self._loop is not None
+        drains = list(_DRAINS)
+        for drain in drains:
+            drain.begin()
+        self._loop.call_later(self.grace_seconds, self._stop_listening)
+        self._loop.call_later(self.timeout_seconds, self._expire, drains)
+
+    def _stop_listening(self) -> None:
+        # uvicorn's shutdown: close the listening socket, close idle connections, wait for running responses.
+        self.should_exit = True
+
+    def _expire(self, drains: list[Drain]) -> None:
+        for drain in drains:
+            drain.expire()

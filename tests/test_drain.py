@@ -1,0 +1,137 @@
+"""Graceful drain of `haystream serve` (a real process) on SIGTERM: not ready, 503 for new chats, streams finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from haystream.testing import FakeUpstream
+from test_cli_serve import free_port, start_serve
+
+OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
+
+
+@pytest.fixture
+def upstream():
+    with FakeUpstream() as fake:
+        yield fake
+
+
+def serve(upstream: FakeUpstream, **env: str):
+    port = free_port()
+    environment = {
+        **os.environ,
+        "FAKE_UPSTREAM_URL": upstream.base_url,
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+        **env,
+    }
+    process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS)], environment)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def chat(scenario: str) -> dict:
+    return {"model": "scenario", "stream": True, "messages": [{"role": "user", "content": scenario}]}
+
+
+def data_lines(lines) -> list[str]:
+    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+
+
+def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstream):
+    process, base = serve(upstream, HAYSTREAM_DRAIN_GRACE_SECONDS="5", HAYSTREAM_DRAIN_TIMEOUT="60")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            assert client.get("/ready").status_code == 200
+            with client.stream("POST", "/v1/chat/completions", json=chat("fake?tokens=10&delay=0.3")) as stream:
+                lines = stream.iter_lines()
+                received = []
+                for line in lines:  # up to the first content chunk
+                    received.append(line)
+                    if line.startswith("data: ") and '"content":"t' in line:
+                        break
+                process.send_signal(signal.SIGTERM)
+                # The drain has begun once /ready says so (the handler runs on the server's loop).
+                ready = client.get("/ready")
+                while ready.status_code == 200:  # bounded by the grace window; each call is a real round trip
+                    ready = client.get("/ready")
+                assert ready.status_code == 503
+                refused = client.post("/v1/chat/completions", json=chat("fake?tokens=1"))
+                assert refused.status_code == 503
+                assert refused.headers["retry-after"] == "1"
+                assert refused.json()["error"]["code"] == "server_shutting_down"
+                received.extend(lines)
+            payloads = data_lines(received)
+            assert payloads[-1] == "[DONE]"
+            text = "".join(
+                (json.loads(p)["choices"][0]["delta"].get("content") or "")
+                for p in payloads[:-1]
+                if json.loads(p).get("choices")
+            )
+            assert text == "".join(f"t{i} " for i in range(10))
+            assert not any("error" in json.loads(p) for p in payloads[:-1])
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_stream_longer_than_the_drain_timeout_ends_with_an_error_event_and_done(upstream):
+    process, base = serve(upstream, HAYSTREAM_DRAIN_GRACE_SECONDS="0", HAYSTREAM_DRAIN_TIMEOUT="1")
+    try:
+        body = chat("fake?tokens=200&delay=0.2")
+        with (
+            httpx.Client(base_url=base, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            received = []
+            for line in lines:
+                received.append(line)
+                if line.startswith("data: ") and '"content":"t' in line:
+                    process.send_signal(signal.SIGTERM)
+                    break
+            received.extend(lines)
+        payloads = data_lines(received)
+        assert payloads[-1] == "[DONE]"
+        error = json.loads(payloads[-2])["error"]
+        assert error["code"] == "server_shutting_down"
+        assert process.wait(20) == 0
+        assert upstream.records[-1].wait().client_hung_up  # the provider call was closed, not left running
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_second_sigterm_stops_waiting_for_running_streams(upstream):
+    process, base = serve(upstream, HAYSTREAM_DRAIN_GRACE_SECONDS="0", HAYSTREAM_DRAIN_TIMEOUT="600")
+    try:
+        body = chat("fake?tokens=1000&delay=0.2")
+        with (
+            httpx.Client(base_url=base, timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            for line in lines:
+                if line.startswith("data: ") and '"content":"t' in line:
+                    process.send_signal(signal.SIGTERM)
+                    break
+            # The server stops listening at once (no grace): once /ready is refused, the drain has begun.
+            with httpx.Client(base_url=base, timeout=5) as probe:
+                while True:
+                    try:
+                        probe.get("/ready")
+                    except httpx.TransportError:
+                        break
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) != 0  # forced: it did not wait out the 600 s drain timeout
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,145 @@
+"""The `hayhooks.openai.run` span for haystream's chat route: hayhooks' tags, failures marked, haystream's attributes.
+
+hayhooks' own `tests/test_tracing.py` (in its sdist) is run against haystream's app by `tests/hayhooks_tracing/`
+when that file is available; these tests make the same checks with haystream's wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from haystack.tracing import Span, Tracer, disable_tracing, enable_tracing
+
+from support import start_server
+
+OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
+SPAN = "hayhooks.openai.run"
+
+
+@dataclass
+class RecordedSpan(Span):
+    operation_name: str
+    tags: dict[str, Any] = field(default_factory=dict)
+    parent: RecordedSpan | None = None
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.tags[key] = value
+
+
+class RecordingTracer(Tracer):
+    """Records spans with their tags and parents (like the recording tracer of hayhooks' tests)."""
+
+    def __init__(self) -> None:
+        self.spans: list[RecordedSpan] = []
+        self.closed: list[RecordedSpan] = []
+        self._changed = threading.Condition()
+        self._active: contextvars.ContextVar[RecordedSpan | None] = contextvars.ContextVar("active", default=None)
+
+    @contextlib.contextmanager
+    def trace(self, operation_name: str, tags: dict[str, Any] | None = None, parent_span: Span | None = None):
+        parent = parent_span if isinstance(parent_span, RecordedSpan) else self._active.get()
+        span = RecordedSpan(operation_name, dict(tags or {}), parent)
+        self.spans.append(span)
+        token = self._active.set(span)
+        try:
+            yield span
+        finally:
+            self._active.reset(token)
+            with self._changed:
+                self.closed.append(span)
+                self._changed.notify_all()
+
+    def wait_closed(self, operation_name: str, count: int = 1) -> list[RecordedSpan]:
+        """The first `count` closed spans named `operation_name`, once they are closed (the server closes a span
+        just after the response's last byte, so a client can see the response first)."""
+
+        def named() -> list[RecordedSpan]:
+            return [span for span in self.closed if span.operation_name == operation_name]
+
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(named()) >= count, timeout=10)
+            return named()[:count]
+
+    def current_span(self) -> Span | None:
+        return self._active.get()
+
+
+@pytest.fixture
+def tracer() -> Iterator[RecordingTracer]:
+    recording = RecordingTracer()
+    enable_tracing(recording)
+    try:
+        yield recording
+    finally:
+        disable_tracing()
+
+
+@pytest.fixture
+def server(upstream):
+    running = start_server(upstream, pipelines_dir=str(OPS_WRAPPERS))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def chat(scenario: str, *, stream: bool = True, model: str = "scenario") -> dict:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": scenario}]}
+
+
+def chat_spans(tracer: RecordingTracer) -> list[RecordedSpan]:
+    spans = tracer.wait_closed(SPAN)
+    assert len([span for span in tracer.spans if span.operation_name == SPAN]) == 1
+    return spans
+
+
+def test_a_stream_records_hayhooks_span_with_haystream_attributes(server, tracer):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answer = client.post("/v1/chat/completions", json=chat("fake?tokens=4"), headers={"x-request-id": "trace-1"})
+        assert answer.status_code == 200
+    (span,) = chat_spans(tracer)
+    assert span.tags["hayhooks.transport"] == "openai"
+    assert span.tags["hayhooks.openai.operation"] == "run_chat_completion"
+    assert span.tags["hayhooks.pipeline.name"] == "scenario"
+    assert span.tags["hayhooks.openai.stream_requested"] is True
+    assert span.tags["hayhooks.openai.execution_mode"] == "async"
+    assert span.tags["hayhooks.response.streaming"] is True
+    assert span.tags["hayhooks.response.stream_type"] == "sse"
+    assert span.tags["hayhooks.success"] is True
+    assert span.tags["haystream.request_id"] == "trace-1"
+    assert span.tags["haystream.chunks"] >= 4
+    assert span.tags["haystream.cancelled"] is False
+    assert span.tags["haystream.ttft_ms"] > 0
+
+
+def test_a_non_streaming_request_has_no_streaming_tags(server, tracer):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.post("/v1/chat/completions", json=chat("fake?tokens=2", stream=False)).status_code == 200
+    (span,) = chat_spans(tracer)
+    assert "hayhooks.response.streaming" not in span.tags
+    assert span.tags["hayhooks.success"] is True
+
+
+def test_a_stream_that_fails_marks_the_span_failed(server, tracer):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        failed = client.post("/v1/chat/completions", json=chat("fake?tokens=5&fail_after=2"))
+        assert '"error"' in failed.text
+    (span,) = chat_spans(tracer)
+    assert span.tags["hayhooks.success"] is False
+    assert span.tags["hayhooks.error.type"] == "APIError"  # the provider's failure, as the openai SDK raised it
+
+
+def test_an_unknown_model_marks_the_span_failed_with_its_status(server, tracer):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.post("/v1/chat/completions", json=chat("x", model="nope")).status_code == 404
+    (span,) = chat_spans(tracer)
+    assert span.tags["hayhooks.success"] is False
+    assert span.tags["hayhooks.http.status_code"] == 404

@@ -1,0 +1,51 @@
+"""`haystream serve --workers 2`: every worker deploys the wrappers, and /metrics adds up all workers' samples."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from haystream.testing import FakeUpstream
+from test_cli_serve import free_port, start_serve, stop
+
+OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
+REQUESTS = 12
+
+
+def test_two_workers_serve_chats_and_aggregate_their_metrics(tmp_path):
+    port = free_port()
+    with FakeUpstream() as upstream:
+        env = {
+            **os.environ,
+            "FAKE_UPSTREAM_URL": upstream.base_url,
+            "HAYSTACK_TELEMETRY_ENABLED": "False",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        }
+        process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS), "--workers", "2"], env)
+        try:
+            # Each worker deploys the wrappers in its own lifespan and reports it: wait for the second report.
+            assert any("Application startup complete" in line for line in process.stderr)
+            # Each connection is a new TCP connection: the kernel spreads them over both workers' accept calls.
+            for _ in range(REQUESTS):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                    body = {
+                        "model": "scenario",
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "fake?tokens=3"}],
+                    }
+                    answer = client.post("/v1/chat/completions", json=body)
+                    assert answer.status_code == 200 and answer.text.endswith("data: [DONE]\n\n")
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                page = client.get("/metrics").text
+        finally:
+            stop(process)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    }
+    key = ("haystream_requests_total", (("model", "scenario"), ("route", "/v1/chat/completions"), ("status", "200")))
+    assert samples[key] == REQUESTS  # the sum over both workers, whichever answered the scrape
