@@ -80,7 +80,7 @@ class Result:
         return [g for r in self.burst.results for g in r.gaps]
 
     def per_chunk_us(self, cpu: float | None) -> float | None:
-        return None if cpu is None or not self.chunks else cpu / self.chunks * 1e6
+        return None if cpu is None or not self.chunks else round(cpu / self.chunks * 1e6, 1)
 
     @property
     def rss_per_stream(self) -> float | None:
@@ -102,8 +102,8 @@ class Result:
             "concurrent": self.concurrent,
             "completed": self.completed,
             "chunks": self.chunks,
-            "wall_s": self.burst.wall,
-            "chunks_per_s": self.chunks / self.burst.wall if self.burst.wall else None,
+            "wall_s": round(self.burst.wall, 3),
+            "chunks_per_s": round(self.chunks / self.burst.wall, 1) if self.burst.wall else None,
             "server_cpu_us_per_chunk": self.per_chunk_us(self.server_cpu),
             "client_cpu_us_per_chunk": self.per_chunk_us(self.client_cpu),
             "upstream_cpu_us_per_chunk": self.per_chunk_us(self.upstream_cpu),
@@ -111,8 +111,8 @@ class Result:
             "ttft_p99_ms": _to_ms(percentile(ttfts, 99)),
             "gap_p50_ms": _to_ms(percentile(gaps, 50)),
             "gap_p99_ms": _to_ms(percentile(gaps, 99)),
-            "rss_per_stream_kb": None if self.rss_per_stream is None else self.rss_per_stream / 1024,
-            "rss_before_mb": None if self.rss_before is None else self.rss_before / 2**20,
+            "rss_per_stream_kb": None if self.rss_per_stream is None else round(self.rss_per_stream / 1024, 2),
+            "rss_before_mb": None if self.rss_before is None else round(self.rss_before / 2**20, 1),
             "threads_before": self.threads_before,
             "threads_peak": self.threads_peak,
             "listen_drops": self.listen_drops,
@@ -130,7 +130,7 @@ class Result:
 
 
 def _to_ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 @dataclass
@@ -374,28 +374,50 @@ def check_targets(table: dict[tuple[str, str], dict[str, Any]], skipped: dict[st
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def plot(results: Sequence[Result], scenarios: Sequence[Any], path: Path) -> None:
+def _style(row: str, index: int) -> dict[str, Any]:
+    """direct black, relay grey, haystream solid, hayhooks dashed; 20 colours, so 11 rows never share one."""
+    if row == "direct":
+        return {"color": "black", "linewidth": 2.0}
+    if row == "relay":
+        return {"color": "0.55", "linewidth": 2.0}
+    import matplotlib
+
+    color = matplotlib.colormaps["tab20"](index % 20)
+    return {"color": color, "linewidth": 1.3, "linestyle": "--" if row.startswith("hh-") else "-"}
+
+
+def _minor_label(value: float, _: object) -> str:
+    return f"{value:g}" if f"{value:.0e}"[0] in "25" else ""
+
+
+def plot(results: Sequence[Result], scenarios: Sequence[Any], path: Path, title: str) -> None:
     """ECDFs of TTFT and inter-chunk gaps per row, one line of plots per scenario."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    rows = list(dict.fromkeys(r.row for r in results))
     fig, axes = plt.subplots(len(scenarios), 2, figsize=(14, 4.2 * len(scenarios)), squeeze=False)
     for line, scenario in zip(axes, scenarios, strict=True):
         for result in (r for r in results if r.scenario == scenario.key):
+            style = _style(result.row, 2 * rows.index(result.row))
             for ax, values in ((line[0], result.ttfts), (line[1], result.gaps)):
                 if values:
                     xs = sorted(max(v * 1000, 0.01) for v in values)  # a gap of 0 (same read) shows as 0.01 ms
                     ys = [(i + 1) / len(xs) for i in range(len(xs))]
-                    ax.step(xs, ys, where="post", label=result.row, linewidth=1.2)
+                    ax.step(xs, ys, where="post", label=result.row, **style)
         for ax, what in ((line[0], "TTFT"), (line[1], "inter-chunk gap")):
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))  # data within one decade still gets labels
             ax.set_xlabel(f"{what} (ms, log scale)")
             ax.set_ylabel("fraction of " + ("streams" if what == "TTFT" else "gaps"))
             ax.set_title(f"{scenario.label}: {what}")
             ax.grid(True, which="both", alpha=0.3)
         line[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -442,6 +464,6 @@ def publish(
     json_path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
     print(f"\nsaved {json_path}")
     if plot_png:
-        plot(results, scenarios, out.with_suffix(".png"))
+        plot(results, scenarios, out.with_suffix(".png"), context.line().replace("# ", ""))
         print(f"saved {out.with_suffix('.png')}")
     return 0 if all(t.passed is not False for t in targets) else 1
