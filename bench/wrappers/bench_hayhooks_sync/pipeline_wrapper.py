@@ -1,0 +1,17 @@
+"""hayhooks' recommended sync wrapper: `hayhooks.streaming_generator` over the Pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench_pipeline import history, pipeline
+from hayhooks import BasePipelineWrapper, streaming_generator
+
+
+class PipelineWrapper(BasePipelineWrapper):
+    def setup(self) -> None:
+        pass
+
+    def run_chat_completion(self, model: str, messages: list[dict], body: dict) -> Any:
+        run_args = {"llm": {"messages": history(messages)}}
+        return streaming_generator(pipeline(body["scenario"]), pipeline_run_args=run_args)
