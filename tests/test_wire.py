@@ -29,7 +29,7 @@ from haystream.openai import (
 from haystream.openai.errors import redact
 from haystream.server.auth import KeyCheck
 from haystream.server.gate import Gate
-from haystream.server.settings import ServerSettings
+from haystream.settings import ServerSettings
 
 USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
 

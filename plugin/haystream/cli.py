@@ -60,7 +60,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from haystream.server.settings import ServerSettings
+    from haystream.settings import ServerSettings
 
     overrides: dict[str, Any] = {
         "pipelines_dir": str(pipelines_dir) if pipelines_dir else None,
@@ -75,8 +75,9 @@ def serve(
         err.print(f"[red]error:[/red] refusing to start: {problems}")
         raise typer.Exit(2) from None
     _check_can_serve(settings.pipelines_dir, settings.host, settings.port)
-    # Worker processes build their own app from the environment: hand the resolved settings down that way.
-    for key, value in settings.model_dump().items():
+    # Worker processes build their own app from the environment, which already holds every other setting: only the
+    # command-line flags are handed down that way.
+    for key, value in overrides.items():
         if value is not None:
             os.environ[f"HAYSTREAM_{key.upper()}"] = str(value)
     os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")

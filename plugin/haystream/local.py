@@ -23,6 +23,7 @@ from haystack.dataclasses import ChatMessage, ChatRole, StreamingCallbackT, Stre
 from haystack.tools import ToolsType
 
 from haystream._compat import llama_context_tokens
+from haystream.settings import LocalModelSettings
 
 logger = logging.getLogger("haystream.local")
 
@@ -32,7 +33,6 @@ MODEL_ENV = "HAYSTREAM_LOCAL_MODEL"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer in English, briefly and accurately."
 DEFAULT_GENERATION: dict[str, Any] = {"max_tokens": 256, "temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.15}
 QUEUE_TIMEOUT_ENV = "HAYSTREAM_LOCAL_QUEUE_TIMEOUT"
-DEFAULT_QUEUE_TIMEOUT = 60.0
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _models: dict[tuple[str, int], Any] = {}
@@ -51,12 +51,7 @@ class LocalModelBusy(RuntimeError):
 
 def queue_timeout() -> float:
     """Seconds a request waits for its turn on the local model (`HAYSTREAM_LOCAL_QUEUE_TIMEOUT`, default 60)."""
-    configured = os.environ.get(QUEUE_TIMEOUT_ENV)
-    try:
-        value = float(configured) if configured else DEFAULT_QUEUE_TIMEOUT
-    except ValueError:
-        raise RuntimeError(f"{QUEUE_TIMEOUT_ENV}={configured!r} is not a number of seconds.") from None
-    return value if value > 0 else DEFAULT_QUEUE_TIMEOUT
+    return LocalModelSettings().local_queue_timeout
 
 
 def _busy(waited: float) -> LocalModelBusy:
@@ -70,7 +65,7 @@ def local_model_path() -> Path:
 
     :raises RuntimeError: with the command that fixes it, when there is no model file.
     """
-    configured = os.environ.get(MODEL_ENV)
+    configured = LocalModelSettings().local_model
     if configured:
         path = Path(configured).expanduser()
         if not path.is_file():

@@ -45,7 +45,6 @@ from haystream.server.gate import CALLER_KEY, Gate, without_private_headers
 from haystream.server.limits import StreamLimits
 from haystream.server.response_store import create_store
 from haystream.server.responses import ResponsesEndpoint, wrapper_body
-from haystream.server.settings import ServerSettings
 from haystream.server.wrappers import (
     as_async_items,
     is_async_chat_wrapper,
@@ -54,6 +53,7 @@ from haystream.server.wrappers import (
     open_items,
     open_response_items,
 )
+from haystream.settings import ServerSettings
 
 logger = logging.getLogger("haystream.server")
 

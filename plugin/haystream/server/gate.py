@@ -31,7 +31,7 @@ from haystream.server.asgi import (
     send_json,
 )
 from haystream.server.auth import KeyCheck, check_deploy_request, unauthorized
-from haystream.server.settings import ServerSettings
+from haystream.settings import ServerSettings
 
 logger = logging.getLogger("haystream.server")
 

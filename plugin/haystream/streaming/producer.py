@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import os
 import socket
 import sys
 import threading
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
+from haystream.settings import StreamingSettings
 from haystream.streaming.channel import END, StreamCancelled, ThreadChannel
 
 T = TypeVar("T")
@@ -40,7 +40,7 @@ def producer_executor() -> ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            max_workers = int(os.environ.get("HAYSTREAM_PRODUCER_THREADS", "2048"))
+            max_workers = StreamingSettings().producer_threads
             _executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="haystream-producer")
         return _executor
 
@@ -85,7 +85,7 @@ def wait_for_idle_producers(timeout: float) -> bool:
 
 def abandon_sockets() -> bool:
     """Whether abandoned sync runs get their HTTP responses and sockets closed (`HAYSTREAM_ABANDON_SOCKETS`)."""
-    return os.environ.get("HAYSTREAM_ABANDON_SOCKETS", "true").strip().lower() not in ("0", "false", "no", "off")
+    return StreamingSettings().abandon_sockets
 
 
 def abandon(channel: ThreadChannel[Any]) -> None:

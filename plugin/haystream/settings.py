@@ -1,4 +1,9 @@
-"""Server settings: CLI flags and `HAYSTREAM_*` environment variables (hayhooks' own `HAYHOOKS_*` keep working)."""
+"""Every haystream setting, in one place: `HAYSTREAM_*` environment variables (and, for the server, CLI flags).
+
+One class per layer, so that a layer reads only its own: `StreamingSettings` (the streaming core),
+`LocalModelSettings` (the embedded model), `ServerSettings` (`haystream serve` / `create_app()`). hayhooks' own
+`HAYHOOKS_*` settings keep working beside them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,26 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StreamingSettings(BaseSettings):
+    """Settings of `haystream.stream` / `astream`."""
+
+    model_config = SettingsConfigDict(env_prefix="HAYSTREAM_", extra="ignore")
+
+    producer_threads: int = Field(2048, ge=1, description="Threads for sync-only runs (one per running stream).")
+    abandon_sockets: bool = Field(
+        True, description="Close the HTTP responses and sockets a sync-only run is blocked on when its consumer leaves."
+    )
+
+
+class LocalModelSettings(BaseSettings):
+    """Settings of the embedded model (`haystream.local`)."""
+
+    model_config = SettingsConfigDict(env_prefix="HAYSTREAM_", extra="ignore")
+
+    local_model: str | None = Field(None, description="A GGUF file of your own instead of the bundled SmolLM2.")
+    local_queue_timeout: float = Field(60.0, gt=0, description="Seconds a request waits for the model's turn.")
 
 
 class ServerSettings(BaseSettings):
