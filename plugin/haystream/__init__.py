@@ -1,12 +1,11 @@
 """haystream: generator-based streaming for Haystack, served as OpenAI-compatible chat endpoints."""
 
+from haystream.components.streaming_chat import LazyChunkStream, StreamingChatGenerator
 from haystream.openai.messages import chat_messages
 from haystream.streaming import (
     AsyncChunkStream,
     ChunkStream,
-    LazyChunkStream,
     StreamCancelled,
-    StreamingChatGenerator,
     astream,
     chunks_to_message,
     stream,

@@ -1,7 +1,6 @@
 """The streaming core: Haystack only, no web imports."""
 
 from haystream.streaming.channel import StreamCancelled
-from haystream.streaming.component import LazyChunkStream, StreamingChatGenerator
 from haystream.streaming.loop import use_event_loop
 from haystream.streaming.message import chunks_to_message
 from haystream.streaming.stream import AsyncChunkStream, ChunkStream, astream, stream
@@ -9,9 +8,7 @@ from haystream.streaming.stream import AsyncChunkStream, ChunkStream, astream, s
 __all__ = [
     "AsyncChunkStream",
     "ChunkStream",
-    "LazyChunkStream",
     "StreamCancelled",
-    "StreamingChatGenerator",
     "astream",
     "chunks_to_message",
     "stream",
