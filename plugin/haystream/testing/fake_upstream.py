@@ -17,20 +17,17 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl
 
 import orjson
 
+from haystream.server.asgi import Message, Receive, Send, send_json, wait_for_disconnect
 from haystream.testing.server_thread import ServerThread
 
 __all__ = ["FakeUpstream", "Scenario", "UpstreamRecord", "parse_scenario"]
 
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
@@ -236,17 +233,9 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return sum(len(_content_text(m.get("content")).split()) for m in _messages(body))
 
 
-async def _send_json(send: Send, status: int, payload: Any) -> None:
-    data = orjson.dumps(payload)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data, "more_body": False})
-
-
 async def _watch_disconnect(receive: Receive, disconnected: asyncio.Event) -> None:
     """Wait for ``http.disconnect`` (uvicorn also sends it once the response completes)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    await wait_for_disconnect(receive)
     disconnected.set()
 
 
@@ -325,7 +314,7 @@ class _Exchange:
     async def run(self, attempt: int = 1) -> None:
         status = self.scenario["status"]
         if status is not None and (not self.scenario["fail_first"] or attempt <= self.scenario["fail_first"]):
-            await _send_json(self.send, status, _error_body(f"fake upstream status {status}", "fake_error", status))
+            await send_json(self.send, status, _error_body(f"fake upstream status {status}", "fake_error", status))
             self.record.completed = True
         elif self.record.stream:
             await self._stream()
@@ -397,11 +386,11 @@ class _Exchange:
                 "choices": [choice],
                 "usage": self._usage(planned),
             }
-            await _send_json(self.send, 200, payload)
+            await send_json(self.send, 200, payload)
             self.record.tokens_sent = planned
             self.record.completed = True
         elif self.scenario["fail_mode"] == "error":
-            await _send_json(self.send, 500, _failure(min(fail_after, planned)))
+            await send_json(self.send, 500, _failure(min(fail_after, planned)))
         else:
             data = orjson.dumps({"id": self.record.id, "object": "chat.completion", "choices": []})
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
@@ -430,9 +419,9 @@ class _FakeApp:
         if method == "POST" and path in _CHAT_PATHS:
             await self._chat(scope, receive, send)
         elif method == "GET" and path in _MODELS_PATHS:
-            await _send_json(send, 200, _MODELS)
+            await send_json(send, 200, _MODELS)
         else:
-            await _send_json(send, 404, _error_body(f"no route for {method} {path}", "not_found", 404))
+            await send_json(send, 404, _error_body(f"no route for {method} {path}", "not_found", 404))
 
     async def _chat(self, scope: Message, receive: Receive, send: Send) -> None:
         raw = bytearray()
@@ -449,7 +438,7 @@ class _FakeApp:
                 raise ValueError("request body must be a JSON object with a string 'model'")
             scenario = parse_scenario(body["model"])
         except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
-            await _send_json(send, 400, _error_body(str(exc), "invalid_request_error", None))
+            await send_json(send, 400, _error_body(str(exc), "invalid_request_error", None))
             return
         plan = _plan(scenario, body)
         record = self.upstream._new_record(body, plan.planned_tokens)
