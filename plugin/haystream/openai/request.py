@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+RequestT = TypeVar("RequestT", bound=BaseModel)
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -94,6 +95,18 @@ def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest, dict[str, Any
 
     :raises OpenAIError: 400 for malformed JSON or a body that does not fit the schema.
     """
+    request, body = parse_body(raw, ChatCompletionRequest)
+    # Every wrapper may hand the messages to Haystack: one it cannot represent is the client's mistake (400), not a
+    # failure of the pipeline (500).
+    chat_messages(body["messages"])
+    return request, body
+
+
+def parse_body(raw: bytes, model: type[RequestT]) -> tuple[RequestT, dict[str, Any]]:
+    """A JSON object body validated by `model`; returns the model and the body as a dict.
+
+    :raises OpenAIError: 400 for malformed JSON or a body that does not fit the schema, naming the first bad field.
+    """
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
@@ -101,14 +114,10 @@ def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest, dict[str, Any
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
-        request = ChatCompletionRequest.model_validate(body)
+        return model.model_validate(body), body
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise OpenAIError(
             400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_request"
         ) from None
-    # Every wrapper may hand the messages to Haystack: one it cannot represent is the client's mistake (400), not a
-    # failure of the pipeline (500).
-    chat_messages(body["messages"])
-    return request, body

@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from haystream.openai.errors import OpenAIError
 from haystream.openai.messages import chat_messages
+from haystream.openai.request import parse_body
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete", "response.cancelled"})
 Status = Literal["queued", "in_progress", "completed", "failed", "incomplete", "cancelled"]
@@ -120,20 +121,7 @@ def parse_responses_request(raw: bytes) -> tuple[ResponsesRequest, dict[str, Any
 
     :raises OpenAIError: 400 for malformed JSON or a body that does not fit the schema.
     """
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise OpenAIError(400, f"Malformed JSON body: {error}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    try:
-        request = ResponsesRequest.model_validate(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise OpenAIError(
-            400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_request"
-        ) from None
+    request, body = parse_body(raw, ResponsesRequest)
     if request.background and not request.store:
         raise OpenAIError(400, "background responses need store=true.", param="store", code="invalid_request")
     return request, body
