@@ -93,6 +93,14 @@ def test_hayhooks_cli_without_credentials_is_refused(served):
     assert "echo" not in {model.id for model in sdk.models.list()}
 
 
+def test_hayhooks_cli_shows_haystreams_refusal(served):
+    """hayhooks' CLI prints a refusal's `detail` (else "Unknown error"): the gate gives it the message."""
+    port, env = served
+    status = hayhooks("status", env={**env, "NETRC": "/nonexistent"})
+    output = " ".join((status.stdout + status.stderr).split())
+    assert "Unknown error" not in output and "API key" in output, output
+
+
 def haystream_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "haystream", *args], env=env, capture_output=True, text=True, timeout=300

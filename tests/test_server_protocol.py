@@ -162,6 +162,8 @@ def test_client_supplied_tools_round_trip_as_tool_calls(client):
         extra_body={"mode": "client_tools", "scenario": 'fake?tool=get_weather&args={"city": "Paris"}'},
     )
     chunks = [c for c in stream if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None  # as OpenAI
+    assert not any(c.choices[0].delta.content for c in chunks)
     calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or ()]
     assert calls[0].id == "call_fake_1" and calls[0].type == "function" and calls[0].function.name == "get_weather"
     assert all(tc.id is None and tc.function.name is None for tc in calls[1:])

@@ -35,9 +35,9 @@ class ChunkFramer:
         """A chunk carrying one delta and no finish reason."""
         return self._delta_open + orjson.dumps(delta) + b',"logprobs":null,"finish_reason":null}]}\n\n'
 
-    def role(self) -> bytes:
-        """The first chunk: the assistant role with empty content."""
-        return self.delta({"role": "assistant", "content": ""})
+    def role(self, content: str | None = "") -> bytes:
+        """The first chunk: the assistant role with empty content (`None` when the answer has no text: tool calls)."""
+        return self.delta({"role": "assistant", "content": content})
 
     def finish(self, reason: str) -> bytes:
         """The one chunk that carries the finish reason."""

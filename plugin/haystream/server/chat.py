@@ -123,7 +123,9 @@ class ChatResponse:
         except Exception as error:
             await send_error(send, failure_error(error, self._request_id, self._secrets), headers=self._id_header())
             return
-        await self._start(send)
+        # Known to show no text before its end (tool calls only, or nothing): the role chunk says `content: null`, as
+        # OpenAI's does, so that SDK helpers give None rather than "".
+        await self._start(send, text_follows=not done or first is not None)
         watchdog = asyncio.ensure_future(self._watch(send, asyncio.current_task()))
         try:
             if not done:
@@ -157,7 +159,7 @@ class ChatResponse:
                 return frames
         return None
 
-    async def _start(self, send: Send) -> None:
+    async def _start(self, send: Send, *, text_follows: bool = True) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -170,7 +172,7 @@ class ChatResponse:
                 ],
             }
         )
-        await self._write(send, self._framer.role())
+        await self._write(send, self._framer.role("" if text_follows else None))
 
     async def _send_item(self, send: Send, item: Any) -> None:
         frames = self._frames(item)

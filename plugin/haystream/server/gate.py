@@ -98,7 +98,7 @@ class Gate:
             elif not self.settings.enable_draw and any(r.startswith("/draw") for r in routes):
                 raise OpenAIError(404, "/draw is disabled; set HAYSTREAM_ENABLE_DRAW=true.", code="not_found")
         except OpenAIError as error:
-            await self._refuse(scope, send, error, detail=is_deploy)
+            await self._refuse(scope, send, error)
             return
         scope[CALLER_KEY] = caller
         if not self.settings.forward_auth_headers and any(_RUN_ROUTE.fullmatch(route) for route in routes):
@@ -116,7 +116,7 @@ class Gate:
             logger.info("client left before its request was read: %s", scope["path"])
             return
         except OpenAIError as error:
-            await self._refuse(scope, send, error, detail=is_deploy)
+            await self._refuse(scope, send, error)
             return
         await self.app(scope, replay_body(raw, receive), send)
 
@@ -173,17 +173,15 @@ class Gate:
         else:
             await send_json(send, 503, {"status": "starting"})
 
-    async def _refuse(self, scope: Scope, send: Send, error: OpenAIError, *, detail: bool) -> None:
+    async def _refuse(self, scope: Scope, send: Send, error: OpenAIError) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # before accept: the client gets a 403
             return
-        if detail:
-            # hayhooks' CLI shows only a `detail` field: give it the message too, beside the OpenAI envelope.
-            payload = {**error.to_dict(), "detail": error.message}
-            extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
-            await send_json(send, error.status, orjson.dumps(payload), headers=extra)
-            return
-        await send_error(send, error)
+        # hayhooks' CLI shows only a `detail` field (else "Unknown error"): give it the message too, beside the
+        # OpenAI envelope that OpenAI clients read.
+        payload = {**error.to_dict(), "detail": error.message}
+        extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
+        await send_json(send, error.status, orjson.dumps(payload), headers=extra)
 
 
 def _normalise(path: str) -> str:

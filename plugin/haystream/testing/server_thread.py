@@ -7,7 +7,7 @@ import contextlib
 import math
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -17,16 +17,13 @@ _STOP_TIMEOUT = 10.0
 
 
 class _ThreadedServer(uvicorn.Server):
-    """uvicorn for a non-main thread: no signal handlers, start-up reported through a threading.Event."""
+    """uvicorn for a non-main thread (uvicorn installs no signal handlers there), start-up reported through a
+    threading.Event."""
 
     def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
         super().__init__(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = ready
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
