@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,16 +29,20 @@ def test_chat_prints_tokens_as_they_arrive(server, upstream):
         [sys.executable, "-m", "haystream", "chat", "paced", "hi", "--url", server.url],
         env={**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False"},
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert process.stdout.read(3) == "t0 "  # blocks until the CLI has printed (and flushed) the first token
-        record = upstream.records[-1]
-        assert not record.completed and record.tokens_sent < 5  # ...while the upstream is still generating
-        assert process.stdout.read().strip() == "t1 t2 t3 t4"
+        record = upstream.wait_for_requests(1)[0]
+        assert not record.completed and record.tokens_sent == 1  # ...while the upstream holds the rest
+        process.send_signal(signal.SIGINT)  # Ctrl-C on a one-shot answer: stop it and exit
+        _, stderr = process.communicate(timeout=60)
     finally:
-        process.wait(60)
-    assert process.returncode == 0
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "answer stopped" in stderr
+    assert record.wait(30).client_hung_up  # the server cancelled the run when the CLI left
 
 
 def test_models_lists_chat_wrappers(server):

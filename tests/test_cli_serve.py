@@ -95,7 +95,7 @@ def test_hayhooks_cli_without_credentials_is_refused(served):
 
 def test_hayhooks_cli_shows_haystreams_refusal(served):
     """hayhooks' CLI prints a refusal's `detail` (else "Unknown error"): the gate gives it the message."""
-    port, env = served
+    _, env = served
     status = hayhooks("status", env={**env, "NETRC": "/nonexistent"})
     output = " ".join((status.stdout + status.stderr).split())
     assert "Unknown error" not in output and "API key" in output, output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from haystack import Pipeline, component
 from haystack.dataclasses import ChatMessage, StreamingChunk
+from starlette.datastructures import Headers  # resolved by hayhooks from the wrapper module's globals
 
 from haystream import _compat
 
@@ -50,3 +51,26 @@ def test_sockets_support_membership():
     generator = OpenAIChatGenerator(api_key=Secret.from_token("x"))
     assert "streaming_callback" in generator.__haystack_input__
     assert "nonsense" not in generator.__haystack_input__
+
+
+def test_hayhooks_internals():
+    from pathlib import Path
+
+    from hayhooks import BasePipelineWrapper
+
+    assert hasattr(_compat.hayhooks_registry(), "get") and hasattr(_compat.hayhooks_registry(), "get_names")
+    assert hasattr(_compat.hayhooks_settings(), "pipelines_dir") and hasattr(_compat.hayhooks_settings(), "root_path")
+    assert _compat.sequential_startup().value == "sequential"
+
+    class Wrapper(BasePipelineWrapper):
+        def setup(self) -> None: ...
+
+        def run_chat_completion(self, model: str, messages: list, body: dict, headers: Headers | None = None): ...
+
+    assert _compat.accepts_request_headers(Wrapper().run_chat_completion)
+    files = _compat.read_pipeline_files(Path(__file__).parent / "deployable" / "echo")
+    assert "pipeline_wrapper.py" in files
+    tracing = _compat.hayhooks_tracing()
+    assert tracing.SPAN_OPENAI_RUN == "hayhooks.openai.run"
+    for name in ("build_trace_tags", "build_streaming_trace_tags", "start_trace_operation"):
+        assert callable(getattr(tracing, name)), name

@@ -1,11 +1,14 @@
 """The private names of other libraries that haystream relies on, in one place.
 
-Each has no public equivalent in the pinned versions (Haystack 3.4, hayhooks 2.1, llama-cpp-haystack 3.0);
-`tests/test_compat.py` fails loudly, naming the function, when an upgrade removes or reshapes one.
+Each has no public equivalent in the pinned versions (Haystack 3.4, hayhooks 2.1, llama-cpp-haystack 3.0):
+private functions, or modules that the package does not re-export. `tests/test_compat.py` fails loudly, naming the
+function, when an upgrade removes or reshapes one. hayhooks is imported lazily: the streaming core must not need it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from haystack.components.generators.chat.openai import _check_finish_reason
@@ -14,11 +17,17 @@ from haystack.core.pipeline.base import PipelineBase
 from haystack.dataclasses import ChatMessage, StreamingChunk
 
 __all__ = [
+    "accepts_request_headers",
     "check_finish_reason",
     "fold_chunks_like_haystack",
+    "hayhooks_registry",
+    "hayhooks_settings",
+    "hayhooks_tracing",
     "llama_context_tokens",
     "normalize_messages",
     "pipeline_input_data",
+    "read_pipeline_files",
+    "sequential_startup",
 ]
 
 
@@ -47,3 +56,45 @@ def llama_context_tokens(generator: Any) -> int:
     """Tokens in a `LlamaCppChatGenerator`'s context after a run (prompt + answer): llama.cpp reports no usage when
     streaming."""
     return int(generator._model.n_tokens)
+
+
+def hayhooks_registry() -> Any:
+    """hayhooks' process-wide registry of deployed wrappers (`get(name)`, `get_names()`)."""
+    from hayhooks.server.pipelines.registry import registry
+
+    return registry
+
+
+def hayhooks_settings() -> Any:
+    """hayhooks' settings object (`HAYHOOKS_*`), which its app reads when it is built and started."""
+    from hayhooks.settings import settings
+
+    return settings
+
+
+def sequential_startup() -> Any:
+    """hayhooks' startup strategy that deploys wrappers one at a time."""
+    from hayhooks.settings import StartupDeployStrategy
+
+    return StartupDeployStrategy.SEQUENTIAL
+
+
+def accepts_request_headers(method: Any) -> bool:
+    """Whether a wrapper method opts in to the request headers (`headers: Headers | None = None`), hayhooks' rule."""
+    from hayhooks.server.utils.request_headers import accepts_request_headers as accepts
+
+    return bool(accepts(method))
+
+
+def read_pipeline_files(directory: Path) -> dict[str, str]:
+    """The files of a wrapper folder, as `hayhooks pipeline deploy-files` sends them to the deploy route."""
+    from hayhooks.server.utils.deploy_utils import read_pipeline_files_from_dir
+
+    return dict(read_pipeline_files_from_dir(directory))
+
+
+def hayhooks_tracing() -> ModuleType:
+    """hayhooks' tracing helpers (`SPAN_OPENAI_RUN`, `build_trace_tags`, ...), so chat spans look like its own."""
+    import hayhooks.server.tracing as tracing
+
+    return tracing

@@ -155,9 +155,9 @@ def deploy(
     api_key: KeyOption = None,
 ) -> None:
     """Deploy a wrapper folder (like `hayhooks pipeline deploy-files`; needs HAYSTREAM_ENABLE_DEPLOY on the server)."""
-    from hayhooks.server.utils.deploy_utils import read_pipeline_files_from_dir
+    from haystream._compat import read_pipeline_files
 
-    files = read_pipeline_files_from_dir(directory)
+    files = read_pipeline_files(directory)
     if not files:
         _fail(f"No pipeline files found in {directory}.")
     name = name or directory.resolve().name

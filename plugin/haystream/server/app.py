@@ -21,6 +21,8 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
+from haystream._compat import hayhooks_registry, sequential_startup
+from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
 from haystream.openai.responses import parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style
@@ -330,9 +332,8 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     settings = settings or ServerSettings()
     logs.configure(settings.log_format)
     warn_if_exposed(settings)
-    from hayhooks.server.pipelines.registry import registry
-    from hayhooks.settings import StartupDeployStrategy
-    from hayhooks.settings import settings as hayhooks_settings
+    registry = hayhooks_registry()
+    hayhooks_settings = hayhooks_settings_object()
 
     # hayhooks reads these when its app starts; its CLI finds the server through host and port.
     hayhooks_settings.pipelines_dir = settings.pipelines_dir
@@ -341,7 +342,7 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     if "HAYHOOKS_STARTUP_DEPLOY_STRATEGY" not in os.environ:
         # hayhooks' parallel start-up imports wrapper modules from several threads at once, which races in
         # Haystack's lazy imports ("cannot import name 'ComponentTool' from 'haystack.tools'"): one at a time.
-        hayhooks_settings.startup_deploy_strategy = StartupDeployStrategy.SEQUENTIAL
+        hayhooks_settings.startup_deploy_strategy = sequential_startup()
     # CORS is the gate's business (off unless HAYSTREAM_CORS_ORIGINS): hayhooks' default of '*' must not apply.
     hayhooks_settings.cors_allow_origins = []
     hayhooks_settings.cors_allow_methods = ["GET", "POST"]

@@ -16,12 +16,14 @@ import contextvars
 from typing import Any
 
 from fastapi import HTTPException
-from hayhooks.server.tracing import (
-    SPAN_OPENAI_RUN,
-    build_streaming_trace_tags,
-    build_trace_tags,
-    start_trace_operation,
-)
+
+from haystream._compat import hayhooks_tracing
+
+_tracing = hayhooks_tracing()
+SPAN_OPENAI_RUN = _tracing.SPAN_OPENAI_RUN
+build_streaming_trace_tags = _tracing.build_streaming_trace_tags
+build_trace_tags = _tracing.build_trace_tags
+start_trace_operation = _tracing.start_trace_operation
 
 _FAILURE: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
     "haystream_trace_failure", default=None

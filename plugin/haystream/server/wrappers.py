@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from hayhooks import BasePipelineWrapper
-from hayhooks.server.utils.request_headers import accepts_request_headers
 from starlette.datastructures import Headers
 
+from haystream._compat import accepts_request_headers
 from haystream.openai import OpenAIError
 from haystream.streaming import use_event_loop
 from haystream.streaming.producer import iterate_in_thread, producer_executor
