@@ -15,6 +15,8 @@ def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
     """haystream's app (hayhooks inside) under a real uvicorn on loopback, serving tests/wrappers."""
     os.environ["FAKE_UPSTREAM_URL"] = upstream.base_url
     settings.setdefault("pipelines_dir", str(WRAPPERS_DIR))
+    settings.setdefault("gc_freeze", False)  # one process starts many servers: keep its garbage collectable
+    settings.setdefault("access_log", False)
     return ServerThread(create_app(ServerSettings(**settings)), lifespan="on").start()
 
 

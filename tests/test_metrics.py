@@ -112,3 +112,27 @@ def test_json_logs_carry_the_request_id(upstream, capfd):
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     records = [orjson.loads(line) for line in lines]
     assert any(record.get("request_id") == "req-42" and record["level"] == "error" for record in records)
+
+
+def test_the_access_log_has_one_line_per_request_with_status_duration_and_request_id(upstream, capfd):
+    running = start_server(
+        upstream, pipelines_dir=str(OPS_WRAPPERS), api_keys="metrics-key", access_log=True, log_format="json"
+    )
+    try:
+        with httpx.Client(base_url=running.url, timeout=30) as client:
+            ok = client.post("/v1/chat/completions", json=chat("fake?tokens=3"), headers={**KEY, "x-request-id": "a-1"})
+            refused = client.get("/v1/models")
+            assert (ok.status_code, refused.status_code) == (200, 401)
+    finally:
+        running.stop()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    access = [record for record in map(orjson.loads, lines) if record["logger"] == "haystream.access"]
+    # One line each, written when the response has ended (the stream's may come after the refusal's); uvicorn's
+    # own access log, which hayhooks routes through loguru, is off.
+    assert sorted((r["method"], r["path"], r["status"]) for r in access) == [
+        ("GET", "/v1/models", 401),
+        ("POST", "/v1/chat/completions", 200),
+    ], lines
+    (streamed,) = (r for r in access if r["method"] == "POST")
+    assert streamed["request_id"] == "a-1" and streamed["duration_ms"] > 0
+    assert "uvicorn.access" not in " ".join(lines)

@@ -27,7 +27,7 @@ from haystack.utils import Secret
 
 import haystream
 from haystream.components import OpenAIChatGenerator
-from haystream.components._upstream import SSEDecoder, loop_session
+from haystream.components._upstream import SSEDecoder, env_proxy, loop_session
 from haystream.testing import FakeUpstream, fake_chat_generator
 
 USER = [ChatMessage.from_user("hello there")]
@@ -216,6 +216,33 @@ def test_connection_refused(mode):
         for cls in KINDS.values()
     ]
     assert [type(o.error) for o in outcomes] == [openai.APIConnectionError] * 2
+
+
+@pytest.mark.parametrize("no_proxy", [False, True])
+def test_the_environments_proxy_is_used_as_the_sdk_uses_it(upstream, monkeypatch, no_proxy):
+    # The fake upstream stands in for the proxy: it answers the absolute-form request a proxy would forward. The
+    # upstream's host does not resolve, so an answer proves the proxy was used, and NO_PROXY must make both fail.
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", upstream.base_url.removesuffix("/v1"))
+    if no_proxy:
+        monkeypatch.setenv("NO_PROXY", "upstream.invalid")
+    env_proxy.cache_clear()
+    try:
+        for kind in KINDS:
+            scenario = f"proxied-{uuid.uuid4().hex[:8]}?tokens=2"
+            generator = KINDS[kind](
+                api_key=Secret.from_token("k"), api_base_url="http://upstream.invalid/v1", model=scenario, max_retries=0
+            )
+            outcome = run(generator, "async")
+            if no_proxy:
+                assert type(outcome.error) is openai.APIConnectionError, kind
+                assert not [r for r in upstream.records if r.model == scenario]
+            else:
+                assert outcome.error is None, (kind, outcome.error)
+                assert outcome.replies[0].text == "t0 t1 "
+    finally:
+        env_proxy.cache_clear()
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

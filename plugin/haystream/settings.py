@@ -79,6 +79,10 @@ class ServerSettings(BaseSettings):
     keepalive_seconds: float = Field(15.0, gt=0, description="Idle time after which a `: ping` comment is sent.")
     stream_buffer: int = Field(64, ge=1, description="Chunks a producer may run ahead of a slow client.")
     log_level: str = Field("info", description="Uvicorn log level.")
+    access_log: bool = Field(True, description="One log line per HTTP request (at the `info` level).")
+    gc_freeze: bool = Field(
+        True, description="Move what start-up created out of the garbage collector's reach (shorter GC pauses)."
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="haystream's log lines as text or as one JSON object per line (with the request id)."
     )

@@ -14,8 +14,11 @@ import math
 import random
 import threading
 import time
+import urllib.parse
+import urllib.request
 import weakref
 from collections.abc import AsyncGenerator, Mapping
+from functools import lru_cache
 from typing import Any
 
 import aiohttp
@@ -56,7 +59,10 @@ class _LoopSession:
     def __init__(self) -> None:
         # No connection limit: every concurrent stream holds its connection for the whole answer.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=False)
-        self.session = aiohttp.ClientSession(connector=connector, trust_env=True, auto_decompress=True)
+        # No `trust_env`: with it aiohttp looks up proxies and ~/.netrc in a worker thread on every request (two
+        # thread round trips each), and a netrc entry for the upstream clashes with our Authorization header.
+        # Proxies come from `env_proxy` instead, once per origin, as the SDK's httpx client reads them once.
+        self.session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=True)
         self.closer = self._close_at_shutdown()
 
     async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
@@ -84,6 +90,30 @@ async def close_loop_session() -> None:
     entry = _sessions.pop(asyncio.get_running_loop(), None)
     if entry is not None:
         await entry.closer.aclose()
+
+
+@lru_cache(maxsize=256)
+def env_proxy(url: str) -> tuple[str | None, aiohttp.BasicAuth | None]:
+    """The proxy the environment names for `url` (`HTTP_PROXY`/`HTTPS_PROXY`, minus `NO_PROXY`) and its credentials.
+
+    Read once per URL, as the OpenAI SDK's client reads them once. aiohttp speaks to HTTP proxies only: an
+    `https://` or SOCKS proxy is not used, as with aiohttp's own `trust_env`.
+    """
+    target = urllib.parse.urlsplit(url)
+    if not target.hostname or urllib.request.proxy_bypass(target.hostname):
+        return None, None
+    address = urllib.request.getproxies().get(target.scheme)
+    if not address:
+        return None, None
+    proxy = urllib.parse.urlsplit(address if "://" in address else f"http://{address}")
+    if proxy.scheme != "http" or not proxy.hostname:
+        return None, None
+    auth = None
+    if proxy.username:
+        user, password = urllib.parse.unquote(proxy.username), urllib.parse.unquote(proxy.password or "")
+        auth = aiohttp.BasicAuth(user, password)
+    netloc = proxy.hostname if proxy.port is None else f"{proxy.hostname}:{proxy.port}"
+    return f"http://{netloc}", auth
 
 
 # --- private event loops for sync callers --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from haystream._compat import check_finish_reason, fold_chunks_like_haystack, no
 from haystream.components._chunks import ChunkBuilder
 from haystream.components._upstream import (
     SSEDecoder,
+    env_proxy,
     loop_session,
     retry_delay,
     should_retry,
@@ -236,6 +237,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
     async def _open(self, request: _Request) -> aiohttp.ClientResponse:
         """POST the request; retry connection errors and retryable statuses (the SDK's rules) until it starts."""
         session = await loop_session()
+        proxy, proxy_auth = env_proxy(request.url)
         retries_taken = 0
         while True:
             try:
@@ -245,6 +247,8 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                     headers=request.headers,
                     params=request.params,
                     timeout=request.timeout,
+                    proxy=proxy,
+                    proxy_auth=proxy_auth,
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if retries_taken >= request.max_retries:

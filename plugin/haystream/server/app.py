@@ -9,6 +9,7 @@ included, to hayhooks. Editing hayhooks' nested route list would be fragile; sta
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import os
@@ -127,6 +128,10 @@ class HaystreamApp:
                 for name, reason in self.load_failures.items():
                     logger.error("wrapper %r did not load: %s", name, reason)
                 await self.responses.start()
+                if self.settings.gc_freeze:
+                    # What importing and deploying made lives as long as the process: keeping it out of every full
+                    # collection shortens those pauses (~100 ms → ~25 ms with 200 streams running).
+                    gc.freeze()
                 self.ready = True
             elif message["type"].startswith("lifespan.shutdown"):
                 self.ready = False
@@ -326,11 +331,11 @@ class HaystreamApp:
         return Headers(raw=without_private_headers(scope))
 
 
-def create_app(settings: ServerSettings | None = None) -> Gate:
+def create_app(settings: ServerSettings | None = None) -> logs.AccessLog:
     """Build hayhooks' app (deploying the wrappers in `settings.pipelines_dir` at startup) with haystream in front,
-    behind the gate."""
+    behind the gate, with the access log around it all."""
     settings = settings or ServerSettings()
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, settings.log_level, access_log=settings.access_log)
     warn_if_exposed(settings)
     registry = hayhooks_registry()
     hayhooks_settings = hayhooks_settings_object()
@@ -350,8 +355,10 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     from hayhooks import create_app as create_hayhooks_app
 
     app = HaystreamApp(create_hayhooks_app(), settings, registry)
+    # haystream's access log (`logs.AccessLog`) replaces uvicorn's, which hayhooks has just routed through loguru.
+    logging.getLogger("uvicorn.access").disabled = True
     ready = lambda: app.ready and not app.drain.draining  # noqa: E731
-    return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=ready)
+    return logs.AccessLog(Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=ready))
 
 
 def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:

@@ -1,15 +1,22 @@
-"""Structured logs: with `HAYSTREAM_LOG_FORMAT=json`, haystream's log lines are one JSON object each, carrying the
-request id (the one in `X-Request-ID` and in error envelopes) of the chat request they belong to."""
+"""Logs: with `HAYSTREAM_LOG_FORMAT=json`, haystream's log lines are one JSON object each, carrying the request id
+(the one in `X-Request-ID` and in error envelopes) of the chat request they belong to; and the access log, one line
+per HTTP request."""
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 import time
+from typing import Any
 
 import orjson
 
+from haystream.server.asgi import Message, Receive, Scope, Send
+
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("haystream_request_id", default=None)
+ACCESS_LOGGER = logging.getLogger("haystream.access")
+_ACCESS_FIELDS = ("client", "method", "path", "status", "duration_ms")
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,13 +32,19 @@ class JsonFormatter(logging.Formatter):
         request_id = REQUEST_ID.get()
         if request_id is not None:
             entry["request_id"] = request_id
+        for name in _ACCESS_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
-def configure(log_format: str) -> None:
-    """Send haystream's logs to stderr as JSON lines (`json`), or leave logging as it is (`text`)."""
+def configure(log_format: str, log_level: str = "info", *, access_log: bool = True) -> None:
+    """Send haystream's logs to stderr as JSON lines (`json`), or leave logging as it is (`text`); give the access
+    log its own handler (at `log_level`; off with `access_log=False`)."""
+    _configure_access_log(log_format, log_level if access_log else "critical")
     if log_format != "json":
         return
     logger = logging.getLogger("haystream")
@@ -42,3 +55,67 @@ def configure(log_format: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def _configure_access_log(log_format: str, log_level: str) -> None:
+    ACCESS_LOGGER.setLevel(log_level.upper() if log_level.upper() in logging.getLevelNamesMapping() else "INFO")
+    ACCESS_LOGGER.propagate = False
+    for handler in list(ACCESS_LOGGER.handlers):
+        ACCESS_LOGGER.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s | %(levelname)-8s | %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    ACCESS_LOGGER.addHandler(handler)
+
+
+class AccessLog:
+    """Pure ASGI: one access-log line per HTTP request once its response has ended (client, method, path, status,
+    duration, request id).
+
+    It replaces uvicorn's access log, which hayhooks routes through loguru at ~0.3 ms of CPU per request; a plain
+    handler costs a tenth of that. Streams pay one function call per chunk here, nothing more.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_status)
+        finally:
+            client = scope.get("client")
+            where = f"{client[0]}:{client[1]}" if client else "-"
+            method, path = scope.get("method", "-"), scope.get("path", "-")
+            duration_ms = round((time.perf_counter() - started) * 1000, 1)
+            ACCESS_LOGGER.info(
+                '%s - "%s %s HTTP/%s" %s %.1f ms%s',
+                where,
+                method,
+                path,
+                scope.get("http_version", "1.1"),
+                status or "-",
+                duration_ms,
+                f" request_id={REQUEST_ID.get()}" if REQUEST_ID.get() else "",
+                extra={
+                    "client": where,
+                    "method": method,
+                    "path": path,
+                    "status": status or None,
+                    "duration_ms": duration_ms,
+                },
+            )
