@@ -26,7 +26,9 @@ from haystack.tools import Tool
 from haystack.utils import Secret
 
 import haystream
+from haystream._compat import fold_chunks_like_haystack
 from haystream.components import OpenAIChatGenerator
+from haystream.components._chunks import ChunkLog
 from haystream.components._upstream import SSEDecoder, env_proxy, loop_session
 from haystream.testing import FakeUpstream, fake_chat_generator
 
@@ -153,6 +155,29 @@ def test_reasoning_is_kept_where_haystack_drops_it(upstream, mode, field_name):
     assert [c.start for c in reasoning_chunks] == [True, False, False]
     text_chunks = [c for c in ours.chunks if c.content]
     assert text_chunks[0].start and text_chunks[0].index == 1  # the text block follows the reasoning block
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "fake?tokens=200",
+        "fake?tokens=5&reasoning=4",
+        f"fake?tool=get_weather&tools=2&args={quote(ARGS)}",
+        "fake?tokens=4&finish=length",
+    ],
+)
+def test_the_kept_chunks_fold_into_the_same_reply_in_a_fraction_of_the_chunks(upstream, scenario):
+    outcome = run(make("haystream", upstream, scenario), "async")
+    assert outcome.error is None
+    kept = ChunkLog()
+    for chunk in outcome.chunks:
+        kept.add(chunk)
+    compact = kept.chunks()
+    assert fold_chunks_like_haystack(compact) == fold_chunks_like_haystack(outcome.chunks) == outcome.replies[0]
+    plain_runs = 1 + sum(1 for c in outcome.chunks if c.reasoning or c.tool_calls or c.finish_reason)
+    assert len(compact) <= plain_runs + 2  # each plain-text run is one chunk (usage arrives on its own chunk)
+    if scenario == "fake?tokens=200":
+        assert len(compact) <= 4 < len(outcome.chunks)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -155,3 +155,64 @@ class ChunkBuilder:
             meta=meta,
         )
         return (chunk,) if reasoning_chunk is None else (reasoning_chunk, chunk)
+
+
+class ChunkLog:
+    """The chunks of one stream, kept for folding into the reply at its end, in a fraction of their memory.
+
+    Haystack's generator keeps every chunk (~600 bytes each: a 2,000-token answer holds 1.2 MB until it ends). Here
+    a run of plain-text chunks (no tool call, reasoning, finish reason, usage or logprobs) is kept as its strings and
+    becomes one chunk again when the run ends: Haystack's folding (`_compat.fold_chunks_like_haystack`) joins the
+    text, takes the first chunk's `received_at` and the last one's `model`, and reads nothing else of such chunks,
+    so the reply is the same.
+    """
+
+    __slots__ = ("_chunks", "_run_first", "_run_last", "_run_texts")
+
+    def __init__(self) -> None:
+        self._chunks: list[StreamingChunk] = []
+        self._run_first: StreamingChunk | None = None
+        self._run_last: StreamingChunk | None = None
+        self._run_texts: list[str] = []
+
+    def add(self, chunk: StreamingChunk) -> None:
+        meta = chunk.meta
+        if (
+            chunk.tool_calls
+            or chunk.reasoning is not None
+            or chunk.finish_reason is not None
+            or chunk.tool_call_result is not None
+            or meta.get("usage") is not None
+            or meta.get("logprobs")
+        ):
+            self._end_run()
+            self._chunks.append(chunk)
+            return
+        if self._run_first is None:
+            self._run_first = chunk
+        self._run_last = chunk
+        self._run_texts.append(chunk.content)
+
+    def chunks(self) -> list[StreamingChunk]:
+        """The kept chunks (plain-text runs merged), ready for folding."""
+        self._end_run()
+        return self._chunks
+
+    def _end_run(self) -> None:
+        first, last = self._run_first, self._run_last
+        if first is None or last is None:
+            return
+        if first is last:
+            self._chunks.append(first)
+        else:
+            self._chunks.append(
+                StreamingChunk(
+                    content="".join(self._run_texts),
+                    component_info=first.component_info,
+                    index=first.index,
+                    start=first.start,
+                    meta={**first.meta, "model": last.meta.get("model")},
+                )
+            )
+        self._run_first = self._run_last = None
+        self._run_texts = []

@@ -18,14 +18,13 @@ from haystack.dataclasses import (
     ChatMessage,
     ComponentInfo,
     StreamingCallbackT,
-    StreamingChunk,
     select_streaming_callback,
 )
 from haystack.tools import ToolsType
 from pydantic import BaseModel
 
 from haystream._compat import check_finish_reason, fold_chunks_like_haystack, normalize_messages
-from haystream.components._chunks import ChunkBuilder
+from haystream.components._chunks import ChunkBuilder, ChunkLog
 from haystream.components._upstream import (
     SSEDecoder,
     env_proxy,
@@ -228,7 +227,8 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         return _Request(
             url=endpoint.url,
             headers=headers,
-            body=orjson.dumps(args, default=_json_default),
+            # A copy: orjson's result keeps its 4 KB buffer, and the body lives as long as the stream.
+            body=bytes(memoryview(orjson.dumps(args, default=_json_default))),
             params=params,
             timeout=aiohttp.ClientTimeout(total=None, connect=float(timeout), sock_read=float(timeout)),
             max_retries=endpoint.max_retries,
@@ -277,7 +277,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         response = await self._open(request)
         builder = ChunkBuilder(ComponentInfo.from_component(self))
         decoder = SSEDecoder()
-        chunks: list[StreamingChunk] = []
+        kept = ChunkLog()
         loads = orjson.loads
         content = response.content
         done = False
@@ -296,7 +296,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                     if isinstance(data, dict) and data.get("error"):
                         raise stream_error(request.url, data["error"])
                     for chunk in builder.build(data):
-                        chunks.append(chunk)
+                        kept.add(chunk)
                         if is_async:
                             await callback(chunk)  # type: ignore[misc]
                         else:
@@ -310,7 +310,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
             raise
         # Fully read: the connection goes back to the pool (otherwise it is closed).
         response.release()
-        replies = [fold_chunks_like_haystack(chunks)]
+        replies = [fold_chunks_like_haystack(kept.chunks())]
         for reply in replies:
             check_finish_reason(reply.meta)
         return replies
