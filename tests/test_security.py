@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from haystream.server import ServerSettings
 from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX, RESPONSES_PATHS
+from haystream.server.gate import allowed_hosts
 from support import start_server
 
 PROBE_WRAPPERS = Path(__file__).parent / "security_wrappers"
@@ -324,6 +325,60 @@ def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
         server.stop()
 
 
+# --- DNS rebinding ---------------------------------------------------------------------------------------------
+
+
+def test_a_dns_rebinding_page_cannot_read_a_local_server(open_server, upstream):
+    """A page on evil.example whose name the attacker re-points at 127.0.0.1 is same-origin to itself: its Origin
+    passes any origin check, but the browser names evil.example in `Host`."""
+    port = open_server.port
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    assert_envelope(httpx.get(open_server.url + "/v1/models", headers=rebound), 400, "host_not_allowed")
+    ran = httpx.post(open_server.url + "/probe_open/run", json={"text": "x"}, headers=rebound)
+    assert_envelope(ran, 400, "host_not_allowed")
+    upstream.reset()
+    chat = {"model": "probe_open", "messages": USER}
+    refused = httpx.post(open_server.url + "/v1/chat/completions", json=chat, headers={"Host": "evil.example"})
+    assert_envelope(refused, 400, "host_not_allowed")
+    assert upstream.records == []  # nothing ran
+    handshake = (
+        b"GET /anything HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(handshake)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 403")
+    # What this machine's own clients send passes: loopback names and addresses, with and without the port.
+    for host in (f"localhost:{port}", "localhost", "LOCALHOST.", f"127.0.0.1:{port}", f"[::1]:{port}", "a.localhost"):
+        assert httpx.get(open_server.url + "/v1/models", headers={"Host": host}).status_code == 200, host
+    # Probes answer whatever the Host (kubelet sends the pod's IP, a load balancer perhaps a name).
+    for host in ("10.1.2.3:1416", "evil.example"):
+        assert httpx.get(open_server.url + "/health", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_default_to_local_names_without_keys_and_to_any_with_keys():
+    assert allowed_hosts(ServerSettings(host="127.0.0.1")) == {"localhost", ".localhost"}
+    assert allowed_hosts(ServerSettings(host="0.0.0.0", allow_unauthenticated=True)) == {"localhost", ".localhost"}
+    assert allowed_hosts(ServerSettings(host="mybox.lan")) == {"localhost", ".localhost", "mybox.lan"}
+    assert allowed_hosts(ServerSettings(api_keys="k")) is None  # a rebinding page cannot present a key
+    assert allowed_hosts(ServerSettings(deploy_keys="d")) is None
+    assert allowed_hosts(ServerSettings(allowed_hosts=" * ")) is None
+    assert allowed_hosts(ServerSettings(api_keys="k", allowed_hosts="A.example, b")) == {"a.example", "b"}
+
+
+def test_deployments_reach_the_server_by_service_name(locked, tight):
+    # Keys set and no list (Compose, Kubernetes): Open WebUI's `http://haystream:1416` passes, the key protects.
+    assert httpx.get(locked.url + "/v1/models", headers={**AUTH, "Host": "haystream:1416"}).status_code == 200
+    # A list (HAYSTREAM_ALLOWED_HOSTS="haystream, .svc.cluster.local") holds with keys too; addresses always pass.
+    for host in ("haystream:1416", "haystream", "haystream.ns.svc.cluster.local:1416", f"127.0.0.1:{tight.port}"):
+        assert httpx.get(tight.url + "/v1/models", headers={**AUTH, "Host": host}).status_code == 200, host
+    for host in ("evil.example", "localhost:1416", "svc.cluster.local.evil.example", "evilsvc.cluster.local"):
+        refused = httpx.get(tight.url + "/v1/models", headers={**AUTH, "Host": host})
+        assert_envelope(refused, 400, "host_not_allowed")
+        assert refused.json()["detail"] == refused.json()["error"]["message"]  # hayhooks' CLI reads `detail`
+    assert httpx.get(tight.url + "/ready", headers={"Host": "10.244.0.7:1416"}).status_code == 200
+
+
 # --- limits on every request --------------------------------------------------------------------------------------
 
 
@@ -340,6 +395,7 @@ def tight(upstream, tmp_path_factory):
         max_streams_per_key=2,
         send_timeout_seconds=1,
         max_tokens=1000,
+        allowed_hosts="haystream, .svc.cluster.local",
     )
     yield server
     server.stop()

@@ -41,7 +41,7 @@ async def test_client_leaving_before_the_first_token_cancels_the_run(server, ups
     body = json.dumps({"model": model, "messages": USER, "stream": True, "scenario": "fake?ttft=30&tokens=5"}).encode()
     _, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
