@@ -25,7 +25,9 @@ from pydantic import ValidationError
 
 from haystream.server import ServerSettings
 from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX, RESPONSES_PATHS
-from haystream.server.gate import allowed_hosts
+from haystream.server.asgi import send_json
+from haystream.server.gate import Gate, allowed_hosts
+from haystream.testing import ServerThread
 from support import start_server
 
 PROBE_WRAPPERS = Path(__file__).parent / "security_wrappers"
@@ -423,6 +425,99 @@ def test_a_body_that_never_arrives_times_out(tight):
         reply = _read_response(sock)
     assert reply.startswith(b"HTTP/1.1 408")
     assert b'"code":"request_timeout"' in reply
+
+
+def test_a_run_route_receives_a_large_streamed_body_whole(open_server):
+    text = "a" * (3 * 1024 * 1024)
+    body = orjson.dumps({"text": text})
+
+    def chunked():  # no Content-Length: the gate hands the body on as it arrives
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    headers = {"Content-Type": "application/json"}
+    ran = httpx.post(open_server.url + "/probe_open/run", content=chunked(), headers=headers, timeout=60)
+    assert ran.status_code == 200, ran.text[:300]
+    assert orjson.loads(ran.json()["result"])["text"] == text.upper()
+
+
+class BodyProbe:
+    """An app behind the gate that reads its body piece by piece (or, on `/unread`, not at all) and says what came."""
+
+    def __init__(self) -> None:
+        self.first_piece = threading.Event()
+        self.messages: list[str] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["path"] == "/unread":
+            await send_json(send, 200, {"read": 0})
+            return
+        size = 0
+        while True:
+            message = await receive()
+            self.messages.append(message["type"])
+            if message["type"] == "http.disconnect":
+                return  # the client left, as far as this app knows: nothing to answer
+            size += len(message.get("body", b""))
+            if size:
+                self.first_piece.set()
+            if not message.get("more_body", False):
+                break
+        await send_json(send, 200, {"read": size})
+
+
+@pytest.fixture
+def body_probe():
+    probe = BodyProbe()
+    with ServerThread(Gate(probe, ServerSettings(max_body_bytes=2048, body_timeout_seconds=2))) as server:
+        yield probe, server
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _post_chunked(server, path: str, first: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    sock.sendall(head + _chunk(first))
+    return sock
+
+
+def test_a_body_reaches_the_app_as_it_arrives(body_probe):
+    probe, server = body_probe
+    with _post_chunked(server, "/read", b"a" * 1000) as sock:
+        assert probe.first_piece.wait(30), "the gate held the body back until it was complete"
+        sock.sendall(_chunk(b"b" * 1000) + b"0\r\n\r\n")
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"read":2000}')
+
+
+def test_limits_hold_on_a_body_already_partly_forwarded(body_probe):
+    probe, server = body_probe
+    with _post_chunked(server, "/read", b"a" * 1000) as sock:
+        assert probe.first_piece.wait(30)
+        sock.sendall(_chunk(b"b" * 1500))  # 2,500 bytes: over the 2,048 limit
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b'"code":"body_too_large"' in reply
+    assert probe.messages[-1] == "http.disconnect"  # the app's request was cut, it did not get a partial body
+    probe.first_piece.clear()
+    with _post_chunked(server, "/read", b"a" * 1000) as sock:
+        assert probe.first_piece.wait(30)
+        reply = _read_response(sock)  # ... and the rest never comes
+    assert reply.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in reply
+    assert probe.messages[-1] == "http.disconnect"
+
+
+def test_limits_hold_on_a_body_the_app_does_not_read(body_probe):
+    _, server = body_probe
+    with _post_chunked(server, "/unread", b"a" * 1000) as sock:
+        sock.sendall(_chunk(b"b" * 1500) + b"0\r\n\r\n")
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b'"code":"body_too_large"' in reply
+    with _post_chunked(server, "/unread", b"a" * 1000) as sock:
+        sock.sendall(b"0\r\n\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
 
 
 def test_max_tokens_is_bounded_by_the_operator(tight):

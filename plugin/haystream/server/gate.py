@@ -21,10 +21,12 @@ from starlette.middleware.cors import CORSMiddleware
 
 from haystream.openai import OpenAIError
 from haystream.server.asgi import (
+    BoundedBody,
     ClientDisconnected,
     Receive,
     Scope,
     Send,
+    check_declared_length,
     header,
     read_body,
     replay_body,
@@ -94,6 +96,7 @@ class Gate:
             caller = self._keys.identify(header(scope, b"authorization"))
             if caller is None:
                 raise unauthorized()
+            check_declared_length(scope, self.settings.max_body_bytes)
             if is_deploy:
                 self._check_deploy(caller.can_deploy)
             elif not self.settings.enable_docs and any(r in DOCS_PATHS or r.startswith("/docs/") for r in routes):
@@ -108,13 +111,30 @@ class Gate:
             scope["headers"] = without_private_headers(scope)  # hayhooks hands them to run_api wrappers
         if not is_http:
             await self.app(scope, receive, send)
-            return
+        elif is_deploy:
+            await self._deploy(scope, receive, send, min(exact, key=len))
+        else:
+            await self._forward(scope, receive, send)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on with its body streamed as it arrives, refusing it (413, 408) past the limits."""
+        body = BoundedBody(receive, send, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
+        try:
+            await self.app(scope, body.receive, body.send)
+        except Exception:
+            if body.refusal is None:
+                raise
+            # The app failed on the body it was denied (it saw the client leave); the refusal says why.
+        if body.refusal is not None:
+            await self._refuse(scope, send, body.refusal)
+
+    async def _deploy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """Deploy requests are read whole and checked (names, paths) before hayhooks sees them."""
         try:
             raw = await read_body(
                 scope, receive, self.settings.max_body_bytes, timeout=self.settings.body_timeout_seconds
             )
-            if is_deploy:
-                check_deploy_request(min(exact, key=len), _json_or_none(raw))
+            check_deploy_request(path, _json_or_none(raw))
         except ClientDisconnected:
             logger.info("client left before its request was read: %s", scope["path"])
             return
