@@ -466,10 +466,12 @@ class BodyProbe:
         await send_json(send, 200, {"read": size})
 
 
-@pytest.fixture
-def body_probe():
+@pytest.fixture(params=[60.0])
+def body_probe(request):
+    """A `BodyProbe` behind a gate with a 2,048-byte limit and a body timeout of `request.param` seconds."""
     probe = BodyProbe()
-    with ServerThread(Gate(probe, ServerSettings(max_body_bytes=2048, body_timeout_seconds=2))) as server:
+    settings = ServerSettings(max_body_bytes=2048, body_timeout_seconds=request.param)
+    with ServerThread(Gate(probe, settings)) as server:
         yield probe, server
 
 
@@ -493,7 +495,7 @@ def test_a_body_reaches_the_app_as_it_arrives(body_probe):
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"read":2000}')
 
 
-def test_limits_hold_on_a_body_already_partly_forwarded(body_probe):
+def test_the_size_limit_holds_on_a_body_already_partly_forwarded(body_probe):
     probe, server = body_probe
     with _post_chunked(server, "/read", b"a" * 1000) as sock:
         assert probe.first_piece.wait(30)
@@ -501,7 +503,11 @@ def test_limits_hold_on_a_body_already_partly_forwarded(body_probe):
         reply = _read_response(sock)
     assert reply.startswith(b"HTTP/1.1 413") and b'"code":"body_too_large"' in reply
     assert probe.messages[-1] == "http.disconnect"  # the app's request was cut, it did not get a partial body
-    probe.first_piece.clear()
+
+
+@pytest.mark.parametrize("body_probe", [1.0], indirect=True)
+def test_the_time_limit_holds_on_a_body_already_partly_forwarded(body_probe):
+    probe, server = body_probe
     with _post_chunked(server, "/read", b"a" * 1000) as sock:
         assert probe.first_piece.wait(30)
         reply = _read_response(sock)  # ... and the rest never comes
