@@ -60,15 +60,20 @@ async def test_a_paced_stream_pays_no_extra_turn_after_its_first_items(monkeypat
         await real_sleep(delay, *args)
 
     received: list[int] = []
+    taken = asyncio.Event()
 
     async def consume() -> None:
         while (item := await channel.get()) is not END:
             received.append(item)
+            taken.set()  # ... and on to `get`, where it waits again before the producer runs
 
     consumer = asyncio.create_task(consume())
+    await real_sleep(0)  # the consumer is now waiting
     monkeypatch.setattr(asyncio, "sleep", counting_sleep)
     for i in range(30):
-        await real_sleep(0.001)  # paced: the consumer has taken the previous item and waits again
+        if i:
+            await taken.wait()  # paced: the consumer has taken the previous item and waits again
+            taken.clear()
         await channel.put(i)
     channel.finish()
     await consumer

@@ -57,7 +57,7 @@ def test_metrics_count_streams_failures_cancellations_and_rejections(server, ups
         failed = client.post("/v1/chat/completions", json=chat("fake?tokens=5&fail_after=2"))
         assert '"error"' in failed.text
         upstream.reset()
-        with client.stream("POST", "/v1/chat/completions", json=chat("fake?tokens=100&delay=0.2")) as stream:
+        with client.stream("POST", "/v1/chat/completions", json=chat("fake?tokens=100&hold_after=1")) as stream:
             for line in stream.iter_lines():
                 if '"content":"t' in line:
                     break  # leave mid-stream, after the first token

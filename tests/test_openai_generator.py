@@ -364,7 +364,7 @@ async def test_cancelled_task_closes_the_upstream_response(upstream, kind):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 async def test_cancelled_while_waiting_for_the_first_token(upstream, kind):
-    generator = make(kind, upstream, "fake?tokens=5&ttft=60")
+    generator = make(kind, upstream, "fake?tokens=5&hold_after=0")
     upstream.reset()
     task = asyncio.create_task(generator.run_async(USER, streaming_callback=_ignore))
     record = (await asyncio.to_thread(upstream.wait_for_requests, 1))[0]

@@ -235,7 +235,7 @@ def test_background_resume_after_dropped_connection(client, server):
 def test_background_returns_at_once_and_cancel_cuts_upstream(client, upstream):
     upstream.reset()
     created = client.responses.create(
-        model="fake_async", input="hello", background=True, extra_body={"scenario": "fake?tokens=2000&delay=0.01"}
+        model="fake_async", input="hello", background=True, extra_body={"scenario": "fake?tokens=2000&hold_after=1"}
     )
     assert created.status in ("queued", "in_progress")
     record = upstream.wait_for_requests(1)[0]
@@ -248,7 +248,7 @@ def test_background_returns_at_once_and_cancel_cuts_upstream(client, upstream):
 
 def test_streamed_request_whose_client_leaves_is_cancelled(server, upstream):
     upstream.reset()
-    body = {"model": "fake_async", "input": "hi", "stream": True, "scenario": "fake?tokens=2000&delay=0.01"}
+    body = {"model": "fake_async", "input": "hi", "stream": True, "scenario": "fake?tokens=2000&hold_after=1"}
     with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=30) as response:
         for line in response.iter_lines():
             if "output_text.delta" in line:
@@ -381,7 +381,7 @@ def test_redis_cancel_through_the_other_replica(replicas, upstream):
             model="fake_sync",
             input="hello",
             background=True,
-            extra_body={"mode": "stream", "scenario": "fake?tokens=2000&delay=0.01"},
+            extra_body={"mode": "stream", "scenario": "fake?tokens=2000&hold_after=1"},
         )
         record = upstream.wait_for_requests(1)[0]
         assert b.responses.cancel(created.id).status == "cancelled"

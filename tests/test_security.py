@@ -25,6 +25,9 @@ from pydantic import ValidationError
 
 from haystream.server import ServerSettings
 from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX, RESPONSES_PATHS
+from haystream.server.asgi import send_json
+from haystream.server.gate import Gate, allowed_hosts
+from haystream.testing import ServerThread
 from support import start_server
 
 PROBE_WRAPPERS = Path(__file__).parent / "security_wrappers"
@@ -324,6 +327,60 @@ def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
         server.stop()
 
 
+# --- DNS rebinding ---------------------------------------------------------------------------------------------
+
+
+def test_a_dns_rebinding_page_cannot_read_a_local_server(open_server, upstream):
+    """A page on evil.example whose name the attacker re-points at 127.0.0.1 is same-origin to itself: its Origin
+    passes any origin check, but the browser names evil.example in `Host`."""
+    port = open_server.port
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    assert_envelope(httpx.get(open_server.url + "/v1/models", headers=rebound), 400, "host_not_allowed")
+    ran = httpx.post(open_server.url + "/probe_open/run", json={"text": "x"}, headers=rebound)
+    assert_envelope(ran, 400, "host_not_allowed")
+    upstream.reset()
+    chat = {"model": "probe_open", "messages": USER}
+    refused = httpx.post(open_server.url + "/v1/chat/completions", json=chat, headers={"Host": "evil.example"})
+    assert_envelope(refused, 400, "host_not_allowed")
+    assert upstream.records == []  # nothing ran
+    handshake = (
+        b"GET /anything HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(handshake)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 403")
+    # What this machine's own clients send passes: loopback names and addresses, with and without the port.
+    for host in (f"localhost:{port}", "localhost", "LOCALHOST.", f"127.0.0.1:{port}", f"[::1]:{port}", "a.localhost"):
+        assert httpx.get(open_server.url + "/v1/models", headers={"Host": host}).status_code == 200, host
+    # Probes answer whatever the Host (kubelet sends the pod's IP, a load balancer perhaps a name).
+    for host in ("10.1.2.3:1416", "evil.example"):
+        assert httpx.get(open_server.url + "/health", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_default_to_local_names_without_keys_and_to_any_with_keys():
+    assert allowed_hosts(ServerSettings(host="127.0.0.1")) == {"localhost", ".localhost"}
+    assert allowed_hosts(ServerSettings(host="0.0.0.0", allow_unauthenticated=True)) == {"localhost", ".localhost"}
+    assert allowed_hosts(ServerSettings(host="mybox.lan")) == {"localhost", ".localhost", "mybox.lan"}
+    assert allowed_hosts(ServerSettings(api_keys="k")) is None  # a rebinding page cannot present a key
+    assert allowed_hosts(ServerSettings(deploy_keys="d")) is None
+    assert allowed_hosts(ServerSettings(allowed_hosts=" * ")) is None
+    assert allowed_hosts(ServerSettings(api_keys="k", allowed_hosts="A.example, b")) == {"a.example", "b"}
+
+
+def test_deployments_reach_the_server_by_service_name(locked, tight):
+    # Keys set and no list (Compose, Kubernetes): Open WebUI's `http://haystream:1416` passes, the key protects.
+    assert httpx.get(locked.url + "/v1/models", headers={**AUTH, "Host": "haystream:1416"}).status_code == 200
+    # A list (HAYSTREAM_ALLOWED_HOSTS="haystream, .svc.cluster.local") holds with keys too; addresses always pass.
+    for host in ("haystream:1416", "haystream", "haystream.ns.svc.cluster.local:1416", f"127.0.0.1:{tight.port}"):
+        assert httpx.get(tight.url + "/v1/models", headers={**AUTH, "Host": host}).status_code == 200, host
+    for host in ("evil.example", "localhost:1416", "svc.cluster.local.evil.example", "evilsvc.cluster.local"):
+        refused = httpx.get(tight.url + "/v1/models", headers={**AUTH, "Host": host})
+        assert_envelope(refused, 400, "host_not_allowed")
+        assert refused.json()["detail"] == refused.json()["error"]["message"]  # hayhooks' CLI reads `detail`
+    assert httpx.get(tight.url + "/ready", headers={"Host": "10.244.0.7:1416"}).status_code == 200
+
+
 # --- limits on every request --------------------------------------------------------------------------------------
 
 
@@ -340,6 +397,7 @@ def tight(upstream, tmp_path_factory):
         max_streams_per_key=2,
         send_timeout_seconds=1,
         max_tokens=1000,
+        allowed_hosts="haystream, .svc.cluster.local",
     )
     yield server
     server.stop()
@@ -367,6 +425,105 @@ def test_a_body_that_never_arrives_times_out(tight):
         reply = _read_response(sock)
     assert reply.startswith(b"HTTP/1.1 408")
     assert b'"code":"request_timeout"' in reply
+
+
+def test_a_run_route_receives_a_large_streamed_body_whole(open_server):
+    text = "a" * (3 * 1024 * 1024)
+    body = orjson.dumps({"text": text})
+
+    def chunked():  # no Content-Length: the gate hands the body on as it arrives
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    headers = {"Content-Type": "application/json"}
+    ran = httpx.post(open_server.url + "/probe_open/run", content=chunked(), headers=headers, timeout=60)
+    assert ran.status_code == 200, ran.text[:300]
+    assert orjson.loads(ran.json()["result"])["text"] == text.upper()
+
+
+class BodyProbe:
+    """An app behind the gate that reads its body piece by piece (or, on `/unread`, not at all) and says what came."""
+
+    def __init__(self) -> None:
+        self.first_piece = threading.Event()
+        self.messages: list[str] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["path"] == "/unread":
+            await send_json(send, 200, {"read": 0})
+            return
+        size = 0
+        while True:
+            message = await receive()
+            self.messages.append(message["type"])
+            if message["type"] == "http.disconnect":
+                return  # the client left, as far as this app knows: nothing to answer
+            size += len(message.get("body", b""))
+            if size:
+                self.first_piece.set()
+            if not message.get("more_body", False):
+                break
+        await send_json(send, 200, {"read": size})
+
+
+@pytest.fixture(params=[60.0])
+def body_probe(request):
+    """A `BodyProbe` behind a gate with a 2,048-byte limit and a body timeout of `request.param` seconds."""
+    probe = BodyProbe()
+    settings = ServerSettings(max_body_bytes=2048, body_timeout_seconds=request.param)
+    with ServerThread(Gate(probe, settings)) as server:
+        yield probe, server
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _post_chunked(server, path: str, first: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    sock.sendall(head + _chunk(first))
+    return sock
+
+
+def test_a_body_reaches_the_app_as_it_arrives(body_probe):
+    probe, server = body_probe
+    with _post_chunked(server, "/read", b"a" * 1000) as sock:
+        assert probe.first_piece.wait(30), "the gate held the body back until it was complete"
+        sock.sendall(_chunk(b"b" * 1000) + b"0\r\n\r\n")
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"read":2000}')
+
+
+def test_the_size_limit_holds_on_a_body_already_partly_forwarded(body_probe):
+    probe, server = body_probe
+    with _post_chunked(server, "/read", b"a" * 1000) as sock:
+        assert probe.first_piece.wait(30)
+        sock.sendall(_chunk(b"b" * 1500))  # 2,500 bytes: over the 2,048 limit
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b'"code":"body_too_large"' in reply
+    assert probe.messages[-1] == "http.disconnect"  # the app's request was cut, it did not get a partial body
+
+
+@pytest.mark.parametrize("body_probe", [1.0], indirect=True)
+def test_the_time_limit_holds_on_a_body_already_partly_forwarded(body_probe):
+    probe, server = body_probe
+    with _post_chunked(server, "/read", b"a" * 1000) as sock:
+        assert probe.first_piece.wait(30)
+        reply = _read_response(sock)  # ... and the rest never comes
+    assert reply.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in reply
+    assert probe.messages[-1] == "http.disconnect"
+
+
+def test_limits_hold_on_a_body_the_app_does_not_read(body_probe):
+    _, server = body_probe
+    with _post_chunked(server, "/unread", b"a" * 1000) as sock:
+        sock.sendall(_chunk(b"b" * 1500) + b"0\r\n\r\n")
+        reply = _read_response(sock)
+    assert reply.startswith(b"HTTP/1.1 413") and b'"code":"body_too_large"' in reply
+    with _post_chunked(server, "/unread", b"a" * 1000) as sock:
+        sock.sendall(b"0\r\n\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
 
 
 def test_max_tokens_is_bounded_by_the_operator(tight):

@@ -38,10 +38,11 @@ def test_client_leaving_mid_stream_cuts_the_upstream(server, upstream, model, mo
 @pytest.mark.parametrize("model", ["fake_async", "fake_sync"])
 async def test_client_leaving_before_the_first_token_cancels_the_run(server, upstream, model):
     upstream.reset()
-    body = json.dumps({"model": model, "messages": USER, "stream": True, "scenario": "fake?ttft=30&tokens=5"}).encode()
+    held = "fake?hold_after=0&tokens=5"  # the upstream holds before the first token until the client leaves
+    body = json.dumps({"model": model, "messages": USER, "stream": True, "scenario": held}).encode()
     _, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
@@ -59,7 +60,7 @@ def test_idle_stream_gets_keepalive_pings_and_slow_first_token_commits_headers(u
     fast_pings = start_server(upstream, keepalive_seconds=0.2)
     try:
         # The first token never comes while the client listens: headers must be committed anyway, then pings.
-        body = {"model": "fake_async", "messages": USER, "stream": True, "scenario": "fake?ttft=300&tokens=2"}
+        body = {"model": "fake_async", "messages": USER, "stream": True, "scenario": "fake?hold_after=0&tokens=2"}
         with httpx.stream("POST", fast_pings.url + "/v1/chat/completions", json=body, timeout=60) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -75,9 +76,11 @@ def test_idle_stream_gets_keepalive_pings_and_slow_first_token_commits_headers(u
     assert pings == 2 and record.client_hung_up and record.tokens_sent == 0
 
 
-async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each(server):
+async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each(server, upstream):
     # A sync wrapper returning haystream.stream(): its thread is released when the method returns, and the run
-    # (run_async-capable) goes on on the server's loop. Every stream is mid-flight when the threads are counted.
+    # (run_async-capable) goes on on the server's loop. Every stream is mid-flight (its upstream held after the first
+    # token until the client leaves) when the threads are counted.
+    upstream.reset()
     before = threading.active_count()
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     async with (
@@ -86,12 +89,13 @@ async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each
     ):
         readers = []
         for _ in range(40):
-            body = {"model": "fake_sync", "messages": USER, "stream": True, "scenario": "fake?tokens=30&delay=0.05"}
+            body = {"model": "fake_sync", "messages": USER, "stream": True, "scenario": "fake?tokens=30&hold_after=1"}
             response = await streams.enter_async_context(http.stream("POST", "/v1/chat/completions", json=body))
             readers.append(response.aiter_lines())
         for lines in readers:
             async for line in lines:
                 if '"content":"t' in line:
                     break
+        assert not any(record.finished.is_set() for record in upstream.wait_for_requests(40))
         assert running_producers() == 0
         assert threading.active_count() < before + 10, threading.active_count() - before

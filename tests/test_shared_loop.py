@@ -78,7 +78,7 @@ def test_leaving_a_shared_loop_stream_cancels_its_task_and_cuts_the_upstream(mak
 
 def test_closing_from_another_thread_while_waiting_for_the_first_token(make_llm, upstream):
     upstream.reset()
-    chunks = haystream.stream(make_llm("fake?ttft=30&tokens=5"), messages=USER)
+    chunks = haystream.stream(make_llm("fake?hold_after=0&tokens=5"), messages=USER)
     outcome: list = []
     consumer = threading.Thread(target=lambda: outcome.append(list(chunks)))
     consumer.start()
@@ -196,7 +196,7 @@ def _consume_in_thread(chunks) -> threading.Thread:
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_abandoned_sync_only_run_blocked_on_the_first_token_is_cut(make_llm, upstream, library):
     upstream.reset()
-    chunks = haystream.stream(_target(library, make_llm, upstream, "fake?ttft=30&tokens=5"), messages=USER)
+    chunks = haystream.stream(_target(library, make_llm, upstream, "fake?hold_after=0&tokens=5"), messages=USER)
     consumer = _consume_in_thread(chunks)  # returns once the role chunk arrived: the producer now blocks in a read
     record = upstream.wait_for_requests(1)[0]
     chunks.close()
@@ -220,10 +220,11 @@ def test_abandoned_sync_only_run_mid_stream_is_cut(make_llm, upstream, library):
 def test_switched_off_the_producer_reads_on_until_its_next_chunk(make_llm, upstream, monkeypatch):
     monkeypatch.setenv("HAYSTREAM_ABANDON_SOCKETS", "false")
     upstream.reset()
-    chunks = haystream.stream(_target("httpx", make_llm, upstream, "fake?ttft=1&tokens=3"), messages=USER)
+    chunks = haystream.stream(_target("httpx", make_llm, upstream, "fake?hold_after=0&tokens=3"), messages=USER)
     consumer = _consume_in_thread(chunks)
     record = upstream.wait_for_requests(1)[0]
     chunks.close()
+    record.release()  # the first token goes out only now, after the close
     # Nothing cut the read: the first token still reached the producer's socket, which then stopped at that chunk.
     assert record.wait(10).tokens_sent >= 1
     assert wait_for_idle_producers(10)

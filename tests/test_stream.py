@@ -300,6 +300,8 @@ class Counter:
     def __init__(self, total: int) -> None:
         self.total = total
         self.produced = 0
+        self.consumed = 0  # counted by the test
+        self.lead = 0  # how far production ever got ahead of consumption
         self.progress = threading.Condition()
         self.stopped = threading.Event()
 
@@ -310,6 +312,7 @@ class Counter:
                 streaming_callback(StreamingChunk(content=f"{i} "))
                 with self.progress:
                     self.produced += 1
+                    self.lead = max(self.lead, self.produced - self.consumed)
                     self.progress.notify_all()
         finally:
             self.stopped.set()
@@ -320,12 +323,16 @@ def test_slow_consumer_throttles_the_producer():
     counter = Counter(total=10_000)
     chunks = haystream.stream(counter, messages=USER, buffer_size=8)
     next(chunks)
-    with counter.progress:
-        ran_ahead = counter.progress.wait_for(lambda: counter.produced > 8 + 2, timeout=0.5)
-    assert not ran_ahead, counter.produced
+    counter.consumed = 1
+    with counter.progress:  # the consumer dawdles until the producer has filled the buffer...
+        assert counter.progress.wait_for(lambda: counter.produced >= 8, timeout=30)
+    for _ in range(50):  # ... then reads on, one chunk at a time
+        next(chunks)
+        counter.consumed += 1
     chunks.close()
     assert counter.stopped.wait(5)
-    assert counter.produced < 20
+    assert counter.lead <= 8 + 2, counter.lead  # never more than the buffer ahead (+ the chunk in hand)
+    assert counter.produced <= 51 + 8 + 2
 
 
 # --- 5. errors ------------------------------------------------------------------------------------------------
@@ -412,7 +419,7 @@ def test_concurrent_sync_streams_over_one_pipeline_with_a_stateful_callback(make
 
 def test_closing_while_waiting_for_the_first_token_cuts_the_upstream_at_once(make_llm, upstream):
     upstream.reset()
-    chunks = haystream.stream(make_llm("fake?ttft=30&tokens=5"), messages=USER)
+    chunks = haystream.stream(make_llm("fake?hold_after=0&tokens=5"), messages=USER)
     outcome: list = []
     consumer = threading.Thread(target=lambda: outcome.append(list(chunks)))
     consumer.start()

@@ -55,6 +55,12 @@ class ServerSettings(BaseSettings):
     enable_docs: bool = Field(False, description="Expose hayhooks' /docs, /redoc and /openapi.json.")
     enable_draw: bool = Field(False, description="Expose hayhooks' /draw/{name} (it calls mermaid.ink).")
     cors_origins: str = Field("", description="Comma-separated origins allowed to call from a browser ('*': any).")
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated host names requests may be addressed to (`Host`), against DNS rebinding: "
+        "'*' any, '.example.com' a domain and its subdomains; IP addresses always pass. Default: any when keys are "
+        "set, else localhost and the --host name.",
+    )
     forward_auth_headers: bool = Field(
         False, description="Hand the caller's Authorization and Cookie headers to wrappers."
     )
@@ -132,6 +138,11 @@ class ServerSettings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """Origins allowed to call from a browser."""
         return _split(self.cors_origins)
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        """Host names requests may be addressed to, as configured (empty: the default)."""
+        return [host.lower() for host in _split(self.allowed_hosts)]
 
     @property
     def secrets(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""Small pure-ASGI helpers: reading a bounded body, sending JSON, watching for the client leaving."""
+"""Small pure-ASGI helpers: bounded request bodies, sending JSON, watching for the client leaving."""
 
 from __future__ import annotations
 
@@ -25,18 +25,14 @@ class ClientDisconnected(Exception):
 async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float | None = None) -> bytes:
     """The whole request body, refusing more than `limit` bytes (413) before reading it all, and a body that takes
     longer than `timeout` seconds to arrive (408)."""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise OpenAIError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+    check_declared_length(scope, limit)
     if timeout is None:
         return await _read_body(receive, limit)
     try:
         async with asyncio.timeout(timeout):
             return await _read_body(receive, limit)
     except TimeoutError:
-        raise OpenAIError(
-            408, f"The request body did not arrive within {timeout:g} seconds.", code="request_timeout"
-        ) from None
+        raise _too_slow(timeout) from None
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -49,10 +45,75 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise OpenAIError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def check_declared_length(scope: Scope, limit: int) -> None:
+    """Refuse (413) a body whose `Content-Length` is over `limit` before reading any of it."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _too_large(limit)
+
+
+class BoundedBody:
+    """The request body handed to an app as it arrives, within `limit` bytes and `timeout` seconds.
+
+    Past a limit, the app is told that the client left (`http.disconnect`) and whatever it sends is dropped, so that
+    the caller can answer with `refusal` (413 or 408) once the app returns. An app that starts its response without
+    having read the whole body gets the rest read (and discarded) first: the limits hold whether a route reads its
+    body or not. Use `receive` and `send` in place of the server's.
+    """
+
+    def __init__(self, receive: Receive, send: Send, limit: int, timeout: float) -> None:
+        self._receive = receive
+        self._send = send
+        self._limit = limit
+        self._timeout = timeout
+        self._deadline = asyncio.get_running_loop().time() + timeout
+        self._size = 0
+        self._complete = False
+        self._reading = asyncio.Lock()  # an app may read the body and wait for a disconnect at once
+        self.refusal: OpenAIError | None = None
+
+    async def receive(self) -> Message:
+        if self._complete:
+            return await self._receive()  # after the body only the disconnect comes, whenever it does
+        async with self._reading:
+            if self.refusal is not None:
+                return {"type": "http.disconnect"}
+            if self._complete:
+                return await self._receive()
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    message = await self._receive()
+            except TimeoutError:
+                self.refusal = _too_slow(self._timeout)
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                self._size += len(message.get("body", b""))
+                if self._size > self._limit:
+                    self.refusal = _too_large(self._limit)
+                    return {"type": "http.disconnect"}
+                self._complete = not message.get("more_body", False)
+            return message
+
+    async def send(self, message: Message) -> None:
+        if not self._complete and message["type"] == "http.response.start":
+            while not self._complete and (await self.receive())["type"] != "http.disconnect":
+                pass  # the rest of a body the app did not read, counted and dropped
+        if self.refusal is None:
+            await self._send(message)
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+
+
+def _too_slow(timeout: float) -> OpenAIError:
+    return OpenAIError(408, f"The request body did not arrive within {timeout:g} seconds.", code="request_timeout")
 
 
 async def send_json(send: Send, status: int, payload: Any, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""The one gate every request passes, whoever serves its route: probes, origin, key, route policy, body limits.
+"""The one gate every request passes, whoever serves its route: probes, host, origin, key, route policy, body limits.
 
 Default deny: with keys configured, every HTTP request and WebSocket needs one, except the probes `/health` and
 `/ready`, which the gate answers itself (nothing behind it is reached without a key, however the path is spelled).
@@ -9,6 +9,7 @@ dropped — so a variant can only make the gate stricter, never open a route.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from collections.abc import Callable
@@ -20,10 +21,12 @@ from starlette.middleware.cors import CORSMiddleware
 
 from haystream.openai import OpenAIError
 from haystream.server.asgi import (
+    BoundedBody,
     ClientDisconnected,
     Receive,
     Scope,
     Send,
+    check_declared_length,
     header,
     read_body,
     replay_body,
@@ -61,6 +64,7 @@ class Gate:
         self._ready = ready
         self._keys = KeyCheck(settings.keys, settings.deploy_key_list)
         self._origins = frozenset(settings.cors_origin_list)
+        self._hosts = allowed_hosts(settings)
         self._entry: Any = self._guarded
         if self._origins:
             # Starlette's CORS middleware answers preflights itself (no key needed for them) and adds the headers.
@@ -87,10 +91,12 @@ class Gate:
         routes = {_normalise(path) for path in exact}
         is_deploy = any(route.startswith(DEPLOY_PREFIXES) for route in routes)
         try:
+            self._check_host(scope)
             self._check_origin(scope)
             caller = self._keys.identify(header(scope, b"authorization"))
             if caller is None:
                 raise unauthorized()
+            check_declared_length(scope, self.settings.max_body_bytes)
             if is_deploy:
                 self._check_deploy(caller.can_deploy)
             elif not self.settings.enable_docs and any(r in DOCS_PATHS or r.startswith("/docs/") for r in routes):
@@ -105,13 +111,30 @@ class Gate:
             scope["headers"] = without_private_headers(scope)  # hayhooks hands them to run_api wrappers
         if not is_http:
             await self.app(scope, receive, send)
-            return
+        elif is_deploy:
+            await self._deploy(scope, receive, send, min(exact, key=len))
+        else:
+            await self._forward(scope, receive, send)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on with its body streamed as it arrives, refusing it (413, 408) past the limits."""
+        body = BoundedBody(receive, send, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
+        try:
+            await self.app(scope, body.receive, body.send)
+        except Exception:
+            if body.refusal is None:
+                raise
+            # The app failed on the body it was denied (it saw the client leave); the refusal says why.
+        if body.refusal is not None:
+            await self._refuse(scope, send, body.refusal)
+
+    async def _deploy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """Deploy requests are read whole and checked (names, paths) before hayhooks sees them."""
         try:
             raw = await read_body(
                 scope, receive, self.settings.max_body_bytes, timeout=self.settings.body_timeout_seconds
             )
-            if is_deploy:
-                check_deploy_request(min(exact, key=len), _json_or_none(raw))
+            check_deploy_request(path, _json_or_none(raw))
         except ClientDisconnected:
             logger.info("client left before its request was read: %s", scope["path"])
             return
@@ -127,6 +150,24 @@ class Gate:
             if path.startswith(root + "/") or path == root:
                 paths.add(path[len(root) :] or "/")
         return paths
+
+    def _check_host(self, scope: Scope) -> None:
+        """DNS rebinding: a page whose domain is made to resolve to this server is same-origin in the browser (no
+        `Origin` check sees it), but the browser still names that domain in `Host`."""
+        if self._hosts is None:
+            return
+        raw = header(scope, b"host")
+        if raw is None:
+            return  # browsers always send one
+        value = raw.decode("latin-1").strip().lower()
+        name = _host_name(value)
+        if _is_ip(name) or value in self._hosts or _name_matches(name, self._hosts):
+            return  # an address literal cannot be rebound to another server
+        raise OpenAIError(
+            400,
+            f"Requests for the host {name[:100]!r} are not allowed; list it in HAYSTREAM_ALLOWED_HOSTS.",
+            code="host_not_allowed",
+        )
 
     def _check_origin(self, scope: Scope) -> None:
         """Browsers say where a request comes from; a page of another origin may not drive this server."""
@@ -182,6 +223,41 @@ class Gate:
         payload = {**error.to_dict(), "detail": error.message}
         extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
         await send_json(send, error.status, orjson.dumps(payload), headers=extra)
+
+
+def allowed_hosts(settings: ServerSettings) -> frozenset[str] | None:
+    """The host names requests may be addressed to (None: any). Unless configured: any when keys are set (a
+    rebinding page cannot present one), else `localhost` (and its subdomains) and the name the server binds."""
+    configured = settings.allowed_host_list
+    if configured:
+        return None if "*" in configured else frozenset(configured)
+    if settings.keys or settings.deploy_key_list:
+        return None
+    bound = settings.host.lower()
+    return frozenset({"localhost", ".localhost"} | (set() if _is_ip(bound) else {bound}))
+
+
+def _host_name(value: str) -> str:
+    """The name in a `Host` value, without its port, IPv6 brackets or trailing dot."""
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _name_matches(name: str, allowed: frozenset[str]) -> bool:
+    if name in allowed:
+        return True
+    return any(entry.startswith(".") and (name.endswith(entry) or name == entry[1:]) for entry in allowed)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _normalise(path: str) -> str:

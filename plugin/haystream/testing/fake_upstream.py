@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -125,6 +126,14 @@ class UpstreamRecord:
     client_hung_up: bool = False
     completed: bool = False
     finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    released: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    _wake: Any = field(default=None, repr=False, compare=False)  # the held stream's wake-up, on the server loop
+
+    def release(self) -> None:
+        """Let a stream held by ``hold_after`` go on (it is held until the client leaves otherwise)."""
+        self.released.set()
+        if self._wake is not None:
+            self._wake()
 
     def wait(self, timeout: float = 10) -> UpstreamRecord:
         """Block until the response ended for any reason; raise TimeoutError otherwise."""
@@ -256,6 +265,10 @@ class _Exchange:
         self.disconnected = disconnected
         self.created = int(time.time())
         self.aborted = False
+        self._released = asyncio.Event()
+        record._wake = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self._released.set)
+        if record.released.is_set():  # released before this exchange could hear of it
+            self._released.set()
 
     def abort(self) -> None:
         """Drop the connection at the next checkpoint (the server is stopping); wakes a pending pause."""
@@ -275,6 +288,17 @@ class _Exchange:
         if seconds > 0 and not self.disconnected.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.disconnected.wait(), timeout=seconds)
+        return not self._hung_up()
+
+    async def _hold(self) -> bool:
+        """Hold the stream open until the client leaves (or the server stops) or the test releases it; True to go on.
+        Cancellation tests synchronise on this instead of on timing."""
+        waits = {asyncio.ensure_future(self.disconnected.wait()), asyncio.ensure_future(self._released.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
         return not self._hung_up()
 
     async def _write(self, data: bytes, *, more_body: bool = True) -> bool:
@@ -330,6 +354,8 @@ class _Exchange:
             return
         if not await self._write(self._chunk({"role": "assistant", "content": ""})):
             return
+        if self.scenario["hold_after"] == 0 and not await self._hold():
+            return
         first = True
         for delta, is_token in self.plan.steps:
             if not await self._pause(self.scenario["delay"] + (self.scenario["ttft"] if first else 0.0)):
@@ -341,11 +367,7 @@ class _Exchange:
                 return
             if is_token:
                 self.record.tokens_sent += 1
-                if self.record.tokens_sent == self.scenario["hold_after"]:
-                    # Hold the stream open until the client leaves (or the server stops): cancellation tests
-                    # synchronise on this instead of on timing.
-                    await self.disconnected.wait()
-                    self._hung_up()
+                if self.record.tokens_sent == self.scenario["hold_after"] and not await self._hold():
                     return
         if fail_after is not None:
             if self.scenario["fail_mode"] == "drop":

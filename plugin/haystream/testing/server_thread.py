@@ -11,32 +11,60 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from starlette.types import Message, Receive, Scope, Send
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 
 
-class _ThreadedServer(uvicorn.Server):
-    """uvicorn for a non-main thread (uvicorn installs no signal handlers there), start-up reported through a
-    threading.Event."""
+class _StartupSignal:
+    """The app, wrapped: its lifespan start-up tells `ServerThread.start` that the server is about to serve, and on
+    which loop. uvicorn has no public start-up hook, but its lifespan protocol is public ASGI; with lifespan "off"
+    the start-up is answered here and the app never sees it, as uvicorn would do."""
 
-    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
-        super().__init__(config)
+    def __init__(self, app: Any, lifespan: str) -> None:
+        self.app = app
+        self.lifespan = lifespan
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._ready = ready
+        self.settled = threading.Event()
+        self.failed = False
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
         self.loop = asyncio.get_running_loop()
+        if self.lifespan == "off":
+            await self._answer(receive, send)
+            return
+
+        async def watched(message: Message) -> None:
+            await send(message)
+            if message["type"] in ("lifespan.startup.complete", "lifespan.startup.failed"):
+                self.failed = message["type"] == "lifespan.startup.failed"
+                self.settled.set()
+
         try:
-            await super().startup(sockets=sockets)
+            await self.app(scope, receive, watched)
+        except BaseException:
+            # uvicorn fails the start-up with lifespan "on"; with "auto" it serves without a lifespan.
+            self.failed = self.failed or (self.lifespan == "on" and not self.settled.is_set())
+            raise
         finally:
-            self._ready.set()
+            self.settled.set()
+
+    async def _answer(self, receive: Receive, send: Send) -> None:
+        while (kind := (await receive())["type"]) == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+            self.settled.set()
+        await send({"type": f"{kind}.complete"})  # lifespan.shutdown
 
 
 class ServerThread:
     """Serve `app` with uvicorn in a daemon thread with its own event loop; use as a context manager.
 
-    `port=0` binds a free port before the server starts, so `port` and `url` are known at once.
+    `port=0` binds a free port before the server starts, so `port` and `url` are known at once. uvicorn installs no
+    signal handlers off the main thread; `stop()` ends the server.
     """
 
     def __init__(
@@ -55,7 +83,8 @@ class ServerThread:
         self._lifespan = lifespan
         self._graceful_shutdown = graceful_shutdown
         self._before_stop = before_stop
-        self._server: _ThreadedServer | None = None
+        self._server: uvicorn.Server | None = None
+        self._signal: _StartupSignal | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -68,10 +97,11 @@ class ServerThread:
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
         """The server's event loop while it runs."""
-        return self._server.loop if self._server else None
+        return self._signal.loop if self._signal and self._server else None
 
     def start(self) -> ServerThread:
-        """Start serving; returns once the socket listens (and the app's lifespan has started)."""
+        """Start serving; returns once the app's lifespan has started. The socket listens from the start, so a
+        client that connects before uvicorn accepts waits in the backlog."""
         if self._thread is not None:
             raise RuntimeError("already running")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -84,34 +114,34 @@ class ServerThread:
             sock.close()
             raise
         self.port = sock.getsockname()[1]
+        self._signal = _StartupSignal(self.app, self._lifespan)
         config = uvicorn.Config(
-            self.app,
+            self._signal,
             log_level="warning",
-            lifespan=self._lifespan,  # type: ignore[arg-type]  # "on" | "off" | "auto", checked by uvicorn
+            lifespan="on" if self._lifespan == "off" else self._lifespan,  # type: ignore[arg-type]  # checked by uvicorn
             access_log=False,
             timeout_keep_alive=30,
             backlog=2048,
             timeout_graceful_shutdown=math.ceil(self._graceful_shutdown),
         )
-        ready = threading.Event()
-        self._server = _ThreadedServer(config, ready)
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=self._serve, args=(self._server, sock, ready), name=f"uvicorn-{self.port}", daemon=True
+            target=self._serve, args=(self._server, sock, self._signal), name=f"uvicorn-{self.port}", daemon=True
         )
         self._thread.start()
-        if not ready.wait(_START_TIMEOUT) or not self._server.started:
+        if not self._signal.settled.wait(_START_TIMEOUT) or self._signal.failed or self._error is not None:
             self.stop()
             raise RuntimeError(f"server failed to start on {self.host}:{self.port}") from self._error
         return self
 
-    def _serve(self, server: _ThreadedServer, sock: socket.socket, ready: threading.Event) -> None:
+    def _serve(self, server: uvicorn.Server, sock: socket.socket, signal: _StartupSignal) -> None:
         try:
             server.run(sockets=[sock])
         except BaseException as exc:  # SystemExit from a failed start-up included
             self._error = exc
         finally:
             sock.close()
-            ready.set()
+            signal.settled.set()
 
     def stop(self) -> None:
         """Stop gracefully and join the thread."""
@@ -119,14 +149,15 @@ class ServerThread:
         if server is None or thread is None:
             return
         server.should_exit = True
-        if self._before_stop is not None and server.loop is not None:
+        loop = self.loop
+        if self._before_stop is not None and loop is not None:
             with contextlib.suppress(RuntimeError):  # loop already closed
-                server.loop.call_soon_threadsafe(self._before_stop)
+                loop.call_soon_threadsafe(self._before_stop)
         thread.join(_STOP_TIMEOUT)
         if thread.is_alive():
             server.force_exit = True
             thread.join(_STOP_TIMEOUT)
-        self._server = self._thread = None
+        self._server = self._thread = self._signal = None
 
     def __enter__(self) -> ServerThread:
         return self.start()
