@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import threading
 
@@ -99,3 +100,15 @@ async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each
         assert not any(record.finished.is_set() for record in upstream.wait_for_requests(40))
         assert running_producers() == 0
         assert threading.active_count() < before + 10, threading.active_count() - before
+
+
+def test_startup_freezes_what_it_created_out_of_the_collectors_reach(upstream):
+    gc.unfreeze()
+    running = start_server(upstream, gc_freeze=True)
+    try:
+        assert gc.get_freeze_count() > 0  # frozen once the wrappers were deployed (lifespan start-up complete)
+        with httpx.Client(base_url=running.url, timeout=30) as client:
+            assert client.get("/v1/models").status_code == 200
+    finally:
+        running.stop()
+        gc.unfreeze()  # this process starts many servers: give the collector back what it froze
