@@ -117,7 +117,8 @@ class HaystreamApp:
                 tracing.record_refusal(error.status, error.message)
             await send_error(send, error)
         except ClientDisconnected:
-            logger.info("client left before its request was read: %s", path)
+            # The client left, or the gate stopped the body at its size or time limit (and answers 413/408 itself).
+            logger.debug("request body not read to its end (client left or body limit): %s", path)
 
     # routes -------------------------------------------------------------------------------------------------
 
