@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 
 import httpx
 import openai
@@ -232,13 +233,18 @@ def test_background_resume_after_dropped_connection(client, server):
     assert client.responses.retrieve(response_id).output_text == full
 
 
+def held_scenario() -> str:
+    """A long stream held after its first token, named uniquely: the shared fake may still see an earlier test's."""
+    return f"fake?tokens=2000&hold_after=1&run={uuid.uuid4().hex[:8]}"
+
+
 def test_background_returns_at_once_and_cancel_cuts_upstream(client, upstream):
-    upstream.reset()
+    scenario = held_scenario()
     created = client.responses.create(
-        model="fake_async", input="hello", background=True, extra_body={"scenario": "fake?tokens=2000&hold_after=1"}
+        model="fake_async", input="hello", background=True, extra_body={"scenario": scenario}
     )
     assert created.status in ("queued", "in_progress")
-    record = upstream.wait_for_requests(1)[0]
+    record = upstream.wait_for_requests(1, model=scenario)[0]
     cancelled = client.responses.cancel(created.id)
     assert cancelled.status == "cancelled"
     record.wait()
@@ -247,13 +253,13 @@ def test_background_returns_at_once_and_cancel_cuts_upstream(client, upstream):
 
 
 def test_streamed_request_whose_client_leaves_is_cancelled(server, upstream):
-    upstream.reset()
-    body = {"model": "fake_async", "input": "hi", "stream": True, "scenario": "fake?tokens=2000&hold_after=1"}
+    scenario = held_scenario()
+    body = {"model": "fake_async", "input": "hi", "stream": True, "scenario": scenario}
     with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=30) as response:
         for line in response.iter_lines():
             if "output_text.delta" in line:
                 break
-    record = upstream.wait_for_requests(1)[0].wait()
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait()
     assert record.client_hung_up and not record.completed
 
 
@@ -375,15 +381,12 @@ def test_redis_background_started_on_one_replica_resumes_on_the_other(replicas):
 
 def test_redis_cancel_through_the_other_replica(replicas, upstream):
     one, two = replicas
-    upstream.reset()
+    scenario = held_scenario()
     with sdk(one) as a, sdk(two) as b:
         created = a.responses.create(
-            model="fake_sync",
-            input="hello",
-            background=True,
-            extra_body={"mode": "stream", "scenario": "fake?tokens=2000&hold_after=1"},
+            model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
         )
-        record = upstream.wait_for_requests(1)[0]
+        record = upstream.wait_for_requests(1, model=scenario)[0]
         assert b.responses.cancel(created.id).status == "cancelled"
         record.wait()
         assert record.client_hung_up and not record.completed

@@ -542,12 +542,17 @@ class FakeUpstream:
             self._cond.notify_all()
         return record
 
-    def wait_for_requests(self, n: int, timeout: float = 10) -> list[UpstreamRecord]:
-        """Block until at least ``n`` requests arrived; return the first ``n`` records."""
+    def wait_for_requests(self, n: int, timeout: float = 10, *, model: str | None = None) -> list[UpstreamRecord]:
+        """Block until at least ``n`` requests arrived (for ``model`` only, if given: a shared fake may still see a
+        late request of an earlier test); return the first ``n`` records."""
+
+        def matching() -> list[UpstreamRecord]:
+            return [r for r in self.records if model is None or r.model == model]
+
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self.records) >= n, timeout):
-                raise TimeoutError(f"expected {n} upstream requests within {timeout}s, got {len(self.records)}")
-            return self.records[:n]
+            if not self._cond.wait_for(lambda: len(matching()) >= n, timeout):
+                raise TimeoutError(f"expected {n} upstream requests within {timeout}s, got {len(matching())}")
+            return matching()[:n]
 
     def reset(self) -> None:
         """Forget all records (ids keep counting so they stay unique)."""
