@@ -98,7 +98,7 @@ def rooted(upstream, tmp_path_factory):
 
 def app_routes(server) -> dict[str, set[str]]:
     """Every route of the running app, hayhooks' included: path template -> methods."""
-    haystream_app = server.app.app
+    haystream_app = server.app.app.app  # access log → gate → haystream
     hayhooks_app = haystream_app.hayhooks_app
     routes: dict[str, set[str]] = {}
     for path, operations in hayhooks_app.openapi()["paths"].items():

@@ -50,11 +50,24 @@ def configure(log_format: str, log_level: str = "info", *, access_log: bool = Tr
     logger = logging.getLogger("haystream")
     if any(isinstance(handler.formatter, JsonFormatter) for handler in logger.handlers):
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (it may be replaced after configuration, as
+    test runners and embedding applications do), not to the stream it was when the handler was made."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def _configure_access_log(log_format: str, log_level: str) -> None:
@@ -62,7 +75,7 @@ def _configure_access_log(log_format: str, log_level: str) -> None:
     ACCESS_LOGGER.propagate = False
     for handler in list(ACCESS_LOGGER.handlers):
         ACCESS_LOGGER.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         JsonFormatter()
         if log_format == "json"
