@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from haystream.server import metrics
 from haystream.testing import FakeUpstream
+from support import start_server
 from test_cli_serve import free_port, start_serve
 
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
@@ -42,6 +45,27 @@ def data_lines(lines) -> list[str]:
     return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
 
 
+def test_ready_says_draining_once_the_drain_has_begun(upstream):
+    server = start_server(upstream, pipelines_dir=str(OPS_WRAPPERS))
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.get("/ready").json() == {"status": "ready"}
+
+            async def begin() -> None:
+                server.app.app.drain.begin()  # what SIGTERM does first, on the server's loop
+
+            assert server.loop is not None
+            asyncio.run_coroutine_threadsafe(begin(), server.loop).result(10)
+            ready = client.get("/ready")
+            assert (ready.status_code, ready.json()) == (503, {"status": "draining"})  # not "starting"
+            assert client.get("/health").status_code == 200  # alive: no restart wanted
+            refused = client.post("/v1/chat/completions", json=chat("fake?tokens=1"))
+            assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
+    finally:
+        server.stop()
+        metrics.draining(False)  # the gauge is process-wide: later tests expect a server that is not draining
+
+
 def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstream):
     process, base = serve(upstream, HAYSTREAM_DRAIN_GRACE_SECONDS="5", HAYSTREAM_DRAIN_TIMEOUT="60")
     try:
@@ -60,6 +84,7 @@ def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstrea
                 while ready.status_code == 200:  # bounded by the grace window; each call is a real round trip
                     ready = client.get("/ready")
                 assert ready.status_code == 503
+                assert ready.json() == {"status": "draining"}
                 refused = client.post("/v1/chat/completions", json=chat("fake?tokens=1"))
                 assert refused.status_code == 503
                 assert refused.headers["retry-after"] == "1"

@@ -350,8 +350,13 @@ def create_app(settings: ServerSettings | None = None) -> Gate:
     from hayhooks import create_app as create_hayhooks_app
 
     app = HaystreamApp(create_hayhooks_app(), settings, registry)
-    ready = lambda: app.ready and not app.drain.draining  # noqa: E731
-    return Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=ready)
+    return Gate(
+        app,
+        settings,
+        root_paths=(hayhooks_settings.root_path,),
+        ready=lambda: app.ready,
+        draining=lambda: app.drain.draining,
+    )
 
 
 def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:
