@@ -228,13 +228,14 @@ async def a_stream(port: int, i: int) -> tuple[int, str]:
 def dechunk(data: bytes) -> bytes:
     """The payload of a `Transfer-Encoding: chunked` body."""
     out = bytearray()
+    at = 0
     while True:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
+        end = data.index(b"\r\n", at)
+        size = int(data[at:end].split(b";")[0], 16)
         if size == 0:
             return bytes(out)
-        out += data[:size]
-        data = data[size + 2 :]
+        out += data[end + 2 : end + 2 + size]
+        at = end + 2 + size + 2
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="counts file descriptors through /proc")
@@ -258,3 +259,63 @@ async def test_1000_concurrent_streams_each_get_their_own_content_and_nothing_le
     finally:
         server.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+SLOW_TOKENS = 6000
+TOKEN_TEXT = "x" * 16000  # ~16 kB per content delta, 96 MB in all: far more than every buffer on the way holds
+
+
+def test_a_client_that_stops_reading_throttles_the_provider_and_gets_everything_later(upstream):
+    """Back-pressure over real sockets: a client with a small receive buffer stops reading after its first chunk.
+    The same stream, read at full speed by another client on the same server, completes meanwhile (so the server
+    and the provider had every chance to run ahead); the stopped stream's provider is held far behind, and the
+    client then gets the whole answer, in order."""
+    server = start_server(upstream)
+    scenario = f"slow?tokens={SLOW_TOKENS}&text={TOKEN_TEXT}"
+    body = {
+        "model": "fake_async",
+        "generator": "haystream",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "scenario": scenario,
+    }
+    payload = orjson.dumps(body)
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload)
+            )
+            received = bytearray()
+            while b'"content":"x' not in received:  # the first content chunk; then the client stops reading
+                data = sock.recv(4096)
+                assert data, bytes(received)
+                received += data
+            slow = next(record for record in upstream.records if record.model == scenario)
+            fast_body = {**body, "scenario": scenario.replace("slow?", "fast?")}
+            with (
+                httpx.Client(base_url=server.url, timeout=60) as client,
+                client.stream("POST", "/v1/chat/completions", json=fast_body) as fast,
+            ):
+                assert sum(len(piece) for piece in fast.iter_bytes()) > SLOW_TOKENS * len(TOKEN_TEXT)
+            fast_record = next(record for record in upstream.records if record.model == fast_body["scenario"])
+            assert fast_record.wait().completed
+            # The provider of the stopped stream is held: what it sent sits in bounded buffers (kernel socket
+            # buffers, uvicorn's write buffer, HAYSTREAM_STREAM_BUFFER chunks), well below the whole answer.
+            # Measured: 600-720 chunks (10-12 MB) held; a third of the answer is 32 MB.
+            held = slow.tokens_sent
+            assert held < SLOW_TOKENS // 3, f"{held} of {SLOW_TOKENS} chunks sent to a client that does not read"
+            assert not slow.finished.is_set()
+            while data := sock.recv(1 << 20):  # the client reads again: everything arrives
+                received += data
+        assert slow.wait().completed and slow.tokens_sent == SLOW_TOKENS
+        _, _, chunked = bytes(received).partition(b"\r\n\r\n")
+        events = [line[6:] for line in dechunk(chunked).split(b"\n") if line.startswith(b"data: ")]
+        assert events[-1] == b"[DONE]"
+        deltas = [orjson.loads(event)["choices"] for event in events[:-1]]
+        contents = [choices[0]["delta"].get("content") for choices in deltas if choices]
+        assert [c for c in contents if c] == [f"{TOKEN_TEXT}{i} " for i in range(SLOW_TOKENS)]
+    finally:
+        server.stop()
