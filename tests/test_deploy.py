@@ -3,8 +3,8 @@ schemas, the Compose file's wiring, the Dockerfile linted. Docker and a cluster 
 
 No kustomize binary can be installed from a package index here (the PyPI `kustomize` package is something else), so
 `render()` below applies the small subset of kustomize the manifests use: `resources` (files and directories),
-`namespace`, `labels` (with `includeSelectors`), `images` and strategic-merge `patches` (lists of named items
-merged by name). `kubectl kustomize deploy/k8s/overlays/example` gives the same objects.
+`components` (their resources), `namespace`, `labels` (with `includeSelectors`), `images` and strategic-merge
+`patches` (lists of named items merged by name). `kubectl kustomize deploy/k8s/overlays/example` gives the same objects.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def render(directory: Path) -> list[dict[str, Any]]:
     for entry in kustomization.get("resources", []):
         path = directory / entry
         objects += render(path) if path.is_dir() else list(yaml.safe_load_all(path.read_text()))
+    for entry in kustomization.get("components", []):
+        objects += render(directory / entry)
     for patch_entry in kustomization.get("patches", []):
         patch = yaml.safe_load((directory / patch_entry["path"]).read_text())
         target = _find(objects, patch["kind"], patch["metadata"]["name"])
@@ -163,6 +165,40 @@ def test_the_overlay_patches_namespace_image_and_ships_a_wrapper_configmap():
     shipped = kinds["ConfigMap"]["data"]["pipeline_wrapper.py"]
     assert shipped == (REPO / "pipeline_wrappers" / "local_chat" / "pipeline_wrapper.py").read_text()
     assert kinds["Ingress"]["spec"]["tls"][0]["hosts"] == ["chat.example.org"]
+
+
+def test_the_optional_servicemonitor_scrapes_the_service_with_a_key(tmp_path):
+    # An overlay that uses the component, as docs/deploy.md shows.
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "monitored",
+        "resources": [str(DEPLOY / "k8s" / "base")],
+        "components": [str(DEPLOY / "k8s" / "components" / "servicemonitor")],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    component = yaml.safe_load((DEPLOY / "k8s" / "components" / "servicemonitor" / "kustomization.yaml").read_text())
+    assert (component["apiVersion"], component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    objects = render(tmp_path)
+    (monitor,) = [obj for obj in objects if obj["kind"] == "ServiceMonitor"]
+    (service,) = [obj for obj in objects if obj["kind"] == "Service"]
+    secrets = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "Secret"}
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"] == "monitored"
+    # The ServiceMonitor CRD's schema is not in kubernetes-validate: check what it must reference instead.
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # /metrics needs a key when keys are set (server/gate.py lets only /health and /ready through without one;
+    # test_metrics.py checks the 401): the scrape sends
+    # a bearer token from a Secret that exists, and the shipped placeholder is one of the server's keys.
+    assert endpoint["authorization"]["type"] == "Bearer"
+    reference = endpoint["authorization"]["credentials"]
+    token = secrets[reference["name"]]["stringData"][reference["key"]]
+    assert token in secrets["haystream-keys"]["stringData"]["api-keys"].split(",")
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(secrets[reference["name"]], K8S_VERSION, strict=True)
 
 
 def test_the_compose_file_wires_open_webui_to_haystream():

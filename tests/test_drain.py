@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,7 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from haystream.server import metrics
 from haystream.testing import FakeUpstream
+from support import start_server
 from test_cli_serve import free_port, start_serve
 
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
@@ -22,7 +25,7 @@ def upstream():
         yield fake
 
 
-def serve(upstream: FakeUpstream, **env: str):
+def serve(upstream: FakeUpstream, *args: str, **env: str):
     port = free_port()
     environment = {
         **os.environ,
@@ -30,7 +33,7 @@ def serve(upstream: FakeUpstream, **env: str):
         "HAYSTACK_TELEMETRY_ENABLED": "False",
         **env,
     }
-    process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS)], environment)
+    process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS), *args], environment)
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -40,6 +43,27 @@ def chat(scenario: str) -> dict:
 
 def data_lines(lines) -> list[str]:
     return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+
+
+def test_ready_says_draining_once_the_drain_has_begun(upstream):
+    server = start_server(upstream, pipelines_dir=str(OPS_WRAPPERS))
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.get("/ready").json() == {"status": "ready"}
+
+            async def begin() -> None:
+                server.app.app.drain.begin()  # what SIGTERM does first, on the server's loop
+
+            assert server.loop is not None
+            asyncio.run_coroutine_threadsafe(begin(), server.loop).result(10)
+            ready = client.get("/ready")
+            assert (ready.status_code, ready.json()) == (503, {"status": "draining"})  # not "starting"
+            assert client.get("/health").status_code == 200  # alive: no restart wanted
+            refused = client.post("/v1/chat/completions", json=chat("fake?tokens=1"))
+            assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
+    finally:
+        server.stop()
+        metrics.draining(False)  # the gauge is process-wide: later tests expect a server that is not draining
 
 
 def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstream):
@@ -60,6 +84,7 @@ def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstrea
                 while ready.status_code == 200:  # bounded by the grace window; each call is a real round trip
                     ready = client.get("/ready")
                 assert ready.status_code == 503
+                assert ready.json() == {"status": "draining"}
                 refused = client.post("/v1/chat/completions", json=chat("fake?tokens=1"))
                 assert refused.status_code == 503
                 assert refused.headers["retry-after"] == "1"
@@ -132,6 +157,93 @@ def test_a_second_sigterm_stops_waiting_for_running_streams(upstream):
             process.send_signal(signal.SIGTERM)
             assert process.wait(30) != 0  # forced: it did not wait out the 600 s drain timeout
     finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    return {int(pid) for pid in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()}
+
+
+def server_side_owner(response: httpx.Response, port: int, pids: set[int]) -> int:
+    """The process that holds the server side of the TCP connection `response` came over (Linux /proc)."""
+    client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            target = f"socket:[{fields[9]}]"
+            for pid in pids:
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    try:
+                        if os.readlink(fd) == target:
+                            return pid
+                    except OSError:
+                        continue
+    raise LookupError(f"no process holds the connection from port {client_port}")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="finds each connection's worker through /proc")
+def test_sigterm_to_the_supervisor_drains_every_worker(upstream, tmp_path):
+    process, base = serve(
+        upstream,
+        "--workers",
+        "2",
+        HAYSTREAM_DRAIN_GRACE_SECONDS="3",
+        HAYSTREAM_DRAIN_TIMEOUT="60",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
+    )
+    port = int(base.rsplit(":", 1)[1])
+    clients: list[httpx.Client] = []
+    try:
+        assert any("Application startup complete" in line for line in process.stderr)  # the second worker's
+        pids = worker_pids(process.pid)
+        # Two kept-alive connections to each worker (the kernel hands each new connection to one of them): one
+        # for a stream, one for probes.
+        connections: dict[int, list[httpx.Client]] = {}
+        for _ in range(60):
+            client = httpx.Client(base_url=base, timeout=30)
+            clients.append(client)
+            ready = client.get("/ready")
+            assert ready.status_code == 200
+            connections.setdefault(server_side_owner(ready, port, pids), []).append(client)
+            if len(connections) == 2 and all(len(pinned) >= 2 for pinned in connections.values()):
+                break
+        assert len(connections) == 2 and all(len(pinned) >= 2 for pinned in connections.values()), connections
+        streams = []
+        for stream_client, *_ in connections.values():
+            stream = stream_client.stream("POST", "/v1/chat/completions", json=chat("fake?tokens=8&delay=0.3"))
+            response = stream.__enter__()
+            lines = response.iter_lines()
+            received = []
+            for line in lines:  # up to the first content chunk
+                received.append(line)
+                if line.startswith("data: ") and '"content":"t' in line:
+                    break
+            streams.append((stream, lines, received))
+        process.send_signal(signal.SIGTERM)
+        for _, probe, *_ in connections.values():  # each worker, over its own connection
+            ready = probe.get("/ready")
+            while ready.status_code == 200:  # bounded by the grace window; each call is a real round trip
+                ready = probe.get("/ready")
+            assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+            refused = probe.post("/v1/chat/completions", json=chat("fake?tokens=1"))
+            assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
+            assert refused.json()["error"]["code"] == "server_shutting_down"
+        for stream, lines, received in streams:
+            received.extend(lines)
+            stream.__exit__(None, None, None)
+            payloads = data_lines(received)
+            assert payloads[-1] == "[DONE]"
+            chunks = [json.loads(p) for p in payloads[:-1]]
+            assert not any("error" in chunk for chunk in chunks)
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+            assert text == "".join(f"t{i} " for i in range(8))
+        assert process.wait(30) == 0  # the supervisor exits 0 only if every worker did
+    finally:
+        for client in clients:
+            client.close()
         if process.poll() is None:
             process.kill()
             process.wait()

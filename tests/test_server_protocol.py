@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import openai
-import orjson
 import pytest
 
 from support import sse_events
@@ -182,24 +180,3 @@ def test_client_supplied_tools_round_trip_as_tool_calls(client):
 def test_sync_wrappers_never_run_on_the_event_loop(client):
     completion = client.chat.completions.create(model="fake_sync", messages=USER, extra_body={"mode": "whoami"})
     assert completion.choices[0].message.content.startswith("haystream-producer")
-
-
-async def test_300_concurrent_paced_streams_each_get_their_own_content(server):
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
-    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as http:
-
-        async def one(i: int) -> str:
-            body = {
-                "model": "fake_async" if i % 2 else "fake_sync",
-                "messages": [{"role": "user", "content": f"c{i}-"}],
-                "stream": True,
-                "scenario": "fake?tokens=10&delay=0.01&echo=1",
-            }
-            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                events = sse_events([line async for line in response.aiter_lines()])
-            assert events[-1] == "[DONE]"
-            return "".join(orjson.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
-
-        texts = await asyncio.gather(*(one(i) for i in range(300)))
-    for i, received in enumerate(texts):
-        assert received == "".join(f"c{i}-{k} " for k in range(10)), i

@@ -23,6 +23,7 @@ def test_two_workers_serve_chats_and_aggregate_their_metrics(tmp_path):
             "FAKE_UPSTREAM_URL": upstream.base_url,
             "HAYSTACK_TELEMETRY_ENABLED": "False",
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+            "HAYSTREAM_DRAIN_GRACE_SECONDS": "0",  # stop() sends SIGTERM: no load balancer to wait for here
         }
         process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS), "--workers", "2"], env)
         try:

@@ -89,22 +89,26 @@ def serve(
         # A backstop only: the drain ends running streams itself at drain_timeout.
         "timeout_graceful_shutdown": int(settings.drain_timeout) + 5,
     }
-    target = "haystream.server.app:create_app"
+    config = uvicorn.Config("haystream.server.app:create_app", **options)
     if settings.workers > 1:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # workers share their metrics through files here
             import tempfile
 
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="haystream-metrics-")
-        # uvicorn's supervisor builds each worker's server itself: workers get uvicorn's own shutdown, no drain.
-        uvicorn.run(target, workers=settings.workers, **options)
+        from haystream.server.workers import run_workers
+
+        code = run_workers(
+            config,
+            settings.workers,
+            grace_seconds=settings.drain_grace_seconds,
+            timeout_seconds=settings.drain_timeout,
+        )
+        if code:
+            raise typer.Exit(code)
         return
     from haystream.server.drain import DrainingServer
 
-    server = DrainingServer(
-        uvicorn.Config(target, **options),
-        grace_seconds=settings.drain_grace_seconds,
-        timeout_seconds=settings.drain_timeout,
-    )
+    server = DrainingServer(config, grace_seconds=settings.drain_grace_seconds, timeout_seconds=settings.drain_timeout)
     server.run()
     if not server.started:
         raise typer.Exit(3)  # uvicorn's own code for a failed startup

@@ -358,8 +358,14 @@ def create_app(settings: ServerSettings | None = None) -> logs.AccessLog:
     app = HaystreamApp(create_hayhooks_app(), settings, registry)
     # haystream's access log (`logs.AccessLog`) replaces uvicorn's, which hayhooks has just routed through loguru.
     logging.getLogger("uvicorn.access").disabled = True
-    ready = lambda: app.ready and not app.drain.draining  # noqa: E731
-    return logs.AccessLog(Gate(app, settings, root_paths=(hayhooks_settings.root_path,), ready=ready))
+    gate = Gate(
+        app,
+        settings,
+        root_paths=(hayhooks_settings.root_path,),
+        ready=lambda: app.ready,
+        draining=lambda: app.drain.draining,
+    )
+    return logs.AccessLog(gate)
 
 
 def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:

@@ -57,11 +57,13 @@ class Gate:
         *,
         root_paths: tuple[str, ...] = (),
         ready: Callable[[], bool] = lambda: True,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
         self.settings = settings
         self._root_paths = tuple(root.rstrip("/") for root in root_paths if root.rstrip("/"))
         self._ready = ready
+        self._draining = draining
         self._keys = KeyCheck(settings.keys, settings.deploy_key_list)
         self._origins = frozenset(settings.cors_origin_list)
         self._hosts = allowed_hosts(settings)
@@ -209,6 +211,8 @@ class Gate:
             return
         if probe == "/health":
             await send_json(send, 200, {"status": "ok"})
+        elif self._draining():
+            await send_json(send, 503, {"status": "draining"})  # shutting down: not "starting", which would recover
         elif self._ready():
             await send_json(send, 200, {"status": "ready"})
         else:

@@ -1,0 +1,149 @@
+"""`haystream serve --workers N`: a supervisor whose workers drain on SIGTERM exactly like a single server.
+
+uvicorn's own supervisor (`uvicorn.supervisors.Multiprocess`, used by `uvicorn.run(workers=N)`) forwards SIGTERM
+to its workers, but each worker runs a plain `uvicorn.Server` that it builds itself (0.54: `Process.server`), so a
+worker closes its socket at once and never drains; replacing that server means copying the four supervisor methods
+that create workers by name, which have changed shape across uvicorn releases (0.30 passed a `target`, 0.54 does
+not). This supervisor keeps to uvicorn's public API instead: `Config.bind_socket()` opens the shared socket, each
+worker runs a `DrainingServer` on it, and the signals the supervisor gets are passed on to every worker once.
+
+Like uvicorn's: a worker that dies is replaced, unless it failed at startup (then all stop, exit code 3). Unlike
+uvicorn's: no health-check pings of hung workers, no SIGHUP/SIGTTIN/SIGTTOU (one worker per pod is the advice).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import uvicorn
+
+from haystream.server.drain import DrainingServer
+
+logger = logging.getLogger("uvicorn.error")
+
+STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+multiprocessing.allow_connection_pickling()  # the listening socket goes to each worker
+
+
+def run_workers(config: uvicorn.Config, workers: int, *, grace_seconds: float, timeout_seconds: float) -> int:
+    """Serve `config` (an import string app) with `workers` draining processes; return the exit code."""
+    supervisor = _Supervisor(config, workers, grace_seconds, timeout_seconds)
+    return supervisor.run()
+
+
+def _work(config: uvicorn.Config, sock: socket.socket, grace_seconds: float, timeout_seconds: float) -> None:
+    """A worker process: one `DrainingServer` on the shared socket."""
+    # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which passes it on once (a
+    # worker that got it twice would take the second as "exit at once").
+    os.setpgid(0, 0)
+    config.configure_logging()
+    server = DrainingServer(config, grace_seconds=grace_seconds, timeout_seconds=timeout_seconds)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+class _Supervisor:
+    def __init__(self, config: uvicorn.Config, workers: int, grace_seconds: float, timeout_seconds: float) -> None:
+        self.config = config
+        self.workers = workers
+        self.grace_seconds = grace_seconds
+        self.timeout_seconds = timeout_seconds
+        self.context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked loop or threads
+        self.stopping = False
+        self.exit_code = 0
+
+    def run(self) -> int:
+        sock = self.config.bind_socket()
+        # Signals wake the wait below through this socket pair (the C handler writes each signal's number into
+        # it), so the supervisor sleeps until a worker ends or a signal comes: no polling.
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        previous_handlers = {sig: signal.signal(sig, _ignore) for sig in _SIGNALS}
+        processes: list[BaseProcess] = []
+        try:
+            logger.info("Started parent process [%d]", os.getpid())
+            processes = [self._start(sock) for _ in range(self.workers)]
+            while processes:
+                ready = wait([wake_r, *(process.sentinel for process in processes)])
+                if wake_r in ready:
+                    for number in wake_r.recv(64):
+                        if number in _SIGNALS:
+                            logger.info(
+                                "Received %s: %s the workers",
+                                signal.Signals(number).name,
+                                "stopping" if self.stopping else "draining",
+                            )
+                            self._stop(processes)
+                for process in [p for p in processes if p.sentinel in ready]:
+                    process.join()
+                    processes.remove(process)
+                    replacement = self._ended(process, processes, sock)
+                    if replacement is not None:
+                        processes.append(replacement)
+        finally:
+            for process in processes:  # only if the supervisor itself failed
+                process.kill()
+                process.join()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous_wakeup)
+            wake_r.close()
+            wake_w.close()
+            sock.close()
+        logger.info("Stopping parent process [%d]", os.getpid())
+        return self.exit_code
+
+    def _start(self, sock: socket.socket) -> BaseProcess:
+        args = (self.config, sock, self.grace_seconds, self.timeout_seconds)
+        process = self.context.Process(target=_work, args=args, name="haystream-worker")
+        process.start()
+        return process
+
+    def _stop(self, processes: list[BaseProcess]) -> None:
+        """SIGTERM to every worker: the first starts each one's drain, a second makes them exit at once."""
+        self.stopping = True
+        for process in processes:
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    def _ended(self, process: BaseProcess, running: list[BaseProcess], sock: socket.socket) -> BaseProcess | None:
+        """Account for a worker that ended; return its replacement if it should be replaced."""
+        _forget_metrics(process.pid)
+        code = process.exitcode
+        if self.stopping:
+            if code != 0:
+                logger.warning("Worker [%s] exited with %s", process.pid, code)
+                self.exit_code = self.exit_code or 1
+            return None
+        if code == STARTUP_FAILURE:
+            logger.error("Worker [%s] failed to start; stopping.", process.pid)
+            self.exit_code = STARTUP_FAILURE
+            self._stop(running)
+            return None
+        logger.warning("Worker [%s] died (exit code %s); starting another.", process.pid, code)
+        return self._start(sock)
+
+
+def _ignore(sig: int, frame: Any) -> None:
+    """The Python-level handler: the work happens when the wake-up socket reports the signal."""
+
+
+def _forget_metrics(pid: int | None) -> None:
+    """Drop a dead worker's live gauges (active streams) from the shared multiprocess metrics."""
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
