@@ -24,6 +24,7 @@ def free_port() -> int:
 
 def start_serve(args: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
     """Start `haystream serve ARGS`; returns once uvicorn reports the app started (fails if the process dies)."""
+    env = {"HAYSTREAM_DRAIN_GRACE_SECONDS": "0", **env}  # stop() needs no load-balancer grace (test_drain.py has it)
     process = subprocess.Popen(
         [sys.executable, "-m", "haystream", "serve", *args], env=env, cwd=cwd, stderr=subprocess.PIPE, text=True
     )
