@@ -52,7 +52,7 @@ def test_ready_says_draining_once_the_drain_has_begun(upstream):
             assert client.get("/ready").json() == {"status": "ready"}
 
             async def begin() -> None:
-                server.app.app.drain.begin()  # what SIGTERM does first, on the server's loop
+                server.app.app.app.drain.begin()  # what SIGTERM does first, on the server's loop
 
             assert server.loop is not None
             asyncio.run_coroutine_threadsafe(begin(), server.loop).result(10)
