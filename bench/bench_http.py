@@ -61,6 +61,8 @@ SCENARIOS = (
     Scenario("slow", 1000, 20, 0.2),
     Scenario("paced", 200, 50, 0.02),
     Scenario("fast", 20, 200, 0.0, rounds=5),
+    # One token each: the server's CPU per chunk is its CPU per request (parsing, wrapper, pipeline, upstream call).
+    Scenario("setup", 200, 1, 0.0, rounds=3),
 )
 
 
