@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -59,7 +59,7 @@ class EventLog:
         while not self.events and not self.ended:
             await self._changed.wait()
 
-    async def follow(self, after: int, idle: float) -> AsyncIterator[Batch]:
+    async def follow(self, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         """The events with `sequence_number > after`, in batches, then the live ones until the log ends."""
         position = next((i for i, event in enumerate(self.events) if event["sequence_number"] > after), None)
         position = len(self.events) if position is None else position
@@ -99,7 +99,7 @@ class ResponseStore(Protocol):
     async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
         """Add events to the response's shared log."""
 
-    def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
+    def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         """Replay the events after `after`, then follow live until a terminal event."""
 
     async def request_cancel(self, id: str) -> None:
@@ -147,7 +147,7 @@ class MemoryStore:
     async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
         pass  # the run's EventLog, kept with the record, is the log
 
-    async def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
+    async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         entry = self._live(id)
         if entry is None or entry[2] is None:
             return
@@ -213,7 +213,7 @@ class RedisStore:
             pipe.expire(self._log(id), self.ttl)
             await pipe.execute()
 
-    async def follow(self, id: str, after: int, idle: float) -> AsyncIterator[Batch]:
+    async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         log = self._log(id)
         cursor = f"0-{after + 1}" if after >= 0 else "0-0"
         block = max(1, int(idle * 1000))

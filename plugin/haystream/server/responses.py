@@ -262,11 +262,15 @@ class ResponsesEndpoint:
                 await asyncio.wait({local[1]})
             else:
                 await self.store.request_cancel(id)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(CANCEL_WAIT_SECONDS):
-                        async for batch in self.store.follow(id, -1, self._keepalive):
-                            if batch and batch[-1]["type"] in TERMINAL_EVENTS:
-                                break
+                # Wait for the run's end by the log's own idle timeout and a deadline checked between batches, not
+                # by cancelling the follow: a cancellation inside a blocking Redis read surfaces as Redis' own
+                # TimeoutError.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + CANCEL_WAIT_SECONDS
+                async with contextlib.aclosing(self.store.follow(id, -1, CANCEL_WAIT_SECONDS)) as batches:
+                    async for batch in batches:
+                        if batch is None or batch[-1]["type"] in TERMINAL_EVENTS or loop.time() >= deadline:
+                            break
             record = await self.store.get(id, key_id) or record
         await send_json(send, 200, record.response)
 
