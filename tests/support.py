@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from haystream.server import ServerSettings, create_app
 from haystream.testing import FakeUpstream, ServerThread
 
 WRAPPERS_DIR = Path(__file__).parent / "wrappers"
+OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"  # one wrapper, `scenario`, for the operations tests
 
 
 def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
@@ -18,6 +21,16 @@ def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
     settings.setdefault("gc_freeze", False)  # one process starts many servers: keep its garbage collectable
     settings.setdefault("access_log", False)
     return ServerThread(create_app(ServerSettings(**settings)), lifespan="on").start()
+
+
+@contextlib.contextmanager
+def serving(upstream: FakeUpstream, **settings) -> Iterator[ServerThread]:
+    """`start_server` for a `with` block (or a fixture): stopped at its end."""
+    running = start_server(upstream, **settings)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def sse_events(lines: list[str]) -> list[str]:

@@ -19,18 +19,13 @@ import httpx
 import orjson
 import pytest
 
-from support import start_server
-
-OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
+from support import OPS_WRAPPERS, serving, start_server
 
 
 @pytest.fixture
 def server(upstream):
-    running = start_server(upstream, pipelines_dir=str(OPS_WRAPPERS))
-    try:
+    with serving(upstream, pipelines_dir=str(OPS_WRAPPERS)) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def chat(scenario: str, *, model: str = "scenario") -> dict:

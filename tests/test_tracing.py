@@ -11,16 +11,14 @@ import contextvars
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from haystack.tracing import Span, Tracer, disable_tracing, enable_tracing
 
-from support import start_server
+from support import OPS_WRAPPERS, serving
 
-OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
 SPAN = "hayhooks.openai.run"
 
 
@@ -84,11 +82,8 @@ def tracer() -> Iterator[RecordingTracer]:
 
 @pytest.fixture
 def server(upstream):
-    running = start_server(upstream, pipelines_dir=str(OPS_WRAPPERS))
-    try:
+    with serving(upstream, pipelines_dir=str(OPS_WRAPPERS)) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def chat(scenario: str, *, stream: bool = True, model: str = "scenario") -> dict:
