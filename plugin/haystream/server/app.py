@@ -131,7 +131,7 @@ class HaystreamApp:
                 await self.responses.start()
                 if self.settings.gc_freeze:
                     # What importing and deploying made lives as long as the process: keeping it out of every full
-                    # collection shortens those pauses (~100 ms → ~25 ms with 200 streams running).
+                    # collection means those walk only what requests made (~75k objects, not ~270k, in one run).
                     gc.freeze()
                 self.ready = True
             elif message["type"].startswith("lifespan.shutdown"):

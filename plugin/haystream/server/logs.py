@@ -88,8 +88,8 @@ class AccessLog:
     """Pure ASGI: one access-log line per HTTP request once its response has ended (client, method, path, status,
     duration, request id).
 
-    It replaces uvicorn's access log, which hayhooks routes through loguru at ~0.3 ms of CPU per request; a plain
-    handler costs a tenth of that. Streams pay one function call per chunk here, nothing more.
+    It replaces uvicorn's access log, which hayhooks routes through loguru (~0.35 ms of CPU per request, measured
+    against this one). Streams pay one function call per chunk here, nothing more.
     """
 
     def __init__(self, app: Any) -> None:
@@ -115,6 +115,7 @@ class AccessLog:
             where = f"{client[0]}:{client[1]}" if client else "-"
             method, path = scope.get("method", "-"), scope.get("path", "-")
             duration_ms = round((time.perf_counter() - started) * 1000, 1)
+            request_id = REQUEST_ID.get()
             ACCESS_LOGGER.info(
                 '%s - "%s %s HTTP/%s" %s %.1f ms%s',
                 where,
@@ -123,7 +124,7 @@ class AccessLog:
                 scope.get("http_version", "1.1"),
                 status or "-",
                 duration_ms,
-                f" request_id={REQUEST_ID.get()}" if REQUEST_ID.get() else "",
+                f" request_id={request_id}" if request_id else "",
                 extra={
                     "client": where,
                     "method": method,
