@@ -70,7 +70,6 @@ class ChatResponse:
         self._send_timeout = send_timeout_seconds
         self._secrets = secrets
         self._sending = False  # a write is waiting for the client to read
-        self._stalled = False
         self._events = style.events
         self._style = style
         self._framer = ChunkFramer(request.model)
@@ -111,45 +110,53 @@ class ChatResponse:
         # get, is not one), so that a failure before any visible output gets a real status and the error envelope.
         # A slow first output (longer than the keep-alive interval) commits them anyway, and pings keep the
         # connection alive from then on.
-        first_output = asyncio.ensure_future(self._first_output())
+        task = asyncio.current_task()
+        assert task is not None
+        watchdog = _Watchdog(self, send, task)
+        failed: Exception | None = None
         try:
-            done, _ = await asyncio.wait({first_output}, timeout=self._keepalive)
-            if done:
-                first = first_output.result()
+            first = await self._first_output()
         except asyncio.CancelledError:
-            first_output.cancel()
-            await asyncio.wait({first_output})  # let the wrapper unwind before its iterator is closed
-            raise
-        except Exception as error:
-            await send_error(send, failure_error(error, self._request_id, self._secrets), headers=self._id_header())
+            watchdog.disarm()
+            if not watchdog.stalled:
+                raise
+            self._end_stalled(task)
             return
-        # Known to show no text before its end (tool calls only, or nothing): the role chunk says `content: null`, as
-        # OpenAI's does, so that SDK helpers give None rather than "".
-        await self._start(send, text_follows=not done or first is not None)
-        watchdog = asyncio.ensure_future(self._watch(send, asyncio.current_task()))
+        except Exception as error:
+            if not await watchdog.committed():
+                await send_error(send, failure_error(error, self._request_id, self._secrets), headers=self._id_header())
+                return
+            first, failed = None, error  # the headers went out already: the error ends the stream below
+        else:
+            if not await watchdog.committed():
+                # Known to show no text before its end (tool calls only, or nothing): the role chunk says
+                # `content: null`, as OpenAI's does, so that SDK helpers give None rather than "".
+                await self._start(send, text_follows=first is not None)
+                watchdog.arm()
         try:
-            if not done:
-                first = await first_output
+            if failed is not None:
+                raise failed
             if first is not None:
                 await self._write(send, first)
                 async for item in self._items:
                     await self._send_item(send, item)
             await self._finish(send)
         except asyncio.CancelledError:
-            if not self._stalled:
+            if not watchdog.stalled:
                 raise
-            # The watchdog stopped a client that reads nothing: end like a disconnect (the run is closed by send()).
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            logger.warning(
-                "request %s: the client read nothing for %gs; the run was cancelled",
-                self._request_id,
-                self._send_timeout,
-            )
+            self._end_stalled(task)
         except Exception as error:
             error_frame = data_frame(failure_error(error, self._request_id, self._secrets).to_dict())
             await send({"type": "http.response.body", "body": error_frame + DONE, "more_body": False})
         finally:
-            watchdog.cancel()
+            watchdog.disarm()
+
+    def _end_stalled(self, task: asyncio.Task[Any]) -> None:
+        # The watchdog stopped a client that reads nothing: end like a disconnect (the run is closed by send()).
+        task.uncancel()
+        logger.warning(
+            "request %s: the client read nothing for %gs; the run was cancelled", self._request_id, self._send_timeout
+        )
 
     async def _first_output(self) -> bytes | None:
         """The frames of the first item that shows the client anything; None if the items end first."""
@@ -209,32 +216,89 @@ class ChatResponse:
         await send({"type": "http.response.body", "body": body, "more_body": True})
         self._sending = False
 
-    async def _watch(self, send: Send, stream_task: asyncio.Task[Any] | None) -> None:
-        """Keep an idle stream alive with pings, and stop one whose client has stopped reading.
-
-        One timer per stream that wakes only when a ping or the send timeout is due: nothing per chunk.
-        """
-        while True:
-            waited = time.monotonic() - self._last_send
-            if self._sending:
-                if waited < self._send_timeout:
-                    await asyncio.sleep(self._send_timeout - waited)
-                    continue
-                self._stalled = True
-                if stream_task is not None:
-                    stream_task.cancel()
-                return
-            if waited < self._keepalive:
-                await asyncio.sleep(self._keepalive - waited)
-                continue
-            try:
-                async with asyncio.timeout(self._send_timeout):
-                    await self._write(send, PING)
-            except TimeoutError:
-                self._sending = True  # the ping is stuck: the next turn stops the stream
-
     def _id_header(self) -> list[tuple[bytes, bytes]]:
         return [(b"x-request-id", self._request_id.encode())]
+
+
+class _Watchdog:
+    """One timer per stream, and a task only when there is something to send: it commits the headers of an answer
+    whose first output is slower than the keep-alive interval, pings an idle stream, and cancels the stream of a
+    client that has read nothing for the send timeout. Nothing runs per chunk: the timer looks at the time of the
+    last write when it fires (about once per keep-alive interval), and sets itself again."""
+
+    __slots__ = ("_commit_failed", "_job", "_loop", "_response", "_send", "_task", "_timer", "stalled")
+
+    def __init__(self, response: ChatResponse, send: Send, task: asyncio.Task[Any]) -> None:
+        self._response = response
+        self._send = send
+        self._task = task
+        self._loop = asyncio.get_running_loop()
+        self._job: asyncio.Task[None] | None = None  # the early commit, or a ping
+        self._commit_failed: Exception | None = None
+        self.stalled = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(response._keepalive, self._commit)
+
+    async def committed(self) -> bool:
+        """Whether the headers went out early (waiting for that to finish); if not, they never will."""
+        if self._job is None:
+            self.disarm()
+            return False
+        await self._job
+        if self._commit_failed is not None:
+            raise self._commit_failed
+        return True
+
+    def arm(self) -> None:
+        """Watch the stream from now on (after its headers went out)."""
+        self._set(self._response._keepalive)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._job is not None and not self._job.done():
+            self._job.cancel()
+
+    def _set(self, delay: float) -> None:
+        self._timer = self._loop.call_later(delay, self._check)
+
+    def _commit(self) -> None:
+        self._timer = None
+        self._job = self._loop.create_task(self._commit_headers())
+
+    async def _commit_headers(self) -> None:
+        try:
+            await self._response._start(self._send)
+        except Exception as error:  # the stream's own task raises it (see `committed`)
+            self._commit_failed = error
+            return
+        self.arm()
+
+    def _check(self) -> None:
+        response = self._response
+        waited = time.monotonic() - response._last_send
+        if response._sending:
+            if waited < response._send_timeout:
+                self._set(response._send_timeout - waited)
+            else:
+                self.stalled = True
+                self._timer = None
+                self._task.cancel()
+        elif waited < response._keepalive:
+            self._set(response._keepalive - waited)
+        else:
+            self._timer = None
+            self._job = self._loop.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        try:
+            async with asyncio.timeout(self._response._send_timeout):
+                await self._response._write(self._send, PING)
+        except TimeoutError:
+            self._response._sending = True  # the ping is stuck: the next check stops the stream
+        except Exception:  # the client left: the stream's own next write (or the disconnect watch) ends it
+            return
+        self.arm()
 
 
 def client_deltas(mapper: DeltaMapper, item: Any, style: ClientStyle) -> list[Delta | Event]:
