@@ -4,7 +4,9 @@ Pipelines, an Agent with a real tool, and a sync-only custom component."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import openai
 import pytest
@@ -444,6 +446,31 @@ def test_a_pipeline_reshaped_after_streaming_is_planned_again(make_llm):
     pipe.connect("draft.replies", "prompt.draft")
     pipe.connect("prompt.prompt", "final.messages")
     assert "".join(c.content for c in haystream.stream(pipe, messages=USER)) == expected_text(4, "b")
+
+
+def test_a_pipelines_plan_is_worked_out_once_and_forgotten_with_it(make_llm):
+    # Pipelines compare by value and are not hashable: the plan cache must still find them (by identity).
+    class CountingPipeline(Pipeline):
+        walks = 0
+
+        def inputs(self, *args, **kwargs):
+            type(self).walks += 1
+            return super().inputs(*args, **kwargs)
+
+    pipe = CountingPipeline()
+    pipe.add_component("llm", make_llm("fake?tokens=2"))
+    for _ in range(3):
+        haystream.astream(pipe, messages=USER)
+        haystream.stream(pipe, messages=USER)
+    assert CountingPipeline.walks == 1
+    gone = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert gone() is None  # the cache holds no strong reference
+    again = CountingPipeline()
+    again.add_component("llm", make_llm("fake?tokens=2"))
+    haystream.stream(again, messages=USER)
+    assert CountingPipeline.walks == 2  # a new pipeline (even at a reused address) is planned for itself
 
 
 def test_nested_inputs_are_not_modified(make_llm):

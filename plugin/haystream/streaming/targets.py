@@ -273,8 +273,9 @@ class _PipelinePlan:
 
 
 # Per pipeline: {(choice of streaming components, graph shape): plan}. Building a plan walks the graph (networkx
-# descendants, input sockets); a server does it for every request otherwise.
-_plans: weakref.WeakKeyDictionary[PipelineBase, dict[tuple[Any, ...], _PipelinePlan]] = weakref.WeakKeyDictionary()
+# descendants, input sockets); a server does it for every request otherwise. Pipelines compare by value and are not
+# hashable, so the cache is keyed by identity, and an entry goes when its pipeline does.
+_plans: dict[int, tuple[weakref.ref[PipelineBase], dict[tuple[Any, ...], _PipelinePlan]]] = {}
 
 
 def _plan_for(pipeline: PipelineBase, streaming_components: StreamingComponents) -> _PipelinePlan:
@@ -285,18 +286,28 @@ def _plan_for(pipeline: PipelineBase, streaming_components: StreamingComponents)
     )
     graph = pipeline.graph
     key = (choice, tuple(graph), len(graph.edges))  # a pipeline still being built changes its key
-    try:
-        plans = _plans[pipeline]
-    except KeyError:
-        plans = _plans[pipeline] = {}
-    except TypeError:  # not weak-referenceable: no cache
-        return _PipelinePlan(pipeline, streaming_components)
+    entry = _plans.get(id(pipeline))
+    if entry is None or entry[0]() is not pipeline:
+        try:
+            entry = _plans[id(pipeline)] = (weakref.ref(pipeline, _forget(id(pipeline))), {})
+        except TypeError:  # not weak-referenceable: no cache
+            return _PipelinePlan(pipeline, streaming_components)
+    plans = entry[1]
     plan = plans.get(key)
     if plan is None:
         if len(plans) > 16:  # a pipeline reshaped many times: forget old shapes
             plans.clear()
         plan = plans[key] = _PipelinePlan(pipeline, streaming_components)
     return plan
+
+
+def _forget(pipeline_id: int) -> Callable[[weakref.ref[PipelineBase]], None]:
+    def forget(ref: weakref.ref[PipelineBase]) -> None:
+        entry = _plans.get(pipeline_id)
+        if entry is not None and entry[0] is ref:  # not a newer pipeline that got the same id
+            del _plans[pipeline_id]
+
+    return forget
 
 
 def _nested_inputs(pipeline: PipelineBase, data: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
