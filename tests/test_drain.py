@@ -199,7 +199,7 @@ def test_sigterm_to_the_supervisor_drains_every_worker(upstream, tmp_path):
     port = int(base.rsplit(":", 1)[1])
     clients: list[httpx.Client] = []
     try:
-        assert any("Application startup complete" in line for line in process.stderr)  # the second worker's
+        assert process.log.wait_for("Application startup complete", count=2)  # the second worker's
         pids = worker_pids(process.pid)
         # Two kept-alive connections to each worker (the kernel hands each new connection to one of them): one
         # for a stream, one for probes.

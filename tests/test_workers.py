@@ -28,7 +28,7 @@ def test_two_workers_serve_chats_and_aggregate_their_metrics(tmp_path):
         process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS), "--workers", "2"], env)
         try:
             # Each worker deploys the wrappers in its own lifespan and reports it: wait for the second report.
-            assert any("Application startup complete" in line for line in process.stderr)
+            assert process.log.wait_for("Application startup complete", count=2)
             # Each connection is a new TCP connection: the kernel spreads them over both workers' accept calls.
             for _ in range(REQUESTS):
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
