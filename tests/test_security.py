@@ -258,12 +258,24 @@ def test_a_public_bind_without_keys_warns(caplog):
     with caplog.at_level("WARNING", logger="haystream.server"):
         warn_if_exposed(ServerSettings(host="0.0.0.0"))
     assert "WITHOUT API keys" in caplog.text
+    # ...and says that the Host check refuses clients that use a name, and which variable lets them in.
+    assert "other than localhost, *.localhost get 400 host_not_allowed" in caplog.text
+    assert "HAYSTREAM_ALLOWED_HOSTS" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="haystream.server"):
+        warn_if_exposed(ServerSettings(host="mybox.lan"))
+    assert "other than localhost, *.localhost, mybox.lan get 400" in caplog.text  # the bound name passes
     caplog.clear()
     with caplog.at_level("WARNING", logger="haystream.server"):
         warn_if_exposed(ServerSettings(host="0.0.0.0", allow_unauthenticated=True))
+    assert "WITHOUT API keys" not in caplog.text  # keyless is meant: only the Host note remains
+    assert "host_not_allowed" in caplog.text and "HAYSTREAM_ALLOWED_HOSTS" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="haystream.server"):
+        warn_if_exposed(ServerSettings(host="0.0.0.0", allow_unauthenticated=True, allowed_hosts="haystream"))
         warn_if_exposed(ServerSettings(host="0.0.0.0", api_keys="k"))
         warn_if_exposed(ServerSettings(host="127.0.0.1"))
-    assert "WITHOUT API keys" not in caplog.text
+    assert caplog.text == ""
 
 
 # --- malformed credentials --------------------------------------------------------------------------------------
