@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,3 +37,9 @@ def serving(upstream: FakeUpstream, **settings) -> Iterator[ServerThread]:
 def sse_events(lines: list[str]) -> list[str]:
     """The `data:` payloads of an SSE body (comments and blank lines dropped)."""
     return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+
+
+def unique(scenario: str = "fake") -> str:
+    """`scenario` with a ``run=`` key the fake upstream ignores: `upstream.wait_for_requests(n, model=...)` then finds
+    this test's requests only, never a late one of an earlier test on the session's shared fake."""
+    return f"{scenario}{'&' if '?' in scenario else '?'}run={uuid.uuid4().hex[:8]}"

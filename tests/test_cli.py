@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 
 from support import start_server
 
@@ -24,9 +25,9 @@ def test_chat_prints_the_streamed_answer(server):
 
 
 def test_chat_prints_tokens_as_they_arrive(server, upstream):
-    upstream.reset()
+    run = uuid.uuid4().hex[:8]  # the paced wrapper names its upstream request after the message
     process = subprocess.Popen(
-        [sys.executable, "-m", "haystream", "chat", "paced", "hi", "--url", server.url],
+        [sys.executable, "-m", "haystream", "chat", "paced", run, "--url", server.url],
         env={**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -34,7 +35,7 @@ def test_chat_prints_tokens_as_they_arrive(server, upstream):
     )
     try:
         assert process.stdout.read(3) == "t0 "  # blocks until the CLI has printed (and flushed) the first token
-        record = upstream.wait_for_requests(1)[0]
+        record = upstream.wait_for_requests(1, model=f"fake?tokens=5&hold_after=1&run={run}")[0]
         assert not record.completed and record.tokens_sent == 1  # ...while the upstream holds the rest
         process.send_signal(signal.SIGINT)  # Ctrl-C on a one-shot answer: stop it and exit
         _, stderr = process.communicate(timeout=60)

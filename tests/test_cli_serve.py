@@ -7,7 +7,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import IO
 
 import openai
 import pytest
@@ -22,16 +24,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_serve(args: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
+class ServeLog:
+    """Every stderr line of a `haystream serve` process, read to its end by a thread: a server writing more than the
+    pipe holds (its access log) would otherwise block once the test stops reading."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), name="serve-stderr", daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        try:
+            for line in stream:
+                with self._changed:
+                    self.lines.append(line)
+                    self._changed.notify_all()
+        finally:
+            with self._changed:
+                self.ended = True
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 120) -> bool:
+        """Block until `count` lines contain `text` (True), or the stream ended or `timeout` passed first (False)."""
+
+        def seen() -> int:
+            return sum(text in line for line in self.lines)
+
+        with self._changed:
+            self._changed.wait_for(lambda: seen() >= count or self.ended, timeout)
+            return seen() >= count
+
+
+class ServeProcess(subprocess.Popen):
+    """A `haystream serve` process whose stderr `log` is drained by a thread from the start."""
+
+    log: ServeLog
+
+
+def start_serve(args: list[str], env: dict, cwd: Path | None = None) -> ServeProcess:
     """Start `haystream serve ARGS`; returns once uvicorn reports the app started (fails if the process dies)."""
     env = {"HAYSTREAM_DRAIN_GRACE_SECONDS": "0", **env}  # stop() needs no load-balancer grace (test_drain.py has it)
-    process = subprocess.Popen(
+    process = ServeProcess(
         [sys.executable, "-m", "haystream", "serve", *args], env=env, cwd=cwd, stderr=subprocess.PIPE, text=True
     )
-    for line in process.stderr:  # blocks until uvicorn reports it is up (or the process dies)
-        if "Application startup complete" in line:
-            return process
-    pytest.fail(f"haystream serve exited with {process.wait()}")
+    process.log = ServeLog(process.stderr)
+    if not process.log.wait_for("Application startup complete"):
+        process.kill()
+        pytest.fail(f"haystream serve did not start (exit code {process.wait()}):\n{''.join(process.log.lines)}")
+    return process
 
 
 def stop(process: subprocess.Popen) -> None:

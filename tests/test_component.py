@@ -9,6 +9,7 @@ from haystack.dataclasses import ChatMessage
 from haystack.utils import Secret
 
 from haystream import LazyChunkStream, StreamingChatGenerator
+from support import unique
 
 USER = [ChatMessage.from_user("hello")]
 
@@ -29,15 +30,15 @@ class UpperCaser:
 
 
 def test_generator_mode_returns_at_once_and_calls_when_consumed(make_llm, upstream):
-    upstream.reset()
-    wrapped = StreamingChatGenerator(chat_generator=make_llm("fake?tokens=3"), streaming_mode="generator")
+    scenario = unique("fake?tokens=3")
+    wrapped = StreamingChatGenerator(chat_generator=make_llm(scenario), streaming_mode="generator")
     output = wrapped.run(messages=USER)
-    assert output["replies"] == [] and upstream.records == []  # nothing called yet
+    assert output["replies"] == [] and not [r for r in upstream.records if r.model == scenario]  # nothing called yet
     texts = [chunk.content for chunk in output["stream"]]
     assert "".join(texts) == "t0 t1 t2 "
     assert [r.text for r in output["replies"]] == ["t0 t1 t2 "]  # filled in place once consumed
     assert output["stream"].reply.text == "t0 t1 t2 "
-    assert len(upstream.records) == 1
+    assert len([r for r in upstream.records if r.model == scenario]) == 1
     with pytest.raises(RuntimeError, match="already been consumed"):
         list(output["stream"])
 
@@ -58,13 +59,13 @@ def test_callback_mode_behaves_like_the_wrapped_generator(make_llm):
 
 
 def test_no_streaming_mode_calls_without_callback(make_llm, upstream):
-    upstream.reset()
+    scenario = unique("fake?tokens=3")
     seen: list[str] = []
-    output = StreamingChatGenerator(chat_generator=make_llm("fake?tokens=3"), streaming_mode=None).run(
+    output = StreamingChatGenerator(chat_generator=make_llm(scenario), streaming_mode=None).run(
         messages=USER, streaming_callback=seen.append
     )
     assert output["stream"] is None and output["replies"][0].text == "t0 t1 t2 "
-    assert seen == [] and upstream.records[-1].stream is False
+    assert seen == [] and upstream.wait_for_requests(1, model=scenario)[0].stream is False
 
 
 def pipeline_with_processor(llm) -> Pipeline:

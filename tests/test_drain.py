@@ -13,7 +13,7 @@ import pytest
 
 from haystream.server import metrics
 from haystream.testing import FakeUpstream
-from support import start_server
+from support import start_server, unique
 from test_cli_serve import free_port, start_serve
 
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
@@ -109,7 +109,8 @@ def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstrea
 def test_a_stream_longer_than_the_drain_timeout_ends_with_an_error_event_and_done(upstream):
     process, base = serve(upstream, HAYSTREAM_DRAIN_GRACE_SECONDS="0", HAYSTREAM_DRAIN_TIMEOUT="1")
     try:
-        body = chat("fake?tokens=200&delay=0.2")
+        scenario = unique("fake?tokens=200&delay=0.2")
+        body = chat(scenario)
         with (
             httpx.Client(base_url=base, timeout=30) as client,
             client.stream("POST", "/v1/chat/completions", json=body) as stream,
@@ -127,7 +128,8 @@ def test_a_stream_longer_than_the_drain_timeout_ends_with_an_error_event_and_don
         error = json.loads(payloads[-2])["error"]
         assert error["code"] == "server_shutting_down"
         assert process.wait(20) == 0
-        assert upstream.records[-1].wait().client_hung_up  # the provider call was closed, not left running
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        assert record.wait().client_hung_up  # the provider call was closed, not left running
     finally:
         if process.poll() is None:
             process.kill()
@@ -197,7 +199,7 @@ def test_sigterm_to_the_supervisor_drains_every_worker(upstream, tmp_path):
     port = int(base.rsplit(":", 1)[1])
     clients: list[httpx.Client] = []
     try:
-        assert any("Application startup complete" in line for line in process.stderr)  # the second worker's
+        assert process.log.wait_for("Application startup complete", count=2)  # the second worker's
         pids = worker_pids(process.pid)
         # Two kept-alive connections to each worker (the kernel hands each new connection to one of them): one
         # for a stream, one for probes.

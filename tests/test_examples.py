@@ -16,14 +16,16 @@ import pytest
 
 from haystream.server import ServerSettings, create_app
 from haystream.testing import ServerThread
-from support import sse_events
+from support import sse_events, unique
 
 EXAMPLES = Path(__file__).parent.parent / "pipeline_wrappers"
+OPENAI_MODEL = unique("fake?tokens=5")  # unique: the tests find their requests on the shared fake upstream
+RAG_CHAT_MODEL = unique("fake?tokens=2&text=rag")
 ENV = {
     "OPENAI_API_KEY": "test-key",
-    "OPENAI_MODEL": "fake?tokens=5",
+    "OPENAI_MODEL": OPENAI_MODEL,
     "HAYHOOKS_STYLE_MODEL": "fake?tokens=3&text=h",
-    "RAG_CHAT_MODEL": "fake?tokens=2&text=rag",
+    "RAG_CHAT_MODEL": RAG_CHAT_MODEL,
     "AGENT_TOOLS_MODEL": 'fake?tool=calculator&args={"expression": "6*7"}&tokens=1&text=ok',
 }
 
@@ -63,7 +65,6 @@ def test_every_example_is_listed(examples):
 
 
 def test_openai_chat_streams_the_upstream_with_history(examples, upstream):
-    upstream.reset()
     sdk = openai.OpenAI(base_url=examples.url + "/v1", api_key="x", max_retries=0)
     history = [
         {"role": "system", "content": "be brief"},
@@ -77,7 +78,8 @@ def test_openai_chat_streams_the_upstream_with_history(examples, upstream):
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 t2 t3 t4 "
     assert chunks[-1].usage.completion_tokens == 5
-    assert [m["role"] for m in upstream.records[-1].body["messages"]] == ["system", "user", "assistant", "user"]
+    sent = upstream.wait_for_requests(1, model=OPENAI_MODEL)[0].body["messages"]  # this module's only request
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
 
 
 def test_hayhooks_style_wrapper_is_served_unchanged(examples):
@@ -87,11 +89,10 @@ def test_hayhooks_style_wrapper_is_served_unchanged(examples):
 
 
 def test_rag_chat_streams_the_answer_and_sends_sources_only_to_open_webui(examples, upstream):
-    upstream.reset()
     plain = stream_events(examples, "rag_chat", "What is the default port of hayhooks?")
     assert content_of(plain) == "rag0 rag1 "
     assert all("event" not in p for p in plain)
-    prompt = upstream.records[-1].body["messages"][0]["content"]
+    prompt = upstream.wait_for_requests(1, model=RAG_CHAT_MODEL)[0].body["messages"][0]["content"]  # the first
     assert "1416" in prompt  # BM25 retrieved hayhooks.md into the prompt
     webui = stream_events(examples, "rag_chat", "What is the default port of hayhooks?", prefix="/openwebui")
     sources = [p["event"]["data"] for p in webui if p.get("event", {}).get("type") == "source"]

@@ -6,6 +6,8 @@ import httpx
 import orjson
 import pytest
 
+from support import unique
+
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -24,8 +26,8 @@ def _contents(lines) -> list[str]:
 
 @pytest.mark.parametrize("held_after", [0, 2])
 def test_a_held_stream_goes_on_when_released(upstream, held_after):
-    upstream.reset()
-    body = {"model": f"fake?tokens=4&hold_after={held_after}", "messages": USER, "stream": True}
+    scenario = unique(f"fake?tokens=4&hold_after={held_after}")
+    body = {"model": scenario, "messages": USER, "stream": True}
     with httpx.stream("POST", upstream.base_url + "/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         received = []
@@ -33,7 +35,7 @@ def test_a_held_stream_goes_on_when_released(upstream, held_after):
             received += _contents([line])
             if len(received) == 1 + held_after:
                 break
-        record = upstream.wait_for_requests(1)[0]
+        record = upstream.wait_for_requests(1, model=scenario)[0]
         assert record.tokens_sent == held_after and not record.finished.is_set()
         record.release()
         received += _contents(lines)
@@ -42,9 +44,29 @@ def test_a_held_stream_goes_on_when_released(upstream, held_after):
 
 
 def test_a_held_stream_ends_when_the_client_leaves(upstream):
-    upstream.reset()
-    body = {"model": "fake?tokens=4&hold_after=0", "messages": USER, "stream": True}
+    scenario = unique("fake?tokens=4&hold_after=0")
+    body = {"model": scenario, "messages": USER, "stream": True}
     with httpx.stream("POST", upstream.base_url + "/chat/completions", json=body, timeout=30) as response:
         assert _contents([next(response.iter_lines())]) == [""]  # the role chunk
-    record = upstream.wait_for_requests(1)[0].wait(10)
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and not record.completed and record.tokens_sent == 0
+
+
+def test_a_hang_up_during_a_hold_on_a_reused_connection_is_recorded(upstream):
+    """A keep-alive connection that served a whole answer first, as a server's pooled client reuses it: the hang-up
+    during the next request's hold is still seen (uvicorn's disconnect reaches the held exchange)."""
+    done, held = unique("fake?tokens=2"), unique("fake?tokens=4&hold_after=1")
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=1)) as client:
+        first = client.post(upstream.base_url + "/chat/completions", json={"model": done, "messages": USER})
+        assert first.status_code == 200 and upstream.wait_for_requests(1, model=done)[0].wait(10).completed
+        body = {"model": held, "messages": USER, "stream": True}
+        with client.stream("POST", upstream.base_url + "/chat/completions", json=body) as response:
+            received: list[str] = []
+            for line in response.iter_lines():  # the role chunk, then the first token, then nothing: the hold
+                received += _contents([line])
+                if len(received) == 2:
+                    break
+            assert received == ["", "t0 "]
+            record = upstream.wait_for_requests(1, model=held)[0]
+            assert not record.finished.is_set()  # held after its first token
+    assert record.wait(10).client_hung_up and not record.completed and record.tokens_sent == 1

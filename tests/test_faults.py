@@ -19,7 +19,8 @@ import httpx
 import orjson
 import pytest
 
-from support import OPS_WRAPPERS, serving, start_server
+from haystream.testing import FakeUpstream, UpstreamRecord
+from support import OPS_WRAPPERS, serving, start_server, unique
 
 
 @pytest.fixture
@@ -45,24 +46,24 @@ def test_a_provider_status_before_the_first_token_is_an_error_envelope(server, s
 
 
 def test_a_provider_that_hangs_before_the_first_token_is_an_http_error(server, upstream):
-    upstream.reset()
+    scenario = unique("fake?tokens=3&ttft=30&timeout=0.5")
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        answer = client.post("/v1/chat/completions", json=chat("fake?tokens=3&ttft=30&timeout=0.5"))
+        answer = client.post("/v1/chat/completions", json=chat(scenario))
     # Nothing the client can see was sent yet (headers wait for the first visible delta): a real status.
     assert answer.status_code == 500
     assert "timeout" in answer.json()["error"]["message"].lower()
-    assert upstream.wait_for_requests(1)[0].wait().client_hung_up
+    assert upstream.wait_for_requests(1, model=scenario)[0].wait().client_hung_up
 
 
 def test_a_provider_that_hangs_mid_stream_ends_the_stream_with_an_error_event_and_done(server, upstream):
-    upstream.reset()
+    scenario = unique("fake?tokens=3&hold_after=1&timeout=0.5")
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        answer = client.post("/v1/chat/completions", json=chat("fake?tokens=3&hold_after=1&timeout=0.5"))
+        answer = client.post("/v1/chat/completions", json=chat(scenario))
     assert answer.status_code == 200
     payloads = data_payloads(answer.text)
     assert payloads[-1] == "[DONE]"
     assert "timeout" in json.loads(payloads[-2])["error"]["message"].lower()
-    assert upstream.wait_for_requests(1)[0].wait().client_hung_up
+    assert upstream.wait_for_requests(1, model=scenario)[0].wait().client_hung_up
 
 
 # --- leaks -----------------------------------------------------------------------------------------------------
@@ -161,29 +162,40 @@ def http_exchange(port: int, body: dict, *, leave_at: bytes | None = None) -> tu
     return int(head.split(b" ", 2)[1]), rest
 
 
+# The same scenarios in every round (the wrapper keeps one client per scenario: new ones would look like leaks), named
+# uniquely so that the rounds' records are told apart from late requests of other tests on the shared fake.
+ROUND_OK, ROUND_FAILING, ROUND_REFUSED, ROUND_LEFT = (
+    unique(s) for s in ("fake?tokens=5", "fake?tokens=5&fail_after=2", "fake?status=429", "fake?tokens=100&delay=0.1")
+)
+
+
 def a_round_of_faults(port: int) -> None:
     for _ in range(3):
-        assert http_exchange(port, chat("fake?tokens=5"))[0] == 200
-    assert b'"error"' in http_exchange(port, chat("fake?tokens=5&fail_after=2"))[1]
-    assert http_exchange(port, chat("fake?status=429"))[0] == 429
+        assert http_exchange(port, chat(ROUND_OK))[0] == 200
+    assert b'"error"' in http_exchange(port, chat(ROUND_FAILING))[1]
+    assert http_exchange(port, chat(ROUND_REFUSED))[0] == 429
     assert http_exchange(port, chat("x", model="nope"))[0] == 404
     for _ in range(2):  # the client leaves mid-stream
-        assert http_exchange(port, chat("fake?tokens=100&delay=0.1"), leave_at=b'"content":"t')[0] == 200
+        assert http_exchange(port, chat(ROUND_LEFT), leave_at=b'"content":"t')[0] == 200
+
+
+def round_records(upstream: FakeUpstream, nth: int) -> list[UpstreamRecord]:
+    """The `nth` round's records (from 1), each once it ended: 3 ok, 1 failing, 1 refused (429) and 2 cancelled reached
+    the provider (a cancelled one ends once the server cut it; the provider saw the cut only after the server closed
+    its socket)."""
+    counts = {ROUND_OK: 3, ROUND_FAILING: 1, ROUND_REFUSED: 1, ROUND_LEFT: 2}
+    return [
+        record.wait() for model, n in counts.items() for record in upstream.wait_for_requests(n * nth, model=model)[-n:]
+    ]
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="counts file descriptors through /proc")
 def test_nothing_leaks_after_ok_failed_refused_and_cancelled_requests(server, upstream):
     a_round_of_faults(server.port)  # warm-up: thread pools and connection pools reach their steady size
-    for record in upstream.wait_for_requests(len(upstream.records)):
-        record.wait()
+    round_records(upstream, 1)
     baseline = resources()
-    upstream.reset()
     a_round_of_faults(server.port)
-    # 3 ok, 1 failing, 1 refused (429) and 2 cancelled reached the provider; a cancelled one ends once the server
-    # cut it, and the provider saw the cut only after the server had closed its socket.
-    records = upstream.wait_for_requests(7)
-    for record in records:
-        record.wait()
+    records = round_records(upstream, 2)
     assert sum(record.client_hung_up for record in records) == 2
     assert_no_leaks(baseline, settle(baseline))
 

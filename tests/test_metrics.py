@@ -9,7 +9,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import start_server
+from support import start_server, unique
 
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
 KEY = {"authorization": "Bearer metrics-key"}
@@ -56,12 +56,12 @@ def test_metrics_count_streams_failures_cancellations_and_rejections(server, ups
             assert ok.status_code == 200 and ok.text.endswith("data: [DONE]\n\n")
         failed = client.post("/v1/chat/completions", json=chat("fake?tokens=5&fail_after=2"))
         assert '"error"' in failed.text
-        upstream.reset()
-        with client.stream("POST", "/v1/chat/completions", json=chat("fake?tokens=100&hold_after=1")) as stream:
+        held = unique("fake?tokens=100&hold_after=1")
+        with client.stream("POST", "/v1/chat/completions", json=chat(held)) as stream:
             for line in stream.iter_lines():
                 if '"content":"t' in line:
                     break  # leave mid-stream, after the first token
-        assert upstream.wait_for_requests(1)[0].wait().client_hung_up
+        assert upstream.wait_for_requests(1, model=held)[0].wait().client_hung_up
         missing = client.post("/v1/chat/completions", json={**chat("x"), "model": "nope"})
         assert missing.status_code == 404
         after = samples(client)

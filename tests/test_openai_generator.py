@@ -31,6 +31,7 @@ from haystream.components import OpenAIChatGenerator
 from haystream.components._chunks import ChunkLog
 from haystream.components._upstream import SSEDecoder, env_proxy, loop_session
 from haystream.testing import FakeUpstream, fake_chat_generator
+from support import unique
 
 USER = [ChatMessage.from_user("hello there")]
 USAGE = {"stream_options": {"include_usage": True}}
@@ -298,11 +299,11 @@ def test_request_body_is_the_sdks(upstream):
     )
     bodies = []
     for kind in KINDS:
-        upstream.reset()
+        scenario = unique("fake?tokens=1")
         generation_kwargs = {**USAGE, "temperature": 0.2, "max_completion_tokens": 50, "extra_body": {"top_k": 3}}
-        generator = make(kind, upstream, "fake?tokens=1", tools=[tool], tools_strict=True)
+        generator = make(kind, upstream, scenario, tools=[tool], tools_strict=True)
         generator.run(USER, streaming_callback=lambda chunk: None, generation_kwargs=generation_kwargs)
-        bodies.append(upstream.wait_for_requests(1)[0].body)
+        bodies.append({**upstream.wait_for_requests(1, model=scenario)[0].body, "model": "fake?tokens=1"})
     assert bodies[0] == bodies[1]
     assert bodies[1]["tools"][0]["function"]["strict"] is True
     assert bodies[1]["top_k"] == 3 and bodies[1]["stream"] is True
@@ -311,12 +312,12 @@ def test_request_body_is_the_sdks(upstream):
 def test_extra_headers_and_query_reach_the_upstream(upstream):
     seen = []
     for kind in KINDS:
-        upstream.reset()
+        scenario = unique("fake?tokens=1")
         generation_kwargs = {**USAGE, "extra_headers": {"X-Tenant": "blue"}, "extra_query": {"api-version": "2"}}
-        make(kind, upstream, "fake?tokens=1", organization="org-1").run(
+        make(kind, upstream, scenario, organization="org-1").run(
             USER, streaming_callback=lambda chunk: None, generation_kwargs=generation_kwargs
         )
-        record = upstream.wait_for_requests(1)[0]
+        record = upstream.wait_for_requests(1, model=scenario)[0]
         names = ("x-tenant", "authorization", "openai-organization", "content-type")
         seen.append(({name: record.headers.get(name) for name in names}, record.query))
     assert seen[0] == seen[1]
@@ -341,7 +342,8 @@ def test_non_streaming_call_is_haystacks(upstream):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 async def test_cancelled_task_closes_the_upstream_response(upstream, kind):
-    generator = make(kind, upstream, "fake?tokens=50&hold_after=3")
+    scenario = unique("fake?tokens=50&hold_after=3")
+    generator = make(kind, upstream, scenario)
     seen: list[StreamingChunk] = []
     third = asyncio.Event()
 
@@ -350,13 +352,12 @@ async def test_cancelled_task_closes_the_upstream_response(upstream, kind):
         if len([c for c in seen if c.content]) == 3:
             third.set()
 
-    upstream.reset()
     task = asyncio.create_task(generator.run_async(USER, streaming_callback=collect))
     await third.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    record = await asyncio.to_thread(lambda: upstream.wait_for_requests(1)[0].wait(10))
+    record = await asyncio.to_thread(lambda: upstream.wait_for_requests(1, model=scenario)[0].wait(10))
     assert record.client_hung_up and record.tokens_sent == 3
     if kind == "haystack":
         await generator.close_async()
@@ -364,10 +365,10 @@ async def test_cancelled_task_closes_the_upstream_response(upstream, kind):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 async def test_cancelled_while_waiting_for_the_first_token(upstream, kind):
-    generator = make(kind, upstream, "fake?tokens=5&hold_after=0")
-    upstream.reset()
+    scenario = unique("fake?tokens=5&hold_after=0")
+    generator = make(kind, upstream, scenario)
     task = asyncio.create_task(generator.run_async(USER, streaming_callback=_ignore))
-    record = (await asyncio.to_thread(upstream.wait_for_requests, 1))[0]
+    record = (await asyncio.to_thread(lambda: upstream.wait_for_requests(1, model=scenario)))[0]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -383,30 +384,30 @@ async def _ignore(chunk: StreamingChunk) -> None:
 
 def test_sync_callback_that_raises_closes_the_upstream_response_at_once(upstream):
     """Haystack's sync generator leaves the response open until a garbage collection; this one closes it."""
-    generator = make("haystream", upstream, "fake?tokens=50&hold_after=3")
+    scenario = unique("fake?tokens=50&hold_after=3")
+    generator = make("haystream", upstream, scenario)
 
     def stop_at_third(chunk: StreamingChunk) -> None:
         if chunk.content == "t2 ":
             raise KeyboardInterrupt("enough")  # even a BaseException
 
-    upstream.reset()
     with pytest.raises(KeyboardInterrupt):
         generator.run(USER, streaming_callback=stop_at_third)
-    record = upstream.wait_for_requests(1)[0].wait(10)  # held until the client leaves
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)  # held until the client leaves
     assert record.client_hung_up and record.tokens_sent == 3
 
 
 def test_leaving_haystream_stream_closes_the_upstream_response(upstream):
     # Held after 5 tokens: the run is on the shared loop, so leaving cancels it even while the upstream is silent.
-    upstream.reset()
-    chunks = haystream.stream(make("haystream", upstream, "fake?tokens=50&hold_after=5"), messages=USER)
+    scenario = unique("fake?tokens=50&hold_after=5")
+    chunks = haystream.stream(make("haystream", upstream, scenario), messages=USER)
     texts = []
     with chunks:
         for chunk in chunks:
             texts.append(chunk.content)
             if chunk.content == "t2 ":
                 break
-    record = upstream.wait_for_requests(1)[0].wait(10)
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and record.tokens_sent <= 5, record.tokens_sent
     assert "".join(texts) == "t0 t1 t2 "
 

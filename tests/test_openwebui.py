@@ -11,7 +11,7 @@ from haystack import Document
 
 from haystream import openwebui
 from haystream.openwebui.tasks import detect_task, heuristic_answer
-from support import sse_events, start_server
+from support import sse_events, start_server, unique
 
 USER = [{"role": "user", "content": "hello"}]
 FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"
@@ -102,26 +102,28 @@ def test_agent_tool_calls_as_a_text_trace_for_plain_clients_when_configured(upst
 
 @pytest.mark.parametrize("fixture", sorted(TASKS))
 def test_background_tasks_get_a_fast_answer_without_running_the_pipeline(server, upstream, fixture):
-    upstream.reset()
-    body = {**recorded(fixture)["body"], "model": "fake_async"}
+    scenario = unique()
+    body = {**recorded(fixture)["body"], "model": "fake_async", "scenario": scenario}
     response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 200
     _, expected = TASKS[fixture]
     assert json.loads(response.json()["choices"][0]["message"]["content"]) == expected
-    assert upstream.records == []  # the wrapper's pipeline never ran
+    assert not [r for r in upstream.records if r.model == scenario]  # the wrapper's pipeline never ran
 
 
 def test_streamed_task_request_is_answered_as_sse(server, upstream):
-    upstream.reset()
+    scenario = unique()
     payloads = stream(
-        server.url + "/v1/chat/completions", {**recorded("task_tags.json")["body"], "model": "fake_async"}
+        server.url + "/v1/chat/completions",
+        {**recorded("task_tags.json")["body"], "model": "fake_async", "scenario": scenario},
     )
     assert json.loads("".join(p["choices"][0]["delta"].get("content", "") for p in payloads)) == {"tags": ["General"]}
-    assert upstream.records == []
+    assert not [r for r in upstream.records if r.model == scenario]
 
 
 def test_task_modes_wrapper_and_pipeline(upstream):
-    title = {**recorded("task_title.json")["body"], "model": "fake_async", "scenario": "fake?tokens=2"}
+    scenario = unique("fake?tokens=2")
+    title = {**recorded("task_title.json")["body"], "model": "fake_async", "scenario": scenario}
     tags = {**recorded("task_tags.json")["body"], "model": "fake_async"}
     by_wrapper = start_server(upstream, openwebui_tasks="wrapper")
     try:
@@ -131,12 +133,12 @@ def test_task_modes_wrapper_and_pipeline(upstream):
         assert json.loads(reply["choices"][0]["message"]["content"]) == {"tags": ["General"]}
     finally:
         by_wrapper.stop()
-    upstream.reset()
+    assert not [r for r in upstream.records if r.model == scenario]  # the wrapper answered the title itself
     by_pipeline = start_server(upstream, openwebui_tasks="pipeline")
     try:
         reply = httpx.post(by_pipeline.url + "/v1/chat/completions", json=title).json()
         assert reply["choices"][0]["message"]["content"] == "t0 t1 "
-        assert len(upstream.records) == 1
+        assert len([r for r in upstream.records if r.model == scenario]) == 1
     finally:
         by_pipeline.stop()
 
@@ -171,12 +173,17 @@ def test_sync_wrappers_yield_events_next_to_chunks(server):
 
 
 def test_rag_context_from_open_webui_reaches_the_wrapper_unchanged(server, upstream):
-    upstream.reset()
+    scenario = unique()
     recorded_body = recorded("chat_stream_history.json")["body"]
     context = '<source id="1" name="flan.md">Agar sets in 2 hours at room temperature.</source>'
     system = {"role": "system", "content": f"Use the context below.\n<context>\n{context}\n</context>"}
-    body = {**recorded_body, "model": "fake_async", "messages": [system, *recorded_body["messages"]]}
+    body = {
+        **recorded_body,
+        "model": "fake_async",
+        "messages": [system, *recorded_body["messages"]],
+        "scenario": scenario,
+    }
     payloads = stream(server.url + "/openwebui/v1/chat/completions", body)
     assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
-    sent = upstream.records[-1].body["messages"]
+    sent = upstream.wait_for_requests(1, model=scenario)[0].body["messages"]
     assert sent[0] == system and [m["role"] for m in sent] == [m["role"] for m in body["messages"]]

@@ -28,7 +28,7 @@ from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX, RESP
 from haystream.server.asgi import send_json
 from haystream.server.gate import Gate, allowed_hosts
 from haystream.testing import ServerThread
-from support import start_server
+from support import start_server, unique
 
 PROBE_WRAPPERS = Path(__file__).parent / "security_wrappers"
 KEY = "k-one-secret"
@@ -258,12 +258,24 @@ def test_a_public_bind_without_keys_warns(caplog):
     with caplog.at_level("WARNING", logger="haystream.server"):
         warn_if_exposed(ServerSettings(host="0.0.0.0"))
     assert "WITHOUT API keys" in caplog.text
+    # ...and says that the Host check refuses clients that use a name, and which variable lets them in.
+    assert "other than localhost, *.localhost get 400 host_not_allowed" in caplog.text
+    assert "HAYSTREAM_ALLOWED_HOSTS" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="haystream.server"):
+        warn_if_exposed(ServerSettings(host="mybox.lan"))
+    assert "other than localhost, *.localhost, mybox.lan get 400" in caplog.text  # the bound name passes
     caplog.clear()
     with caplog.at_level("WARNING", logger="haystream.server"):
         warn_if_exposed(ServerSettings(host="0.0.0.0", allow_unauthenticated=True))
+    assert "WITHOUT API keys" not in caplog.text  # keyless is meant: only the Host note remains
+    assert "host_not_allowed" in caplog.text and "HAYSTREAM_ALLOWED_HOSTS" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="haystream.server"):
+        warn_if_exposed(ServerSettings(host="0.0.0.0", allow_unauthenticated=True, allowed_hosts="haystream"))
         warn_if_exposed(ServerSettings(host="0.0.0.0", api_keys="k"))
         warn_if_exposed(ServerSettings(host="127.0.0.1"))
-    assert "WITHOUT API keys" not in caplog.text
+    assert caplog.text == ""
 
 
 # --- malformed credentials --------------------------------------------------------------------------------------
@@ -338,11 +350,11 @@ def test_a_dns_rebinding_page_cannot_read_a_local_server(open_server, upstream):
     assert_envelope(httpx.get(open_server.url + "/v1/models", headers=rebound), 400, "host_not_allowed")
     ran = httpx.post(open_server.url + "/probe_open/run", json={"text": "x"}, headers=rebound)
     assert_envelope(ran, 400, "host_not_allowed")
-    upstream.reset()
-    chat = {"model": "probe_open", "messages": USER}
+    scenario = unique()
+    chat = {"model": "probe_open", "messages": USER, "scenario": scenario}
     refused = httpx.post(open_server.url + "/v1/chat/completions", json=chat, headers={"Host": "evil.example"})
     assert_envelope(refused, 400, "host_not_allowed")
-    assert upstream.records == []  # nothing ran
+    assert not [r for r in upstream.records if r.model == scenario]  # nothing ran
     handshake = (
         b"GET /anything HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -549,11 +561,11 @@ def _open_stream(server, key: str, scenario: str) -> tuple[httpx.Client, httpx.R
 
 
 def test_concurrent_streams_are_capped_globally_and_per_key(tight, upstream):
-    upstream.reset()
+    scenario = unique("fake?tokens=3&hold_after=1")
     held = []
     try:
         for key in (KEY, KEY):  # two streams for one key: its cap
-            client, response = _open_stream(tight, key, "fake?tokens=3&hold_after=1")
+            client, response = _open_stream(tight, key, scenario)
             assert response.status_code == 200
             held.append((client, response))
         per_key = httpx.post(
@@ -561,7 +573,7 @@ def test_concurrent_streams_are_capped_globally_and_per_key(tight, upstream):
         )
         assert_envelope(per_key, 429, "too_many_requests")
         assert per_key.headers["retry-after"] == "1"
-        client, response = _open_stream(tight, "k-two", "fake?tokens=3&hold_after=1")  # another key still gets in
+        client, response = _open_stream(tight, "k-two", scenario)  # another key still gets in
         assert response.status_code == 200
         held.append((client, response))
         over = httpx.post(
@@ -575,7 +587,7 @@ def test_concurrent_streams_are_capped_globally_and_per_key(tight, upstream):
         for client, response in held:
             response.close()
             client.close()
-    for record in upstream.wait_for_requests(3):
+    for record in upstream.wait_for_requests(3, model=scenario):
         assert record.wait(timeout=30).client_hung_up  # leaving cut each held run at the upstream
     # places are given back: a new request is admitted again
     sdk = openai.OpenAI(base_url=tight.url + "/v1", api_key=KEY, max_retries=2)
@@ -584,9 +596,9 @@ def test_concurrent_streams_are_capped_globally_and_per_key(tight, upstream):
 
 
 def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cut(tight, upstream):
-    upstream.reset()
     total = 400_000
-    body = orjson.dumps({"model": "probe_tight", "messages": USER, "stream": True, "scenario": f"fake?tokens={total}"})
+    scenario = unique(f"fake?tokens={total}")
+    body = orjson.dumps({"model": "probe_tight", "messages": USER, "stream": True, "scenario": scenario})
     request = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -597,7 +609,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cut(tight, upst
         sock.connect(("127.0.0.1", tight.port))
         sock.sendall(request)
         # ...and never read: the server's writes block, and after send_timeout_seconds it gives up.
-        record = upstream.wait_for_requests(1)[0].wait(timeout=120)
+        record = upstream.wait_for_requests(1, model=scenario)[0].wait(timeout=120)
     finally:
         sock.close()
     assert record.client_hung_up and not record.completed

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from haystream.streaming.producer import running_producers, wait_for_idle_producers
-from support import start_server
+from support import start_server, unique
 
 USER = [{"role": "user", "content": "hello"}]
 HELD = "fake?tokens=300&hold_after=5"  # the fake upstream holds after 5 tokens until its client leaves
@@ -22,8 +22,8 @@ HELD = "fake?tokens=300&hold_after=5"  # the fake upstream holds after 5 tokens 
     ("model", "mode"), [("fake_async", "astream"), ("fake_sync", "stream"), ("fake_sync", "generator")]
 )
 def test_client_leaving_mid_stream_cuts_the_upstream(server, upstream, model, mode):
-    upstream.reset()
-    body = {"model": model, "messages": USER, "stream": True, "mode": mode, "scenario": HELD}
+    scenario = unique(HELD)
+    body = {"model": model, "messages": USER, "stream": True, "mode": mode, "scenario": scenario}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as response:
         contents = 0
         for line in response.iter_lines():
@@ -31,15 +31,14 @@ def test_client_leaving_mid_stream_cuts_the_upstream(server, upstream, model, mo
                 contents += 1
                 if contents == 3:
                     break
-    record = upstream.wait_for_requests(1)[0].wait(10)
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and record.tokens_sent == 5  # the run was cut while the upstream held
     assert wait_for_idle_producers(10), "a producer thread kept running after the client left"
 
 
 @pytest.mark.parametrize("model", ["fake_async", "fake_sync"])
 async def test_client_leaving_before_the_first_token_cancels_the_run(server, upstream, model):
-    upstream.reset()
-    held = "fake?hold_after=0&tokens=5"  # the upstream holds before the first token until the client leaves
+    held = unique("fake?hold_after=0&tokens=5")  # the upstream holds before the first token until the client leaves
     body = json.dumps({"model": model, "messages": USER, "stream": True, "scenario": held}).encode()
     _, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(
@@ -48,7 +47,7 @@ async def test_client_leaving_before_the_first_token_cancels_the_run(server, ups
         + body
     )
     await writer.drain()
-    record = (await asyncio.to_thread(upstream.wait_for_requests, 1))[0]  # the run has reached the upstream
+    record = (await asyncio.to_thread(lambda: upstream.wait_for_requests(1, model=held)))[0]  # it reached the upstream
     writer.close()
     await writer.wait_closed()
     await asyncio.to_thread(record.wait, 10)
@@ -57,11 +56,11 @@ async def test_client_leaving_before_the_first_token_cancels_the_run(server, ups
 
 
 def test_idle_stream_gets_keepalive_pings_and_slow_first_token_commits_headers(upstream):
-    upstream.reset()
+    scenario = unique("fake?hold_after=0&tokens=2")
     fast_pings = start_server(upstream, keepalive_seconds=0.2)
     try:
         # The first token never comes while the client listens: headers must be committed anyway, then pings.
-        body = {"model": "fake_async", "messages": USER, "stream": True, "scenario": "fake?hold_after=0&tokens=2"}
+        body = {"model": "fake_async", "messages": USER, "stream": True, "scenario": scenario}
         with httpx.stream("POST", fast_pings.url + "/v1/chat/completions", json=body, timeout=60) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -71,7 +70,7 @@ def test_idle_stream_gets_keepalive_pings_and_slow_first_token_commits_headers(u
                 pings += line == ": ping"
                 if pings == 2:
                     break
-        record = upstream.wait_for_requests(1)[0].wait(30)
+        record = upstream.wait_for_requests(1, model=scenario)[0].wait(30)
     finally:
         fast_pings.stop()
     assert pings == 2 and record.client_hung_up and record.tokens_sent == 0
@@ -81,7 +80,7 @@ async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each
     # A sync wrapper returning haystream.stream(): its thread is released when the method returns, and the run
     # (run_async-capable) goes on on the server's loop. Every stream is mid-flight (its upstream held after the first
     # token until the client leaves) when the threads are counted.
-    upstream.reset()
+    scenario = unique("fake?tokens=30&hold_after=1")
     before = threading.active_count()
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     async with (
@@ -90,14 +89,14 @@ async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each
     ):
         readers = []
         for _ in range(40):
-            body = {"model": "fake_sync", "messages": USER, "stream": True, "scenario": "fake?tokens=30&hold_after=1"}
+            body = {"model": "fake_sync", "messages": USER, "stream": True, "scenario": scenario}
             response = await streams.enter_async_context(http.stream("POST", "/v1/chat/completions", json=body))
             readers.append(response.aiter_lines())
         for lines in readers:
             async for line in lines:
                 if '"content":"t' in line:
                     break
-        assert not any(record.finished.is_set() for record in upstream.wait_for_requests(40))
+        assert not any(record.finished.is_set() for record in upstream.wait_for_requests(40, model=scenario))
         assert running_producers() == 0
         assert threading.active_count() < before + 10, threading.active_count() - before
 

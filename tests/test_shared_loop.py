@@ -16,6 +16,7 @@ from haystack.dataclasses import ChatMessage, StreamingChunk
 
 import haystream
 from haystream.streaming.producer import running_producers, wait_for_idle_producers
+from support import unique
 
 USER = [ChatMessage.from_user("hello")]
 
@@ -58,35 +59,35 @@ def test_consumer_threads_each_get_their_own_tokens(make_llm):
 
 @pytest.mark.parametrize("how", ["close", "with", "break_and_drop"])
 def test_leaving_a_shared_loop_stream_cancels_its_task_and_cuts_the_upstream(make_llm, upstream, how):
-    upstream.reset()
-    llm = make_llm("fake?tokens=200&hold_after=5")
+    scenario = unique("fake?tokens=200&hold_after=5")
+    llm = make_llm(scenario)
     if how == "close":
         chunks = haystream.stream(llm, messages=USER)
         for _ in range(3):
             next(chunks)
         chunks.close()  # returns once the cancelled run has unwound
-        assert upstream.records[-1].wait(10).client_hung_up
+        assert upstream.wait_for_requests(1, model=scenario)[0].wait(10).client_hung_up
     elif how == "with":
         with haystream.stream(llm, messages=USER) as chunks:
             for _ in range(3):
                 next(chunks)
-        assert upstream.records[-1].wait(10).client_hung_up
+        assert upstream.wait_for_requests(1, model=scenario)[0].wait(10).client_hung_up
     else:
         for i, _ in enumerate(haystream.stream(llm, messages=USER)):
             if i == 2:
                 break
-    record = upstream.wait_for_requests(1)[0].wait(10)
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and record.tokens_sent <= 5, record.tokens_sent  # the upstream held after 5
     assert running_producers() == 0
 
 
 def test_closing_from_another_thread_while_waiting_for_the_first_token(make_llm, upstream):
-    upstream.reset()
-    chunks = haystream.stream(make_llm("fake?hold_after=0&tokens=5"), messages=USER)
+    scenario = unique("fake?hold_after=0&tokens=5")
+    chunks = haystream.stream(make_llm(scenario), messages=USER)
     outcome: list = []
     consumer = threading.Thread(target=lambda: outcome.append(list(chunks)))
     consumer.start()
-    record = upstream.wait_for_requests(1)[0]
+    record = upstream.wait_for_requests(1, model=scenario)[0]
     chunks.close()
     assert record.wait(10).client_hung_up and record.tokens_sent == 0
     consumer.join(10)
@@ -199,10 +200,10 @@ def _consume_in_thread(chunks) -> threading.Thread:
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_abandoned_sync_only_run_blocked_on_the_first_token_is_cut(make_llm, upstream, library):
-    upstream.reset()
-    chunks = haystream.stream(_target(library, make_llm, upstream, "fake?hold_after=0&tokens=5"), messages=USER)
+    scenario = unique("fake?hold_after=0&tokens=5")
+    chunks = haystream.stream(_target(library, make_llm, upstream, scenario), messages=USER)
     consumer = _consume_in_thread(chunks)  # returns once the role chunk arrived: the producer now blocks in a read
-    record = upstream.wait_for_requests(1)[0]
+    record = upstream.wait_for_requests(1, model=scenario)[0]
     chunks.close()
     assert record.wait(10).client_hung_up and record.tokens_sent == 0
     assert wait_for_idle_producers(10)
@@ -211,22 +212,22 @@ def test_abandoned_sync_only_run_blocked_on_the_first_token_is_cut(make_llm, ups
 
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_abandoned_sync_only_run_mid_stream_is_cut(make_llm, upstream, library):
-    upstream.reset()
-    chunks = haystream.stream(_target(library, make_llm, upstream, "fake?tokens=200&hold_after=5"), messages=USER)
+    scenario = unique("fake?tokens=200&hold_after=5")
+    chunks = haystream.stream(_target(library, make_llm, upstream, scenario), messages=USER)
     for _ in range(3):
         next(chunks)
     chunks.close()
-    record = upstream.wait_for_requests(1)[0].wait(10)
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and record.tokens_sent <= 5, record.tokens_sent  # the upstream held after 5
     assert wait_for_idle_producers(10)
 
 
 def test_switched_off_the_producer_reads_on_until_its_next_chunk(make_llm, upstream, monkeypatch):
     monkeypatch.setenv("HAYSTREAM_ABANDON_SOCKETS", "false")
-    upstream.reset()
-    chunks = haystream.stream(_target("httpx", make_llm, upstream, "fake?hold_after=0&tokens=3"), messages=USER)
+    scenario = unique("fake?hold_after=0&tokens=3")
+    chunks = haystream.stream(_target("httpx", make_llm, upstream, scenario), messages=USER)
     consumer = _consume_in_thread(chunks)
-    record = upstream.wait_for_requests(1)[0]
+    record = upstream.wait_for_requests(1, model=scenario)[0]
     chunks.close()
     record.release()  # the first token goes out only now, after the close
     # Nothing cut the read: the first token still reached the producer's socket, which then stopped at that chunk.

@@ -20,6 +20,7 @@ from haystack.tools import Tool
 
 import haystream
 from haystream.streaming.producer import wait_for_idle_producers
+from support import unique
 
 USER = [ChatMessage.from_user("hello")]
 # 200 tokens, but the fake upstream holds after 5 until its client leaves: cancellation tests wait on that.
@@ -226,32 +227,32 @@ def test_async_user_callback_in_sync_stream(make_llm):
 
 @pytest.mark.parametrize("target_kind", ["component", "pipeline"])
 def test_sync_break_cuts_the_upstream(make_llm, upstream, target_kind):
-    upstream.reset()
-    llm = make_llm(HELD)
-    target = llm if target_kind == "component" else two_llm_pipeline(make_llm, second=HELD)
+    scenario = unique(HELD)
+    llm = make_llm(scenario)
+    target = llm if target_kind == "component" else two_llm_pipeline(make_llm, second=scenario)
     chunks = haystream.stream(target, messages=USER)
     for i, _ in enumerate(chunks):
         if i == 2:
             break
     chunks.close()
-    record = upstream.records[-1].wait(10)  # the upstream holds after 5 tokens until its client leaves
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)  # held after 5 tokens until the client leaves
     assert record.client_hung_up and record.tokens_sent <= 5
     assert wait_for_idle_producers(10)
 
 
 def test_dropping_the_iterator_cuts_the_upstream(make_llm, upstream):
-    upstream.reset()
-    for i, _ in enumerate(haystream.stream(make_llm(HELD), messages=USER)):
+    scenario = unique(HELD)
+    for i, _ in enumerate(haystream.stream(make_llm(scenario), messages=USER)):
         if i == 2:
             break  # the iterator has no other reference: dropping it closes it
-    record = upstream.wait_for_requests(1)[0].wait(10)
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and record.tokens_sent <= 5
 
 
 @pytest.mark.parametrize("bridged", [False, True])
 async def test_async_aclose_cuts_the_upstream(make_llm, upstream, bridged):
-    upstream.reset()
-    llm = make_llm(HELD)
+    scenario = unique(HELD)
+    llm = make_llm(scenario)
     chunks = haystream.astream(_sync_only(llm) if bridged else llm, messages=USER)
     count = 0
     async for _ in chunks:
@@ -259,16 +260,16 @@ async def test_async_aclose_cuts_the_upstream(make_llm, upstream, bridged):
         if count == 3:
             break
     await chunks.aclose()
-    record = await asyncio.to_thread(upstream.wait_for_requests(1)[0].wait, 10)
+    record = await asyncio.to_thread(upstream.wait_for_requests(1, model=scenario)[0].wait, 10)
     assert record.client_hung_up and record.tokens_sent <= 5
 
 
 async def test_task_cancellation_cuts_the_upstream(make_llm, upstream):
-    upstream.reset()
+    scenario = unique(HELD)
     started = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in haystream.astream(make_llm(HELD), messages=USER):
+        async for _ in haystream.astream(make_llm(scenario), messages=USER):
             started.set()
 
     task = asyncio.create_task(consume())
@@ -276,7 +277,7 @@ async def test_task_cancellation_cuts_the_upstream(make_llm, upstream):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    record = await asyncio.to_thread(upstream.wait_for_requests(1)[0].wait, 10)
+    record = await asyncio.to_thread(upstream.wait_for_requests(1, model=scenario)[0].wait, 10)
     assert record.client_hung_up and record.tokens_sent <= 5
 
 
@@ -420,12 +421,12 @@ def test_concurrent_sync_streams_over_one_pipeline_with_a_stateful_callback(make
 
 
 def test_closing_while_waiting_for_the_first_token_cuts_the_upstream_at_once(make_llm, upstream):
-    upstream.reset()
-    chunks = haystream.stream(make_llm("fake?hold_after=0&tokens=5"), messages=USER)
+    scenario = unique("fake?hold_after=0&tokens=5")
+    chunks = haystream.stream(make_llm(scenario), messages=USER)
     outcome: list = []
     consumer = threading.Thread(target=lambda: outcome.append(list(chunks)))
     consumer.start()
-    record = upstream.wait_for_requests(1)[0]  # the producer is now blocked reading the upstream
+    record = upstream.wait_for_requests(1, model=scenario)[0]  # the producer is now blocked reading the upstream
     chunks.close()
     assert record.wait(10).client_hung_up and record.tokens_sent == 0
     assert wait_for_idle_producers(10)
@@ -481,7 +482,7 @@ def test_nested_inputs_are_not_modified(make_llm):
 
 
 async def test_start_sends_the_upstream_request_before_the_first_read(make_llm, upstream):
-    upstream.reset()
-    chunks = haystream.astream(make_llm("fake?tokens=2"), messages=USER).start()
-    await asyncio.to_thread(upstream.wait_for_requests, 1)  # nothing has read from the stream yet
+    scenario = unique("fake?tokens=2")
+    chunks = haystream.astream(make_llm(scenario), messages=USER).start()
+    await asyncio.to_thread(lambda: upstream.wait_for_requests(1, model=scenario))  # nothing has read the stream yet
     assert "".join([c.content async for c in chunks]) == expected_text(2)

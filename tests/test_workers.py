@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from haystream.testing import FakeUpstream
-from test_cli_serve import free_port, start_serve, stop
+from test_cli_serve import ServeLog, ServeProcess, free_port, start_serve, stop
 
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
 REQUESTS = 12
@@ -28,7 +31,7 @@ def test_two_workers_serve_chats_and_aggregate_their_metrics(tmp_path):
         process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS), "--workers", "2"], env)
         try:
             # Each worker deploys the wrappers in its own lifespan and reports it: wait for the second report.
-            assert any("Application startup complete" in line for line in process.stderr)
+            assert process.log.wait_for("Application startup complete", count=2)
             # Each connection is a new TCP connection: the kernel spreads them over both workers' accept calls.
             for _ in range(REQUESTS):
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -50,3 +53,29 @@ def test_two_workers_serve_chats_and_aggregate_their_metrics(tmp_path):
     }
     key = ("haystream_requests_total", (("model", "scenario"), ("route", "/v1/chat/completions"), ("status", "200")))
     assert samples[key] == REQUESTS  # the sum over both workers, whichever answered the scrape
+
+
+def test_sigterm_while_the_workers_start_stops_them_and_exits_0(tmp_path):
+    env = {
+        **os.environ,
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "HAYSTREAM_DRAIN_GRACE_SECONDS": "0",
+    }
+    args = ["--port", str(free_port()), "--pipelines-dir", str(OPS_WRAPPERS), "--workers", "2"]
+    process = ServeProcess(
+        [sys.executable, "-m", "haystream", "serve", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    process.log = ServeLog(process.stderr)
+    try:
+        # The supervisor logs this just before it starts the workers: none of them can be ready yet.
+        assert process.log.wait_for("Started parent process")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, "".join(process.log.lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = "".join(process.log.lines)
+    assert "Received SIGTERM" in log and "Stopping parent process" in log  # the supervisor's own way out
+    assert "exited with" not in log and "died" not in log  # every worker stopped with code 0

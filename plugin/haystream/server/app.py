@@ -44,7 +44,7 @@ from haystream.server.asgi import (
 from haystream.server.auth import ANONYMOUS, Caller
 from haystream.server.chat import ChatResponse, failure_error
 from haystream.server.drain import Drain
-from haystream.server.gate import CALLER_KEY, Gate, without_private_headers
+from haystream.server.gate import CALLER_KEY, Gate, allowed_hosts, without_private_headers
 from haystream.server.limits import StreamLimits
 from haystream.server.response_store import create_store
 from haystream.server.responses import ResponsesEndpoint, wrapper_body
@@ -390,19 +390,33 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def warn_if_exposed(settings: ServerSettings) -> None:
-    """Say loudly when the server listens beyond this machine without keys (unless the operator said it is meant)."""
-    if (
-        settings.keys
-        or settings.host in LOOPBACK_HOSTS
-        or settings.host.startswith("127.")
-        or (settings.allow_unauthenticated)
-    ):
+    """Say loudly when the server listens beyond this machine without keys (unless the operator said it is meant),
+    and, keyless or not meant, that clients reaching it by a name the Host check does not allow get 400."""
+    if settings.host in LOOPBACK_HOSTS or settings.host.startswith("127."):
         return
-    logger.warning(
-        "haystream listens on %s WITHOUT API keys: anyone who can reach it can run your pipelines. "
-        "Set HAYSTREAM_API_KEYS, bind 127.0.0.1, or set HAYSTREAM_ALLOW_UNAUTHENTICATED=true if this is intended.",
-        settings.host,
+    names = allowed_hosts(settings)
+    refused = (
+        ""
+        if names is None or settings.allowed_host_list  # keys (any name passes), or names the operator listed
+        else "Clients that reach it by a host name other than "
+        + ", ".join(f"*{name}" if name.startswith(".") else name for name in sorted(names, key=_by_name))
+        + " get 400 host_not_allowed (the DNS-rebinding guard; IP addresses pass): "
+        "list the names they use in HAYSTREAM_ALLOWED_HOSTS."
     )
+    if not settings.keys and not settings.allow_unauthenticated:
+        logger.warning(
+            "haystream listens on %s WITHOUT API keys: anyone who can reach it can run your pipelines. "
+            "Set HAYSTREAM_API_KEYS, bind 127.0.0.1, or set HAYSTREAM_ALLOW_UNAUTHENTICATED=true if this is intended."
+            "%s",
+            settings.host,
+            " " + refused if refused else "",
+        )
+    elif refused:
+        logger.warning("haystream listens on %s without API keys. %s", settings.host, refused)
+
+
+def _by_name(name: str) -> tuple[str, bool]:
+    return name.lstrip("."), name.startswith(".")  # `localhost` before `*.localhost`
 
 
 def _request_id(presented: bytes | None) -> str:

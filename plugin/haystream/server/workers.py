@@ -9,6 +9,8 @@ worker runs a `DrainingServer` on it, and the signals the supervisor gets are pa
 
 Like uvicorn's: a worker that dies is replaced, unless it failed at startup (then all stop, exit code 3). Unlike
 uvicorn's: no health-check pings of hung workers, no SIGHUP/SIGTTIN/SIGTTOU (one worker per pod is the advice).
+A stop that comes while workers still start is passed to each once it can take it (its handler is installed: it
+says so through a pipe), so it stops before serving and exits 0 instead of dying of the signal's default action.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import signal
 import socket
 import sys
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -41,16 +43,36 @@ def run_workers(config: uvicorn.Config, workers: int, *, grace_seconds: float, t
     return supervisor.run()
 
 
-def _work(config: uvicorn.Config, sock: socket.socket, grace_seconds: float, timeout_seconds: float) -> None:
+def _work(
+    config: uvicorn.Config, sock: socket.socket, grace_seconds: float, timeout_seconds: float, armed: Connection
+) -> None:
     """A worker process: one `DrainingServer` on the shared socket."""
     # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which passes it on once (a
     # worker that got it twice would take the second as "exit at once").
     os.setpgid(0, 0)
-    config.configure_logging()
     server = DrainingServer(config, grace_seconds=grace_seconds, timeout_seconds=timeout_seconds)
+    # Until uvicorn installs its own handlers (and after, when it puts this one back and re-raises what it caught),
+    # a stop makes the server exit without serving, with code 0.
+    stop = _StopBeforeServing(server)
+    for sig in _SIGNALS:
+        signal.signal(sig, stop)
+    armed.close()  # the supervisor may signal this process from now on
+    config.configure_logging()
     server.run(sockets=[sock])
-    if not server.started:
+    if not server.started and not stop.requested:
         sys.exit(STARTUP_FAILURE)
+
+
+class _StopBeforeServing:
+    """A worker's signal handler outside uvicorn's: the server stops (or never starts serving)."""
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        self.server = server
+        self.requested = False
+
+    def __call__(self, sig: int, frame: Any) -> None:
+        self.requested = True
+        self.server.should_exit = True
 
 
 class _Supervisor:
@@ -62,6 +84,8 @@ class _Supervisor:
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked loop or threads
         self.stopping = False
         self.exit_code = 0
+        # A worker's end of its pipe closes once its signal handler is installed; until then it is not signalled.
+        self.unarmed: dict[Connection, BaseProcess] = {}
 
     def run(self) -> int:
         sock = self.config.bind_socket()
@@ -77,7 +101,12 @@ class _Supervisor:
             logger.info("Started parent process [%d]", os.getpid())
             processes = [self._start(sock) for _ in range(self.workers)]
             while processes:
-                ready = wait([wake_r, *(process.sentinel for process in processes)])
+                ready = wait([wake_r, *self.unarmed, *(process.sentinel for process in processes)])
+                for connection in [c for c in self.unarmed if c in ready]:  # EOF: armed (or dead)
+                    armed = self.unarmed.pop(connection)
+                    connection.close()
+                    if self.stopping and armed in processes:
+                        self._signal(armed)
                 if wake_r in ready:
                     for number in wake_r.recv(64):
                         if number in _SIGNALS:
@@ -97,6 +126,8 @@ class _Supervisor:
             for process in processes:  # only if the supervisor itself failed
                 process.kill()
                 process.join()
+            for connection in self.unarmed:
+                connection.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             signal.set_wakeup_fd(previous_wakeup)
@@ -107,17 +138,26 @@ class _Supervisor:
         return self.exit_code
 
     def _start(self, sock: socket.socket) -> BaseProcess:
-        args = (self.config, sock, self.grace_seconds, self.timeout_seconds)
+        unarmed, armed = self.context.Pipe(duplex=False)
+        args = (self.config, sock, self.grace_seconds, self.timeout_seconds, armed)
         process = self.context.Process(target=_work, args=args, name="haystream-worker")
         process.start()
+        armed.close()  # the worker holds the only writing end now
+        self.unarmed[unarmed] = process
         return process
 
     def _stop(self, processes: list[BaseProcess]) -> None:
-        """SIGTERM to every worker: the first starts each one's drain, a second makes them exit at once."""
+        """SIGTERM to every worker: the first starts each one's drain, a second makes them exit at once. A worker
+        still booting gets it once it installed its handler (before, the signal would kill it)."""
         self.stopping = True
+        booting = set(self.unarmed.values())
         for process in processes:
-            if process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+            if process not in booting:
+                self._signal(process)
+
+    def _signal(self, process: BaseProcess) -> None:
+        if process.pid is not None and process.exitcode is None:
+            os.kill(process.pid, signal.SIGTERM)
 
     def _ended(self, process: BaseProcess, running: list[BaseProcess], sock: socket.socket) -> BaseProcess | None:
         """Account for a worker that ended; return its replacement if it should be replaced."""

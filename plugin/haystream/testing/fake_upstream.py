@@ -5,6 +5,10 @@ event loop. It speaks real HTTP/1.1 and real SSE, so clients exercise their genu
 each request is encoded in the ``model`` string, e.g. ``"fake?tokens=20&delay=0.01&fail_after=3"`` (see
 `parse_scenario`). Every chat-completions request is recorded as an `UpstreamRecord`, including whether the client
 hung up before the response finished and how many content tokens really reached the socket.
+
+One fake is usually shared by many tests, and a request of an earlier test may still arrive late. A test that looks
+at records therefore names its requests uniquely with the ``run`` key, which the fake ignores (``"fake?tokens=5&
+run=3f9a1c2e"``), and waits with ``wait_for_requests(n, model=...)``.
 """
 
 from __future__ import annotations
@@ -64,7 +68,9 @@ class Scenario(TypedDict):
 
 
 def parse_scenario(model: str) -> Scenario:
-    """Parse ``"name?key=value&..."`` into a `Scenario`; unknown keys are ignored, bad values raise ValueError."""
+    """Parse ``"name?key=value&..."`` into a `Scenario`; unknown keys are ignored, bad values raise ValueError.
+
+    ``run`` is reserved for that: any value, ignored, so that a test can make its model string unique."""
     name, _, query = model.partition("?")
     params = dict(parse_qsl(query, keep_blank_values=True))
 
