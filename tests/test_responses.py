@@ -238,13 +238,8 @@ def held_scenario() -> str:
 
 
 def test_background_returns_at_once_and_cancel_cuts_upstream(client, upstream):
-    # Paced, not held: with `hold_after=1` this test fails in about half the runs of the whole module (alone it
-    # passes). That is not the fake missing a hang-up: when it fails, the upstream connection is still established
-    # on both sides, and the server's `openai.AsyncStream` for the cancelled run is alive, unclosed and referenced only
-    # by its own generators: its `close()` is never called, so Haystack's `except CancelledError` (which closes it)
-    # never ran in the generator's coroutine. When the test passes, that close runs. A paced stream makes the test
-    # pass but may hide the leak.
-    scenario = unique("fake?tokens=2000&delay=0.01")
+    # Held: the upstream sends one token and then waits for its client to leave, so the cut is what ends it.
+    scenario = held_scenario()
     created = client.responses.create(
         model="fake_async", input="hello", background=True, extra_body={"scenario": scenario}
     )

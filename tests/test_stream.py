@@ -249,6 +249,50 @@ def test_dropping_the_iterator_cuts_the_upstream(make_llm, upstream):
     assert record.client_hung_up and record.tokens_sent <= 5
 
 
+@component
+class _Talker:
+    """Streams three chunks, then a fourth once `go` is set; records how its run ended (where a provider's client
+    would close its upstream stream)."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.ended_by: type[BaseException] | None = None
+
+    @component.output_types(replies=list[ChatMessage])
+    def run(self, messages: list[ChatMessage], streaming_callback=None):
+        raise NotImplementedError
+
+    @component.output_types(replies=list[ChatMessage])
+    async def run_async(self, messages: list[ChatMessage], streaming_callback=None):
+        try:
+            for i in range(3):
+                await streaming_callback(StreamingChunk(content=f"t{i} "))
+            await self.go.wait()
+            await streaming_callback(StreamingChunk(content="t3 "))
+        except BaseException as ended:
+            self.ended_by = type(ended)
+            raise
+        return {"replies": [ChatMessage.from_assistant("done")]}
+
+
+async def test_a_pipeline_component_whose_consumer_left_is_stopped_as_a_cancellation():
+    # A Pipeline runs its component in a task of its own, which the consumer's leaving does not cancel directly: a
+    # component that is about to hand over its next chunk (here: woken just before the consumer leaves) is stopped by
+    # that callback, and it must arrive as a cancellation: Haystack's OpenAIChatGenerator closes its upstream stream
+    # only then (otherwise the upstream goes on until a garbage collection).
+    talker = _Talker()
+    pipe = Pipeline()
+    pipe.add_component("llm", talker)
+    chunks = haystream.astream(pipe, messages=USER)
+    async for chunk in chunks:
+        if chunk.content == "t2 ":
+            break
+    talker.go.set()  # the component's task is next in the loop's queue...
+    await chunks.aclose()  # ...and runs before the pipeline's cancellation reaches it
+    assert talker.ended_by is not None and issubclass(talker.ended_by, asyncio.CancelledError)
+    assert issubclass(talker.ended_by, haystream.StreamCancelled)  # stopped by its callback, as described above
+
+
 @pytest.mark.parametrize("bridged", [False, True])
 async def test_async_aclose_cuts_the_upstream(make_llm, upstream, bridged):
     scenario = unique(HELD)

@@ -23,10 +23,15 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
-class StreamCancelled(BaseException):
+class StreamCancelled(asyncio.CancelledError):
     """Raised inside a producer when the consumer of its stream has gone away.
 
-    It derives from `BaseException` so that `except Exception` blocks in pipelines and components do not swallow it.
+    A cancellation, not an error: like every `asyncio.CancelledError` it is a `BaseException`, so `except Exception`
+    blocks in pipelines and components do not swallow it, and async components that clean up when cancelled do so
+    when it reaches them. Haystack's `OpenAIChatGenerator` closes its upstream stream only on a cancellation: a run
+    on the loop whose next callback finds the consumer gone (a Pipeline runs each component in a task of its own,
+    which haystream does not cancel directly) must stop the same way, or the upstream goes on until a garbage
+    collection.
     """
 
 
