@@ -1,6 +1,7 @@
 """Streams whatever fake-upstream scenario the last user message names (e.g. `fake?tokens=10&delay=0.3`); a
 `timeout=S` key in it sets the provider client's timeout."""
 
+import os
 from functools import cache
 from urllib.parse import parse_qsl
 
@@ -10,11 +11,15 @@ import haystream
 from haystream.testing import fake_chat_generator
 
 
-@cache
 def llm(scenario: str):
     """One generator (and one HTTP client) per scenario, as a real wrapper holds one: requests reuse it."""
+    return _llm(scenario, os.environ["FAKE_UPSTREAM_URL"])
+
+
+@cache  # per fake upstream too: a generator made for a fake that has stopped would fail to connect
+def _llm(scenario: str, upstream: str):
     timeout = dict(parse_qsl(scenario.partition("?")[2])).get("timeout")
-    return fake_chat_generator(scenario, **({"timeout": float(timeout)} if timeout else {}))
+    return fake_chat_generator(scenario, upstream, **({"timeout": float(timeout)} if timeout else {}))
 
 
 class PipelineWrapper(BasePipelineWrapper):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from functools import cache
 from typing import Any
@@ -19,18 +20,27 @@ from haystream import components
 from haystream.testing import fake_chat_generator
 
 
-@cache
 def llm(scenario: str, generator: str = "haystack") -> OpenAIChatGenerator:
     # `generator: "haystream"` in the body picks haystream's OpenAIChatGenerator instead of Haystack's.
-    return fake_chat_generator(
-        scenario, generator_class=components.OpenAIChatGenerator if generator == "haystream" else None
-    )
+    return _llm(scenario, generator, os.environ["FAKE_UPSTREAM_URL"])
+
+
+def pipeline(scenario: str, generator: str = "haystack") -> Pipeline:
+    return _pipeline(scenario, generator, os.environ["FAKE_UPSTREAM_URL"])
+
+
+# Cached per fake upstream too: some test modules start a fake of their own, and a generator made for a fake that
+# has stopped would fail to connect in a later module's server.
+@cache
+def _llm(scenario: str, generator: str, upstream: str) -> OpenAIChatGenerator:
+    generator_class = components.OpenAIChatGenerator if generator == "haystream" else None
+    return fake_chat_generator(scenario, upstream, generator_class=generator_class)
 
 
 @cache
-def pipeline(scenario: str, generator: str = "haystack") -> Pipeline:
+def _pipeline(scenario: str, generator: str, upstream: str) -> Pipeline:
     pipe = Pipeline()
-    pipe.add_component("llm", llm(scenario, generator))
+    pipe.add_component("llm", _llm(scenario, generator, upstream))
     return pipe
 
 

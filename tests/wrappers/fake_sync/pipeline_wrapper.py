@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from functools import cache
@@ -16,10 +17,14 @@ from haystream import openwebui
 from haystream.testing import fake_chat_generator
 
 
-@cache
 def pipeline(scenario: str) -> Pipeline:
+    return _pipeline(scenario, os.environ["FAKE_UPSTREAM_URL"])
+
+
+@cache  # per fake upstream too: a generator made for a fake that has stopped would fail to connect
+def _pipeline(scenario: str, upstream: str) -> Pipeline:
     pipe = Pipeline()
-    pipe.add_component("llm", fake_chat_generator(scenario))
+    pipe.add_component("llm", fake_chat_generator(scenario, upstream))
     return pipe
 
 
