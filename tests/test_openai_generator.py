@@ -128,6 +128,26 @@ def test_same_chunks_and_replies_as_haystack(upstream, scenario, mode):
     assert {c.component_info.type for c in ours.chunks} == {"haystream.components.openai_chat.OpenAIChatGenerator"}
 
 
+@pytest.mark.parametrize(
+    "scenario", [*SCENARIOS.values(), "fake?tokens=3&reasoning=2", "fake?tokens=0&reasoning=2"], ids=str
+)
+def test_every_chunk_is_one_haystacks_own_constructor_accepts_and_equals(upstream, scenario):
+    # Chunks are built without Haystack's tracked __init__ (for speed): each must still pass its checks and be equal.
+    _, ours = both(upstream, scenario, "async")
+    assert ours.chunks
+    for chunk in [*ours.chunks, *kept_by_chunk_log(ours.chunks)]:
+        assert StreamingChunk(**vars(chunk)) == chunk
+    with pytest.warns(Warning, match="Mutating attribute 'meta'"):
+        ours.chunks[-1].meta = {}  # mutation is tracked as on any other chunk
+
+
+def kept_by_chunk_log(chunks: list[StreamingChunk]) -> list[StreamingChunk]:
+    log = ChunkLog()
+    for chunk in chunks:
+        log.add(chunk)
+    return log.chunks()
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_tool_calls_arrive_in_pieces_and_fold_into_calls(upstream, mode):
     _, ours = both(upstream, SCENARIOS["parallel_tool_calls"], mode)

@@ -8,6 +8,7 @@ become chunks with `reasoning` (Haystack's drops them); `meta["tool_calls"]`, `m
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,35 @@ _FINISH_REASONS = {
     "function_call": "tool_calls",
 }
 _EMPTY: dict[str, Any] = {}
+
+
+def _field_defaults() -> dict[str, Any] | None:
+    if not dataclasses.is_dataclass(StreamingChunk) or hasattr(StreamingChunk, "__slots__"):
+        return None
+    defaults = {}
+    for field in dataclasses.fields(StreamingChunk):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.name not in ("content", "meta"):  # the two every chunk here is given
+            return None
+    return defaults
+
+
+_CHUNK_DEFAULTS = _field_defaults()
+
+
+def new_chunk(**fields: Any) -> StreamingChunk:
+    """`StreamingChunk(**fields)` for fields that already satisfy its checks (one kind of payload; `index` with any
+    non-text payload), and `content` and `meta` always given. Haystack's constructor sets each field through its
+    mutation-tracking `__setattr__` and validates after: ~3 µs per chunk, a tenth of that here, for an equal chunk.
+    Falls back to the constructor if `StreamingChunk` stops being a plain dataclass with those defaults."""
+    if _CHUNK_DEFAULTS is None:
+        return StreamingChunk(**fields)
+    chunk = object.__new__(StreamingChunk)
+    state = chunk.__dict__
+    state.update(_CHUNK_DEFAULTS)
+    state.update(fields)
+    return chunk
 
 
 def usage_meta(usage: Any) -> Any:
@@ -55,7 +85,7 @@ class ChunkBuilder:
         if not choices:
             self._count += 1
             meta = {"model": data.get("model"), "received_at": datetime.now().isoformat(), "usage": usage}
-            return (StreamingChunk(content="", component_info=self._component_info, meta=meta),)
+            return (new_chunk(content="", component_info=self._component_info, meta=meta),)
 
         choice = choices[0]
         delta = choice.get("delta") or _EMPTY
@@ -85,13 +115,13 @@ class ChunkBuilder:
                 "usage": usage,
             }
             return (
-                StreamingChunk(
+                new_chunk(
                     content=delta.get("content") or "",
                     component_info=self._component_info,
                     index=deltas[0].index,
                     tool_calls=deltas,
                     start=deltas[0].tool_name is not None,
-                    finish_reason=finish_reason,  # type: ignore[arg-type]
+                    finish_reason=finish_reason,
                     meta=meta,
                 ),
             )
@@ -100,13 +130,13 @@ class ChunkBuilder:
         content = delta.get("content")
         reasoning_chunk = None
         if reasoning and isinstance(reasoning, str):
-            reasoning_chunk = StreamingChunk(
+            reasoning_chunk = new_chunk(
                 content="",
                 component_info=self._component_info,
                 index=0,
                 reasoning=ReasoningContent(reasoning_text=reasoning),
                 start=not self._reasoning_seen,
-                finish_reason=None if content else finish_reason,  # type: ignore[arg-type]
+                finish_reason=None if content else finish_reason,
                 meta={
                     "model": data.get("model"),
                     "index": choice.get("index", 0),
@@ -146,12 +176,12 @@ class ChunkBuilder:
         if logprobs:
             meta["logprobs"] = logprobs
         self._count += 1
-        chunk = StreamingChunk(
+        chunk = new_chunk(
             content=content or "",
             component_info=self._component_info,
             index=index,
             start=start,
-            finish_reason=finish_reason,  # type: ignore[arg-type]
+            finish_reason=finish_reason,
             meta=meta,
         )
         return (chunk,) if reasoning_chunk is None else (reasoning_chunk, chunk)
@@ -206,7 +236,7 @@ class ChunkLog:
             self._chunks.append(first)
         else:
             self._chunks.append(
-                StreamingChunk(
+                new_chunk(
                     content="".join(self._run_texts),
                     component_info=first.component_info,
                     index=first.index,
