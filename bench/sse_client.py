@@ -98,6 +98,10 @@ class Burst:
     def chunks(self) -> int:
         return sum(r.chunks for r in self.results)
 
+    @property
+    def ttfts(self) -> list[float]:
+        return [r.ttft for r in self.results if r.ttft is not None]
+
 
 async def burst(
     url: str,
