@@ -30,6 +30,7 @@ from haystream.openai.responses import (
 from haystream.openwebui.activity import ClientStyle
 from haystream.server.asgi import Receive, Send, run_until_disconnect, send_error, send_json
 from haystream.server.chat import aclose, client_deltas, failure_error
+from haystream.server.limits import Admission
 from haystream.server.response_store import Batch, EventLog, ResponseStore, StoredResponse
 
 logger = logging.getLogger("haystream.server")
@@ -198,7 +199,7 @@ class ResponsesEndpoint:
             messages += previous.messages
         return messages + input_messages(request.input)
 
-    async def create(self, run: ResponseRun, receive: Receive, send: Send, admission: Any) -> None:
+    async def create(self, run: ResponseRun, receive: Receive, send: Send, admission: Admission) -> None:
         """Answer a `POST`: stream or not, foreground or background."""
         if run.request.background:
             await self._start_background(run, admission)
@@ -276,7 +277,7 @@ class ResponsesEndpoint:
 
     # internals ------------------------------------------------------------------------------------------------
 
-    async def _start_background(self, run: ResponseRun, admission: Any) -> None:
+    async def _start_background(self, run: ResponseRun, admission: Admission) -> None:
         admission.__enter__()  # held until the run ends, not until this request ends
         run.log.append(run.events.created())
         await self.store.append(run.id, run.log.events)

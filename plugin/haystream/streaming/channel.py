@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections import deque
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -51,7 +50,9 @@ class _ChannelState(Generic[T]):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._capacity = capacity
-        self._items: deque[T] = deque()
+        # A list, not a deque: a deque allocates a 64-slot block (760 bytes) up front, and a stream has a channel
+        # for its whole life while it holds a few items at most times; pop(0) of a short list is as cheap.
+        self._items: list[T] = []
         self._closed = False
         self._done = False
         self._error: BaseException | None = None
@@ -80,7 +81,7 @@ class _ChannelState(Generic[T]):
         if self._closed:
             return END
         if self._items:
-            return self._items.popleft()
+            return self._items.pop(0)
         if self._error is not None:
             error, self._error = self._error, None
             raise error
