@@ -101,6 +101,13 @@ ROWS = (
     Row("hs-astream-fast", "haystream, astream(haystream generator)", "haystream", "bench_astream", "haystream"),
     Row("hs-stream-fast", "haystream, stream(haystream generator)", "haystream", "bench_stream", "haystream"),
     Row(
+        "hs-astream-component",
+        "haystream, astream(haystream generator), no Pipeline",
+        "haystream",
+        "bench_astream_component",
+        "haystream",
+    ),
+    Row(
         "hs-astream-fast-w2",
         "haystream --workers 2, astream(haystream gen)",
         "haystream",

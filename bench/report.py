@@ -24,11 +24,12 @@ PAIRS = (  # (haystream row, hayhooks row) served with the same wrapper style an
     ("hs-stream-haystack", "hh-sync-haystack"),
     ("hs-astream-fast", "hh-async-haystack"),
     ("hs-stream-fast", "hh-sync-haystack"),
+    ("hs-astream-component", "hh-async-haystack"),
     ("hs-astream-fast-w2", "hh-async-haystack"),
 )
 FAST_ROWS = ("hs-astream-fast", "hs-stream-fast")
 HAYHOOKS_HAYSTACK_ROWS = ("hh-async-haystack", "hh-sync-haystack")
-ASYNC_ROWS = ("hs-strings", "hs-astream-haystack", "hs-astream-fast", "hs-astream-fast-w2")
+ASYNC_ROWS = ("hs-strings", "hs-astream-haystack", "hs-astream-fast", "hs-astream-component", "hs-astream-fast-w2")
 SYNC_ROWS = ("hs-stream-haystack", "hs-stream-fast")
 
 
