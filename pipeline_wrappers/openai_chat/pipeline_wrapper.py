@@ -3,7 +3,6 @@
 from collections.abc import AsyncIterator
 
 from hayhooks import BasePipelineWrapper
-from haystack import Pipeline
 
 import haystream
 from haystream.local import chat_generator_from_env
@@ -12,8 +11,10 @@ from haystream.local import chat_generator_from_env
 class PipelineWrapper(BasePipelineWrapper):
     def setup(self) -> None:
         # OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL (or OPENAI_CHAT_MODEL); the local model when none is set.
-        self.pipeline = Pipeline()
-        self.pipeline.add_component("llm", chat_generator_from_env("OPENAI_CHAT_MODEL"))
+        # One generator needs no Pipeline around it: streamed directly it costs a stream about 0.4 ms of CPU and
+        # 20 KB of memory less (bench/: hs-astream-component against hs-astream-fast). Once there is more than one
+        # component, build a Pipeline and stream that (see rag_chat).
+        self.llm = chat_generator_from_env("OPENAI_CHAT_MODEL")
 
     async def run_chat_completion_async(self, model: str, messages: list[dict], body: dict) -> AsyncIterator:
-        return haystream.astream(self.pipeline, messages=haystream.chat_messages(messages))
+        return haystream.astream(self.llm, messages=haystream.chat_messages(messages))
