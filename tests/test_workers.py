@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -79,3 +81,60 @@ def test_sigterm_while_the_workers_start_stops_them_and_exits_0(tmp_path):
     log = "".join(process.log.lines)
     assert "Received SIGTERM" in log and "Stopping parent process" in log  # the supervisor's own way out
     assert "exited with" not in log and "died" not in log  # every worker stopped with code 0
+
+
+WORKER_WRAPPERS = Path(__file__).parent / "worker_wrappers"
+
+
+def test_a_worker_whose_event_loop_is_blocked_is_killed_and_replaced(tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "HAYSTREAM_DRAIN_GRACE_SECONDS": "0",
+        "HAYSTREAM_WORKER_TIMEOUT": "3",
+    }
+    process = start_serve(["--port", str(port), "--pipelines-dir", str(WORKER_WRAPPERS), "--workers", "2"], env)
+    hung: list[BaseException | httpx.Response] = []
+    try:
+        assert process.log.wait_for("Application startup complete", count=2)
+        started = set(_worker_pids(process.log.lines))
+        assert len(started) == 2
+
+        def ask_the_hanging_wrapper() -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+                try:
+                    hung.append(client.post("/v1/chat/completions", json=_chat("hang")))
+                except httpx.HTTPError as error:
+                    hung.append(error)
+
+        asker = threading.Thread(target=ask_the_hanging_wrapper)
+        asker.start()
+        assert process.log.wait_for("sent no heartbeat"), "".join(process.log.lines)
+        (killed,) = [int(m) for line in process.log.lines for m in re.findall(r"Worker \[(\d+)\] sent no", line)]
+        assert killed in started
+        asker.join(60)
+        assert len(hung) == 1 and isinstance(hung[0], httpx.TransportError)  # the connection ended, no hang
+
+        assert process.log.wait_for("Application startup complete", count=3)  # the replacement serves
+        replacement = set(_worker_pids(process.log.lines)) - started
+        assert len(replacement) == 1
+        for _ in range(6):  # fresh connections land on either worker: every one is answered
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                answer = client.post("/v1/chat/completions", json=_chat("pid", stream=False))
+                assert answer.status_code == 200
+                assert int(answer.json()["choices"][0]["message"]["content"]) in (started | replacement) - {killed}
+    finally:
+        stop(process)
+    log = "".join(process.log.lines)
+    assert log.count("sent no heartbeat") == 1, log  # the healthy worker was never taken for a hung one
+    assert process.returncode == 0, log
+
+
+def _chat(model: str, *, stream: bool = True) -> dict[str, object]:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _worker_pids(lines: list[str]) -> list[int]:
+    return [int(pid) for line in lines for pid in re.findall(r"Started server process \[(?:\x1b\[\d+m)?(\d+)", line)]

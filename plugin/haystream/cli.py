@@ -102,6 +102,7 @@ def serve(
             settings.workers,
             grace_seconds=settings.drain_grace_seconds,
             timeout_seconds=settings.drain_timeout,
+            worker_timeout=settings.worker_timeout,
         )
         if code:
             raise typer.Exit(code)

@@ -42,6 +42,12 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(1416, description="Port to listen on (hayhooks' default, so its CLI finds the server).")
     workers: int = Field(1, ge=1, description="Uvicorn worker processes.")
+    worker_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="With several workers: a worker whose event loop is blocked this long is killed and replaced "
+        "(0: never).",
+    )
     api_keys: str | None = Field(
         None, description="Comma-separated keys; when set, every route except /health and /ready needs one."
     )

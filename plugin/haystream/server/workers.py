@@ -7,8 +7,12 @@ that create workers by name, which have changed shape across uvicorn releases (0
 not). This supervisor keeps to uvicorn's public API instead: `Config.bind_socket()` opens the shared socket, each
 worker runs a `DrainingServer` on it, and the signals the supervisor gets are passed on to every worker once.
 
-Like uvicorn's: a worker that dies is replaced, unless it failed at startup (then all stop, exit code 3). Unlike
-uvicorn's: no health-check pings of hung workers, no SIGHUP/SIGTTIN/SIGTTOU (one worker per pod is the advice).
+Like uvicorn's: a worker that dies is replaced, unless it failed at startup (then all stop, exit code 3), and a worker
+whose event loop stops turning (a wrapper that blocks it, a deadlock) is killed and replaced: once serving, each
+worker sends a heartbeat through a pipe about once a second from uvicorn's own tick, and one that has sent none for
+`worker_timeout` seconds gets SIGKILL. (With several workers on one socket, `/health` is answered by whichever
+accepts the connection, so a probe alone cannot find the hung one.) Unlike uvicorn's: no SIGHUP/SIGTTIN/SIGTTOU
+(one worker per pod is the advice).
 A stop that comes while workers still start is passed to each once it can take it (its handler is installed: it
 says so through a pipe), so it stops before serving and exits 0 instead of dying of the signal's default action.
 """
@@ -21,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -37,20 +42,42 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 multiprocessing.allow_connection_pickling()  # the listening socket goes to each worker
 
 
-def run_workers(config: uvicorn.Config, workers: int, *, grace_seconds: float, timeout_seconds: float) -> int:
-    """Serve `config` (an import string app) with `workers` draining processes; return the exit code."""
-    supervisor = _Supervisor(config, workers, grace_seconds, timeout_seconds)
+def run_workers(
+    config: uvicorn.Config,
+    workers: int,
+    *,
+    grace_seconds: float,
+    timeout_seconds: float,
+    worker_timeout: float = 30.0,
+) -> int:
+    """Serve `config` (an import string app) with `workers` draining processes; return the exit code.
+
+    A serving worker that sends no heartbeat for `worker_timeout` seconds (0: never) is killed and replaced.
+    """
+    supervisor = _Supervisor(config, workers, grace_seconds, timeout_seconds, worker_timeout)
     return supervisor.run()
 
 
 def _work(
-    config: uvicorn.Config, sock: socket.socket, grace_seconds: float, timeout_seconds: float, armed: Connection
+    config: uvicorn.Config,
+    sock: socket.socket,
+    grace_seconds: float,
+    timeout_seconds: float,
+    armed: Connection,
+    heartbeat: Connection | None,
+    beat_every_ticks: int,
 ) -> None:
     """A worker process: one `DrainingServer` on the shared socket."""
     # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which passes it on once (a
     # worker that got it twice would take the second as "exit at once").
     os.setpgid(0, 0)
-    server = DrainingServer(config, grace_seconds=grace_seconds, timeout_seconds=timeout_seconds)
+    server = _WorkerServer(
+        config,
+        grace_seconds=grace_seconds,
+        timeout_seconds=timeout_seconds,
+        heartbeat=heartbeat,
+        beat_every_ticks=beat_every_ticks,
+    )
     # Until uvicorn installs its own handlers (and after, when it puts this one back and re-raises what it caught),
     # a stop makes the server exit without serving, with code 0.
     stop = _StopBeforeServing(server)
@@ -61,6 +88,39 @@ def _work(
     server.run(sockets=[sock])
     if not server.started and not stop.requested:
         sys.exit(STARTUP_FAILURE)
+
+
+class _WorkerServer(DrainingServer):
+    """A worker's server: it sends the supervisor a heartbeat every `beat_every_ticks` of uvicorn's main-loop ticks
+    (0.1 s each), so the beats stop when the event loop does; it closes the pipe when it stops serving (its
+    shutdown may then take as long as the drain allows)."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        grace_seconds: float,
+        timeout_seconds: float,
+        heartbeat: Connection | None,
+        beat_every_ticks: int,
+    ) -> None:
+        super().__init__(config, grace_seconds=grace_seconds, timeout_seconds=timeout_seconds)
+        self._heartbeat = heartbeat
+        self._beat_every = max(beat_every_ticks, 1)
+
+    async def on_tick(self, counter: int) -> bool:
+        should_exit = await super().on_tick(counter)
+        heartbeat = self._heartbeat
+        if heartbeat is not None and (should_exit or counter % self._beat_every == 0):
+            try:
+                if should_exit:
+                    self._heartbeat = None
+                    heartbeat.close()  # the supervisor stops watching: no kill during the shutdown
+                else:
+                    heartbeat.send_bytes(b"")
+            except OSError:  # the supervisor has gone: nobody to tell
+                self._heartbeat = None
+        return should_exit
 
 
 class _StopBeforeServing:
@@ -76,16 +136,24 @@ class _StopBeforeServing:
 
 
 class _Supervisor:
-    def __init__(self, config: uvicorn.Config, workers: int, grace_seconds: float, timeout_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, workers: int, grace_seconds: float, timeout_seconds: float, worker_timeout: float
+    ) -> None:
         self.config = config
         self.workers = workers
         self.grace_seconds = grace_seconds
         self.timeout_seconds = timeout_seconds
+        self.worker_timeout = worker_timeout
+        # About five beats per timeout, at most one a second (uvicorn ticks every 0.1 s).
+        self.beat_every_ticks = max(1, min(10, int(worker_timeout / 5 / 0.1)))
         self.context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked loop or threads
         self.stopping = False
         self.exit_code = 0
         # A worker's end of its pipe closes once its signal handler is installed; until then it is not signalled.
         self.unarmed: dict[Connection, BaseProcess] = {}
+        # Heartbeat pipes of the workers, and when each serving worker last beat (absent until its first beat).
+        self.heartbeats: dict[Connection, BaseProcess] = {}
+        self.last_beat: dict[BaseProcess, float] = {}
 
     def run(self) -> int:
         sock = self.config.bind_socket()
@@ -101,7 +169,13 @@ class _Supervisor:
             logger.info("Started parent process [%d]", os.getpid())
             processes = [self._start(sock) for _ in range(self.workers)]
             while processes:
-                ready = wait([wake_r, *self.unarmed, *(process.sentinel for process in processes)])
+                ready = wait(
+                    [wake_r, *self.unarmed, *self.heartbeats, *(process.sentinel for process in processes)],
+                    timeout=self._until_next_deadline(),
+                )
+                for connection in [c for c in self.heartbeats if c in ready]:
+                    self._beat(connection)
+                self._kill_hung()
                 for connection in [c for c in self.unarmed if c in ready]:  # EOF: armed (or dead)
                     armed = self.unarmed.pop(connection)
                     connection.close()
@@ -126,7 +200,7 @@ class _Supervisor:
             for process in processes:  # only if the supervisor itself failed
                 process.kill()
                 process.join()
-            for connection in self.unarmed:
+            for connection in [*self.unarmed, *self.heartbeats]:
                 connection.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -139,12 +213,47 @@ class _Supervisor:
 
     def _start(self, sock: socket.socket) -> BaseProcess:
         unarmed, armed = self.context.Pipe(duplex=False)
-        args = (self.config, sock, self.grace_seconds, self.timeout_seconds, armed)
+        beats, beat = self.context.Pipe(duplex=False) if self.worker_timeout > 0 else (None, None)
+        args = (self.config, sock, self.grace_seconds, self.timeout_seconds, armed, beat, self.beat_every_ticks)
         process = self.context.Process(target=_work, args=args, name="haystream-worker")
         process.start()
-        armed.close()  # the worker holds the only writing end now
+        armed.close()  # the worker holds the only writing ends now
         self.unarmed[unarmed] = process
+        if beats is not None and beat is not None:
+            beat.close()
+            self.heartbeats[beats] = process
         return process
+
+    def _beat(self, connection: Connection) -> None:
+        process = self.heartbeats[connection]
+        try:
+            while connection.poll():
+                connection.recv_bytes()
+        except (EOFError, OSError):  # the worker stopped serving (or died): no more beats are due
+            del self.heartbeats[connection]
+            self.last_beat.pop(process, None)
+            connection.close()
+            return
+        self.last_beat[process] = time.monotonic()
+
+    def _until_next_deadline(self) -> float | None:
+        if self.stopping or not self.last_beat:
+            return None
+        return max(0.0, min(self.last_beat.values()) + self.worker_timeout - time.monotonic())
+
+    def _kill_hung(self) -> None:
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for process, beat in list(self.last_beat.items()):
+            if now - beat >= self.worker_timeout and process.pid is not None and process.exitcode is None:
+                logger.error(
+                    "Worker [%s] sent no heartbeat for %gs (its event loop is blocked); killing it.",
+                    process.pid,
+                    self.worker_timeout,
+                )
+                del self.last_beat[process]  # its end (the sentinel) replaces it
+                os.kill(process.pid, signal.SIGKILL)
 
     def _stop(self, processes: list[BaseProcess]) -> None:
         """SIGTERM to every worker: the first starts each one's drain, a second makes them exit at once. A worker
@@ -162,6 +271,10 @@ class _Supervisor:
     def _ended(self, process: BaseProcess, running: list[BaseProcess], sock: socket.socket) -> BaseProcess | None:
         """Account for a worker that ended; return its replacement if it should be replaced."""
         _forget_metrics(process.pid)
+        self.last_beat.pop(process, None)
+        for connection in [c for c, p in self.heartbeats.items() if p is process]:
+            del self.heartbeats[connection]
+            connection.close()
         code = process.exitcode
         if self.stopping:
             if code != 0:
