@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
+import httpx
 import openai
 import pytest
 
@@ -175,3 +176,39 @@ def test_readme_first_command_serves_the_local_model(tmp_path):
         stop(process)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_log_reader_that_stops_reading_does_not_stop_the_server(workers):
+    """stdout and stderr are pipes that nobody reads once the server has started (a stalled log collector). Written
+    from the event loop, its access log filled the 64 KiB pipe after ~690 requests and then blocked every route;
+    now 1,500 requests are answered, and every access-log line arrives once the pipe is read again."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HAYSTREAM_"))},
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+        "HAYSTREAM_DRAIN_GRACE_SECONDS": "0",
+    }
+    args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(DEPLOYABLE.parent)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "haystream", "serve", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        started = 0
+        while started < workers:  # read up to the start, then stop reading
+            line = process.stderr.readline()
+            assert line, f"haystream serve exited with {process.wait()}"
+            started += "Application startup complete" in line
+        requests = 1_500  # about 150 kB of access log: more than twice what the pipe holds
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for _ in range(requests):
+                assert client.get("/v1/models").status_code == 200
+        log = ServeLog(process.stderr)  # reading again
+    finally:
+        stop(process)
+    assert log.wait_for('"GET /v1/models HTTP/1.1" 200', count=requests)

@@ -75,6 +75,10 @@ def serve(
         err.print(f"[red]error:[/red] refusing to start: {problems}")
         raise typer.Exit(2) from None
     _check_can_serve(settings.pipelines_dir, settings.host, settings.port)
+    from haystream.server.logs import write_output_in_background
+
+    # Before uvicorn and hayhooks configure their loggers: they take whatever sys.stderr is then.
+    write_output_in_background()
     # Worker processes build their own app from the environment, which already holds every other setting: only the
     # command-line flags are handed down that way.
     for key, value in overrides.items():

@@ -1,14 +1,19 @@
 """Logs: with `HAYSTREAM_LOG_FORMAT=json`, haystream's log lines are one JSON object each, carrying the request id
-(the one in `X-Request-ID` and in error envelopes) of the chat request they belong to; and the access log, one line
-per HTTP request."""
+(the one in `X-Request-ID` and in error envelopes) of the chat request they belong to; the access log, one line per
+HTTP request; and a serving process' stdout and stderr, written by a thread so that a log reader that stalls never
+stalls the event loop."""
 
 from __future__ import annotations
 
+import atexit
 import contextvars
+import io
 import logging
+import os
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -133,3 +138,110 @@ class AccessLog:
                     "duration_ms": duration_ms,
                 },
             )
+
+
+class BackgroundOutput(io.TextIOBase):
+    """A text stream that stands in for `sys.stdout` or `sys.stderr` in a serving process: `write` queues the text
+    and returns; a daemon thread writes it to the real stream's file descriptor.
+
+    Every log line of the process (haystream's, uvicorn's, hayhooks' loguru sink, a wrapper's `print`) is written
+    from the event loop. Written straight to a pipe that nobody reads (a stalled log collector, a full `docker logs`
+    buffer), the 65th KiB blocks the loop, and every stream of the process with it. Here at most `limit` characters
+    wait; past that, writes are dropped and counted, and one line says how many once the stream takes output again.
+    """
+
+    def __init__(self, real: TextIO, *, limit: int = 1 << 20) -> None:
+        super().__init__()
+        self._fd = real.fileno()
+        self._encoding = getattr(real, "encoding", None) or "utf-8"
+        self._tty = real.isatty()  # loguru and uvicorn decide on colours by it
+        self._limit = limit
+        self._pending: list[str] = []
+        self._size = 0
+        self._dropped = 0
+        self._writing = False
+        self._closing = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._write_out, name=f"haystream-output-{self._fd}", daemon=True)
+        self._thread.start()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._encoding
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return self._tty
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text:
+            with self._changed:
+                if self._size + len(text) > self._limit:
+                    self._dropped += 1
+                else:
+                    self._pending.append(text)
+                    self._size += len(text)
+                    self._changed.notify()
+        return len(text)
+
+    def flush(self) -> None:
+        """Returns at once: the thread writes as soon as it can (`drain` waits for it)."""
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until everything written so far is out; False if the stream stayed blocked."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._pending and not self._writing, timeout)
+
+    def _write_out(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending)
+                text = "".join(self._pending)
+                self._pending.clear()
+                self._size = 0
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+            if dropped:
+                text += f"haystream: {dropped} writes to this stream were dropped while it was blocked\n"
+            try:
+                # os.write, not the real stream's write: a daemon thread blocked inside a buffered stream holds its
+                # lock, and the interpreter aborts when it flushes that stream on exit.
+                data = memoryview(text.encode(self._encoding, "backslashreplace"))
+                while data:
+                    data = data[os.write(self._fd, data) :]
+            except OSError:
+                pass  # the reader is gone (EPIPE) or the descriptor closed: nothing can be written any more
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
+def write_output_in_background(*, limit: int = 1 << 20) -> bool:
+    """Replace `sys.stdout` and `sys.stderr` with `BackgroundOutput`s, written out before the interpreter exits (for
+    up to two seconds if a stream stays blocked). Call it before logging is configured, so that handlers pick them
+    up. False, and nothing replaced, where they are not file descriptors (an embedding test runner, say)."""
+    streams = (sys.stdout, sys.stderr)
+    if all(isinstance(stream, BackgroundOutput) for stream in streams):
+        return True
+    try:
+        for stream in streams:
+            stream.flush()
+            stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    sys.stdout, sys.stderr = (BackgroundOutput(stream, limit=limit) for stream in streams)
+    atexit.register(drain_output)
+    return True
+
+
+def drain_output(timeout: float = 2.0) -> None:
+    """Wait (up to `timeout` seconds each) until what was written to a `BackgroundOutput` stdout and stderr is out.
+    Processes that end without `atexit` (multiprocessing's children) call it themselves."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, BackgroundOutput):
+            stream.drain(timeout)

@@ -33,6 +33,7 @@ from typing import Any
 import uvicorn
 
 from haystream.server.drain import DrainingServer
+from haystream.server.logs import drain_output, write_output_in_background
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -84,8 +85,12 @@ def _work(
     for sig in _SIGNALS:
         signal.signal(sig, stop)
     armed.close()  # the supervisor may signal this process from now on
-    config.configure_logging()
-    server.run(sockets=[sock])
+    write_output_in_background()
+    try:
+        config.configure_logging()
+        server.run(sockets=[sock])
+    finally:
+        drain_output()  # a multiprocessing child exits without running atexit
     if not server.started and not stop.requested:
         sys.exit(STARTUP_FAILURE)
 
