@@ -180,16 +180,18 @@ def test_readme_first_command_serves_the_local_model(tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_log_reader_that_stops_reading_does_not_stop_the_server(workers):
-    """stdout and stderr are pipes that nobody reads once the server has started (a stalled log collector). Written
-    from the event loop, its access log filled the 64 KiB pipe after ~690 requests and then blocked every route;
-    now 1,500 requests are answered, and every access-log line arrives once the pipe is read again."""
+    """stdout and stderr are pipes that nobody reads once the server has started (a stalled log collector). Every
+    request writes an access-log line, a line through hayhooks' logger (loguru) and a `print`. Written from the event
+    loop, that output filled the 64 KiB pipe after a few hundred requests and then blocked every route; now 1,000
+    requests are answered, and every line arrives once the pipes are read again."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HAYSTREAM_"))},
         "HAYSTACK_TELEMETRY_ENABLED": "False",
         "HAYSTREAM_DRAIN_GRACE_SECONDS": "0",
     }
-    args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(DEPLOYABLE.parent)]
+    wrappers = Path(__file__).parent / "worker_wrappers"
+    args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(wrappers)]
     process = subprocess.Popen(
         [sys.executable, "-m", "haystream", "serve", *args],
         env=env,
@@ -198,17 +200,21 @@ def test_a_log_reader_that_stops_reading_does_not_stop_the_server(workers):
         text=True,
     )
     try:
-        assert process.stderr is not None
+        assert process.stderr is not None and process.stdout is not None
         started = 0
         while started < workers:  # read up to the start, then stop reading
             line = process.stderr.readline()
             assert line, f"haystream serve exited with {process.wait()}"
             started += "Application startup complete" in line
-        requests = 1_500  # about 150 kB of access log: more than twice what the pipe holds
+        requests = 1_000  # about 100 kB on stdout and 250 kB on stderr: more than the pipes hold
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            for _ in range(requests):
-                assert client.get("/v1/models").status_code == 200
-        log = ServeLog(process.stderr)  # reading again
+            for number in range(requests):
+                body = {"model": "chatty", "messages": [{"role": "user", "content": f"request {number}"}]}
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+        log, printed = ServeLog(process.stderr), ServeLog(process.stdout)  # reading again
     finally:
         stop(process)
-    assert log.wait_for('"GET /v1/models HTTP/1.1" 200', count=requests)
+    assert log.wait_for('"POST /v1/chat/completions HTTP/1.1" 200', count=requests)
+    assert log.wait_for("chatty: answering request", count=requests)
+    assert printed.wait_for("chatty: printed request", count=requests)
+    assert any(f"chatty: answering request {requests - 1}" in line for line in log.lines)
