@@ -138,3 +138,21 @@ def _chat(model: str, *, stream: bool = True) -> dict[str, object]:
 
 def _worker_pids(lines: list[str]) -> list[int]:
     return [int(pid) for line in lines for pid in re.findall(r"Started server process \[(?:\x1b\[\d+m)?(\d+)", line)]
+
+
+def test_runtime_deploy_with_several_workers_refuses_to_start():
+    """A wrapper deployed at runtime would reach one worker only (the others answer 404 for it, by turns): serve says
+    so and exits 2 before it binds anything."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HAYSTREAM_")},
+        "HAYSTREAM_ENABLE_DEPLOY": "true",
+        "HAYSTREAM_API_KEYS": "deploy-key",
+    }
+    args = ["--workers", "2", "--port", str(free_port()), "--pipelines-dir", str(OPS_WRAPPERS)]
+    result = subprocess.run(
+        [sys.executable, "-m", "haystream", "serve", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert "HAYSTREAM_ENABLE_DEPLOY needs a single worker" in message and "--workers 1" in message
+    assert "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -129,6 +129,18 @@ class ServerSettings(BaseSettings):
             name = f"HAYSTREAM_{(info.field_name or '').upper()}"
             raise ValueError(f"{name} is set but holds no key; set real keys, or unset it to run without keys")
         return ",".join(keys)
+
+    @model_validator(mode="after")
+    def _deploy_needs_one_worker(self) -> ServerSettings:
+        # Each worker holds its own wrappers: a runtime deploy would reach the one worker that accepted it, and the
+        # others would answer 404 for the new model, by turns.
+        if self.enable_deploy and self.workers > 1:
+            raise ValueError(
+                "HAYSTREAM_ENABLE_DEPLOY needs a single worker (a wrapper deployed at runtime reaches only the worker "
+                f"that took the request, not the other {self.workers - 1}); ship wrappers in the pipelines folder "
+                "instead, or serve with --workers 1"
+            )
+        return self
 
     @property
     def keys(self) -> list[str]:
