@@ -66,7 +66,9 @@ def test_ready_says_draining_once_the_drain_has_begun(upstream):
         metrics.draining(False)  # the gauge is process-wide: later tests expect a server that is not draining
 
 
-def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstream):
+# SIGHUP (a closed terminal) too: uvicorn leaves it to its default action, which killed the process mid-stream.
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstream, stop_signal):
     process, base = serve(upstream, HAYSTREAM_DRAIN_GRACE_SECONDS="5", HAYSTREAM_DRAIN_TIMEOUT="60")
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
@@ -78,7 +80,7 @@ def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstrea
                     received.append(line)
                     if line.startswith("data: ") and '"content":"t' in line:
                         break
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(stop_signal)
                 # The drain has begun once /ready says so (the handler runs on the server's loop).
                 ready = client.get("/ready")
                 while ready.status_code == 200:  # bounded by the grace window; each call is a real round trip

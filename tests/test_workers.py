@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from haystream.testing import FakeUpstream
@@ -156,3 +159,64 @@ def test_runtime_deploy_with_several_workers_refuses_to_start():
     message = " ".join(result.stderr.split())
     assert "HAYSTREAM_ENABLE_DEPLOY needs a single worker" in message and "--workers 1" in message
     assert "Traceback" not in result.stderr
+
+
+def test_sighup_to_the_supervisor_drains_the_workers_and_exits_0(tmp_path):
+    """A closed terminal sends SIGHUP to the supervisor only (the workers have their own process group). Its default
+    action killed the supervisor and left both workers serving, unsupervised, on the port."""
+    env = {**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    port = free_port()
+    process = start_serve(["--port", str(port), "--pipelines-dir", str(WORKER_WRAPPERS), "--workers", "2"], env)
+    try:
+        assert process.log.wait_for("Application startup complete", count=2)
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(60) == 0  # it waits for every worker to end first
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.log.wait_for("Received SIGHUP: draining the workers")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+def test_workers_drain_and_exit_when_their_supervisor_is_killed(tmp_path):
+    """SIGKILL (the OOM killer, say) gives the supervisor no chance to stop its workers. Each one sees its lifeline
+    pipe end, finishes its running streams and exits; the port is free again."""
+    env = {
+        **os.environ,
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "HAYSTREAM_DRAIN_GRACE_SECONDS": "0",
+    }
+    port = free_port()
+    with FakeUpstream() as upstream:
+        env["FAKE_UPSTREAM_URL"] = upstream.base_url
+        process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS), "--workers", "2"], env)
+        exits: dict[int, int] = {}
+        try:
+            assert process.log.wait_for("Application startup complete", count=2)
+            exits = {pid: os.pidfd_open(pid) for pid in _worker_pids(process.log.lines)}
+            assert len(exits) == 2
+            content = "fake?tokens=6&delay=0.3"
+            body = {"model": "scenario", "stream": True, "messages": [{"role": "user", "content": content}]}
+            with (
+                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as stream,
+            ):
+                lines = stream.iter_lines()
+                received = [next(line for line in lines if '"content":"t0' in line)]
+                process.kill()
+                process.wait()
+                received.extend(lines)
+            assert [line for line in received if line.startswith("data: ")][-1] == "data: [DONE]"
+            assert sum('"content":"t' in line for line in received) == 6  # the running stream was finished
+            assert process.log.wait_for("The supervisor has gone", count=2)
+            for pid, exited in exits.items():
+                assert select.select([exited], [], [], 60)[0], f"worker {pid} still runs"
+        finally:
+            for pid, exited in exits.items():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.close(exited)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health")

@@ -10,9 +10,12 @@ exits 0. A second signal exits at once (uvicorn's own behaviour).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
 from typing import Any
 
@@ -122,7 +125,9 @@ class _ResponseState:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, with SIGTERM/SIGINT starting a drain of this process' apps instead of closing at once."""
+    """uvicorn's server, with SIGTERM/SIGINT/SIGHUP starting a drain of this process' apps instead of closing at
+    once. (uvicorn leaves SIGHUP, a closed terminal, to its default action: the process dies and cuts every stream.)
+    """
 
     def __init__(self, config: uvicorn.Config, *, grace_seconds: float, timeout_seconds: float) -> None:
         super().__init__(config)
@@ -131,9 +136,26 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
 
+    @property
+    def draining(self) -> bool:
+        """True once a signal has started the drain."""
+        return self._draining
+
     async def serve(self, sockets: list[Any] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None or not self.started:

@@ -11,14 +11,16 @@ Like uvicorn's: a worker that dies is replaced, unless it failed at startup (the
 whose event loop stops turning (a wrapper that blocks it, a deadlock) is killed and replaced: once serving, each
 worker sends a heartbeat through a pipe about once a second from uvicorn's own tick, and one that has sent none for
 `worker_timeout` seconds gets SIGKILL. (With several workers on one socket, `/health` is answered by whichever
-accepts the connection, so a probe alone cannot find the hung one.) Unlike uvicorn's: no SIGHUP/SIGTTIN/SIGTTOU
-(one worker per pod is the advice).
+accepts the connection, so a probe alone cannot find the hung one.) SIGHUP (a closed terminal) drains like SIGTERM,
+and workers drain and exit by themselves when the supervisor has gone (killed, say) instead of serving on
+unsupervised. Unlike uvicorn's: no reload on SIGHUP, no SIGTTIN/SIGTTOU (one worker per pod is the advice).
 A stop that comes while workers still start is passed to each once it can take it (its handler is installed: it
 says so through a pipe), so it stops before serving and exits 0 instead of dying of the signal's default action.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -38,7 +40,7 @@ from haystream.server.logs import drain_output, write_output_in_background
 logger = logging.getLogger("uvicorn.error")
 
 STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 multiprocessing.allow_connection_pickling()  # the listening socket goes to each worker
 
@@ -67,6 +69,7 @@ def _work(
     armed: Connection,
     heartbeat: Connection | None,
     beat_every_ticks: int,
+    supervisor: Connection,
 ) -> None:
     """A worker process: one `DrainingServer` on the shared socket."""
     # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which passes it on once (a
@@ -78,6 +81,7 @@ def _work(
         timeout_seconds=timeout_seconds,
         heartbeat=heartbeat,
         beat_every_ticks=beat_every_ticks,
+        supervisor=supervisor,
     )
     # Until uvicorn installs its own handlers (and after, when it puts this one back and re-raises what it caught),
     # a stop makes the server exit without serving, with code 0.
@@ -98,7 +102,9 @@ def _work(
 class _WorkerServer(DrainingServer):
     """A worker's server: it sends the supervisor a heartbeat every `beat_every_ticks` of uvicorn's main-loop ticks
     (0.1 s each), so the beats stop when the event loop does; it closes the pipe when it stops serving (its
-    shutdown may then take as long as the drain allows)."""
+    shutdown may then take as long as the drain allows). It drains and exits when the supervisor has gone (killed,
+    say): `supervisor` is a pipe whose other end only the supervisor holds, so it reads EOF then. Otherwise the
+    workers would serve on, unsupervised, holding the port."""
 
     def __init__(
         self,
@@ -108,10 +114,27 @@ class _WorkerServer(DrainingServer):
         timeout_seconds: float,
         heartbeat: Connection | None,
         beat_every_ticks: int,
+        supervisor: Connection,
     ) -> None:
         super().__init__(config, grace_seconds=grace_seconds, timeout_seconds=timeout_seconds)
         self._heartbeat = heartbeat
         self._beat_every = max(beat_every_ticks, 1)
+        self._supervisor = supervisor
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._supervisor.fileno(), self._supervisor_gone)
+        try:
+            await super().serve(sockets)
+        finally:
+            loop.remove_reader(self._supervisor.fileno())
+            self._supervisor.close()
+
+    def _supervisor_gone(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._supervisor.fileno())  # EOF stays readable
+        if not self.draining:
+            logger.warning("The supervisor has gone; worker [%d] drains and exits.", os.getpid())
+            self.handle_exit(signal.SIGTERM, None)
 
     async def on_tick(self, counter: int) -> bool:
         should_exit = await super().on_tick(counter)
@@ -159,6 +182,8 @@ class _Supervisor:
         # Heartbeat pipes of the workers, and when each serving worker last beat (absent until its first beat).
         self.heartbeats: dict[Connection, BaseProcess] = {}
         self.last_beat: dict[BaseProcess, float] = {}
+        # The supervisor's end of each worker's lifeline: closed when the worker has ended (or the supervisor has).
+        self.lifelines: dict[BaseProcess, Connection] = {}
 
     def run(self) -> int:
         sock = self.config.bind_socket()
@@ -205,7 +230,7 @@ class _Supervisor:
             for process in processes:  # only if the supervisor itself failed
                 process.kill()
                 process.join()
-            for connection in [*self.unarmed, *self.heartbeats]:
+            for connection in [*self.unarmed, *self.heartbeats, *self.lifelines.values()]:
                 connection.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -219,10 +244,22 @@ class _Supervisor:
     def _start(self, sock: socket.socket) -> BaseProcess:
         unarmed, armed = self.context.Pipe(duplex=False)
         beats, beat = self.context.Pipe(duplex=False) if self.worker_timeout > 0 else (None, None)
-        args = (self.config, sock, self.grace_seconds, self.timeout_seconds, armed, beat, self.beat_every_ticks)
+        supervised, supervising = self.context.Pipe(duplex=False)  # never written: EOF when the supervisor is gone
+        args = (
+            self.config,
+            sock,
+            self.grace_seconds,
+            self.timeout_seconds,
+            armed,
+            beat,
+            self.beat_every_ticks,
+            supervised,
+        )
         process = self.context.Process(target=_work, args=args, name="haystream-worker")
         process.start()
         armed.close()  # the worker holds the only writing ends now
+        supervised.close()
+        self.lifelines[process] = supervising
         self.unarmed[unarmed] = process
         if beats is not None and beat is not None:
             beat.close()
@@ -277,6 +314,9 @@ class _Supervisor:
         """Account for a worker that ended; return its replacement if it should be replaced."""
         _forget_metrics(process.pid)
         self.last_beat.pop(process, None)
+        lifeline = self.lifelines.pop(process, None)
+        if lifeline is not None:
+            lifeline.close()
         for connection in [c for c, p in self.heartbeats.items() if p is process]:
             del self.heartbeats[connection]
             connection.close()
