@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from haystream.server import ServerSettings, create_app
 from haystream.testing import FakeUpstream, ServerThread
@@ -43,3 +49,44 @@ def unique(scenario: str = "fake") -> str:
     """`scenario` with a ``run=`` key the fake upstream ignores: `upstream.wait_for_requests(n, model=...)` then finds
     this test's requests only, never a late one of an earlier test on the session's shared fake."""
     return f"{scenario}{'&' if '?' in scenario else '?'}run={uuid.uuid4().hex[:8]}"
+
+
+class RedisServer:
+    """A real `redis-server` on a loopback port (skips the test if it is not installed); `stop()` and `start()`
+    again on the same port stand for an outage."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = tempfile.TemporaryDirectory()
+        self._process: subprocess.Popen[str] | None = None
+
+    def start(self) -> RedisServer:
+        assert self.binary is not None and self._process is None
+        options = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._workdir.name]
+        self._process = subprocess.Popen(
+            [self.binary, *options, "--save", "", "--appendonly", "no"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        for line in self._process.stdout:  # wait for the server to say it is ready, not for a time
+            if "Ready to accept connections" in line:
+                return self
+        pytest.fail("redis-server exited before it was ready")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def close(self) -> None:
+        self.stop()
+        self._workdir.cleanup()

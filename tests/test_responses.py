@@ -3,17 +3,12 @@ background responses, resume after a dropped connection, cancel), raw httpx, and
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import tempfile
-
 import httpx
 import openai
 import orjson
 import pytest
 
-from support import start_server, unique
+from support import RedisServer, start_server, unique
 
 # A second server in this process shares hayhooks' registry, and fake_async's cached async clients belong to the
 # first server's loop: later servers use the sync wrapper, whose clients have no loop.
@@ -306,29 +301,11 @@ def test_other_base_paths(server, path):
 
 @pytest.fixture(scope="module")
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "", "--appendonly", "no"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            for line in process.stdout:  # wait for the server to say it is ready, not for a time
-                if "Ready to accept connections" in line:
-                    break
-            else:
-                pytest.fail("redis-server exited before it was ready")
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    redis = RedisServer()
+    try:
+        yield redis.start().url
+    finally:
+        redis.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,9 @@
 A stored response is a record (the owner's key id, the `response` object, the conversation it ends) kept for a TTL.
 Its events are a log that a client can replay from any sequence number and then follow live: in memory an
 `EventLog` (woken by an `asyncio.Event`, nothing polls), in Redis a stream read with `XREAD BLOCK`.
+
+While Redis is unreachable, every store operation raises `StoreUnavailable` (a 503 with `Retry-After`), the server
+starts and chat completions work all the same, and the cancel listener reconnects by itself.
 """
 
 from __future__ import annotations
@@ -12,17 +15,31 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import orjson
 
+from haystream.openai import OpenAIError
 from haystream.openai.responses import TERMINAL_EVENTS
 
 logger = logging.getLogger("haystream.server")
 
 Batch = Sequence[Mapping[str, Any]] | None  # events, or None when `idle` seconds passed without one (time for a ping)
+
+
+class StoreUnavailable(OpenAIError):
+    """The response store cannot be reached (Redis is down or unreachable): 503, try again shortly."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "The response store is unavailable; try again shortly.",
+            type="server_error",
+            code="store_unavailable",
+            headers={"retry-after": "1"},
+        )
 
 
 @dataclass
@@ -175,23 +192,42 @@ class RedisStore:
     """Records as JSON keys with a TTL, event logs as Redis streams (`XADD`, `XREAD BLOCK`), cancels by pub/sub."""
 
     CANCEL_CHANNEL = "haystream:responses:cancel"
+    #: Waits between attempts to (re)subscribe to the cancel channel while Redis is unreachable: doubling up to this.
+    RECONNECT_MAX_SECONDS = 30.0
 
     def __init__(self, url: str, ttl_seconds: float, prefix: str = "haystream:responses:") -> None:
         try:
             from redis import asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialWithJitterBackoff
+            from redis.exceptions import ConnectionError, RedisError
         except ImportError:
             raise RuntimeError("HAYSTREAM_REDIS_URL needs the redis package: pip install 'haystream[redis]'") from None
-        self._redis = aioredis.from_url(url)
+        # A pooled connection that Redis closed (a restart) fails on its next use: try twice more on a fresh one.
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2)
+        self._redis = aioredis.from_url(url, retry=retry, retry_on_error=[ConnectionError])
+        self._errors: type[Exception] = RedisError
         self.ttl = max(1, int(ttl_seconds))
         self._prefix = prefix
         self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except self._errors as error:
+            logger.warning("the response store (Redis) is unavailable: %s", error)
+            raise StoreUnavailable from error
 
     async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
         payload = orjson.dumps({"key_id": record.key_id, "response": record.response, "messages": record.messages})
-        await self._redis.set(self._key(record.response["id"]), payload, ex=self.ttl)
+        with self._reachable():
+            await self._redis.set(self._key(record.response["id"]), payload, ex=self.ttl)
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
-        raw = await self._redis.get(self._key(id))
+        with self._reachable():
+            raw = await self._redis.get(self._key(id))
         if raw is None:
             return None
         data = orjson.loads(raw)
@@ -202,26 +238,29 @@ class RedisStore:
     async def delete(self, id: str, key_id: str) -> bool:
         if await self.get(id, key_id) is None:
             return False
-        await self._redis.delete(self._key(id), self._log(id))
+        with self._reachable():
+            await self._redis.delete(self._key(id), self._log(id))
         return True
 
     async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
         # Stream ids "0-(n+1)" for sequence number n: XREAD after "0-(N+1)" is exactly "starting_after=N".
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(self._log(id), {"e": orjson.dumps(event)}, id=f"0-{event['sequence_number'] + 1}")
-            pipe.expire(self._log(id), self.ttl)
-            await pipe.execute()
+        with self._reachable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for event in events:
+                    pipe.xadd(self._log(id), {"e": orjson.dumps(event)}, id=f"0-{event['sequence_number'] + 1}")
+                pipe.expire(self._log(id), self.ttl)
+                await pipe.execute()
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         log = self._log(id)
         cursor = f"0-{after + 1}" if after >= 0 else "0-0"
         block = max(1, int(idle * 1000))
         while True:
-            found: Any = await self._redis.xread({log: cursor}, block=block, count=512)
-            if not found:
-                if not await self._redis.exists(log, self._key(id)):
+            with self._reachable():
+                found: Any = await self._redis.xread({log: cursor}, block=block, count=512)
+                if not found and not await self._redis.exists(log, self._key(id)):
                     return  # deleted or expired while we waited
+            if not found:
                 yield None
                 continue
             entries = found[0][1]
@@ -232,27 +271,49 @@ class RedisStore:
                 return
 
     async def request_cancel(self, id: str) -> None:
-        await self._redis.publish(self.CANCEL_CHANNEL, id)
+        with self._reachable():
+            await self._redis.publish(self.CANCEL_CHANNEL, id)
 
     async def start(self, on_cancel: Callable[[str], None]) -> None:
-        pubsub = self._redis.pubsub()
-        await pubsub.subscribe(self.CANCEL_CHANNEL)
+        """Listen for cancels in a task that subscribes, and subscribes again after Redis was unreachable. Returns
+        once subscribed, or after the first failed attempt (logged): the server starts without Redis."""
+        self._listener = asyncio.create_task(self._listen(on_cancel))
+        first_attempt = asyncio.ensure_future(self._listening.wait())
+        await asyncio.wait({first_attempt, self._listener}, return_when=asyncio.FIRST_COMPLETED)
+        first_attempt.cancel()
 
-        async def listen() -> None:
-            async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    on_cancel(message["data"].decode())
-
-        self._listener = asyncio.create_task(listen())
-        self._pubsub = pubsub
+    async def _listen(self, on_cancel: Callable[[str], None]) -> None:
+        wait = 0.5
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.CANCEL_CHANNEL)
+                if wait > 0.5:
+                    logger.warning("the response store (Redis) is reachable again; cancels are heard")
+                wait = 0.5
+                self._listening.set()
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        on_cancel(message["data"].decode())
+            except self._errors as error:
+                logger.error(
+                    "the response store (Redis) is unreachable (%s): Responses routes answer 503 and cancels from "
+                    "other replicas go unheard; trying again in %gs",
+                    error,
+                    wait,
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            self._listening.set()  # start() returns after the first attempt, failed or not
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, self.RECONNECT_MAX_SECONDS)
 
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(BaseException):
                 await self._listener
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
         await self._redis.aclose()
 
     def _key(self, id: str) -> str:

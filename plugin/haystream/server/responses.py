@@ -31,7 +31,7 @@ from haystream.openwebui.activity import ClientStyle
 from haystream.server.asgi import Receive, Send, run_until_disconnect, send_error, send_json
 from haystream.server.chat import aclose, client_deltas, failure_error
 from haystream.server.limits import Admission
-from haystream.server.response_store import Batch, EventLog, ResponseStore, StoredResponse
+from haystream.server.response_store import Batch, EventLog, ResponseStore, StoredResponse, StoreUnavailable
 
 logger = logging.getLogger("haystream.server")
 
@@ -64,6 +64,7 @@ class ResponseRun:
         self.events = ResponseEvents(request)
         self.log = EventLog()
         self.early_error: OpenAIError | None = None  # a failure before the first event: an HTTP error instead
+        self.failure: OpenAIError | None = None  # why the run failed, if it did
         self._open_items = open_items
         self._store = store
         self._key_id = key_id
@@ -120,13 +121,18 @@ class ResponseRun:
                     await self._emit(self.events.cancel())
             raise
         except Exception as error:
-            failure = failure_error(error, self._request_id, self._secrets)
+            failure = self.failure = failure_error(error, self._request_id, self._secrets)
             if not self.log.events:
                 self.early_error = failure
                 self.events.response["status"] = "failed"
                 self.events.response["error"] = {"code": "server_error", "message": failure.message}
             else:
-                await self._emit(self.events.fail(failure))
+                failed = self.events.fail(failure)
+                try:
+                    await self._emit(failed)
+                except StoreUnavailable:  # the store failed (again): this process' followers still get the end
+                    if not self.log.ended:
+                        self.log.append(failed)
         finally:
             self.log.end()
             if items is not None:
@@ -149,6 +155,11 @@ class ResponseRun:
             # Stored before anyone can see the end: a GET after the terminal event finds the final response.
             self._saved_final = True
             await self.save()
+        if self.request.store and not self.log.events:
+            # The first events too: a store that is down is then an HTTP 503, not a stream that fails at once.
+            await self._store.append(self.id, events)
+            self.log.append(events)
+            return
         self.log.append(events)
         if self.request.store:
             await self._store.append(self.id, events)
@@ -279,9 +290,13 @@ class ResponsesEndpoint:
 
     async def _start_background(self, run: ResponseRun, admission: Admission) -> None:
         admission.__enter__()  # held until the run ends, not until this request ends
-        run.log.append(run.events.created())
-        await self.store.append(run.id, run.log.events)
-        await run.save()
+        try:
+            run.log.append(run.events.created())
+            await self.store.append(run.id, run.log.events)
+            await run.save()
+        except BaseException:
+            admission.__exit__(None, None, None)
+            raise
 
         async def background() -> None:
             try:
@@ -303,6 +318,9 @@ class ResponsesEndpoint:
         await asyncio.wait({task})
         response = snapshot(run.events.response)
         if response["status"] == "failed":
+            if isinstance(run.failure, StoreUnavailable):  # not the pipeline's fault: 503, try again
+                await send_error(send, run.failure)
+                return
             await send_error(send, OpenAIError(500, response["error"]["message"], code="pipeline_error"))
             return
         await send_json(send, 200, response)
@@ -310,8 +328,11 @@ class ResponsesEndpoint:
     async def _stream(self, send: Send, events: AsyncIterator[Batch]) -> None:
         """Send a log's events as SSE, pinging when idle; a client that reads nothing is dropped."""
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        sequence_number = -1
         try:
             async for batch in events:
+                if batch:
+                    sequence_number = batch[-1]["sequence_number"]
                 body = PING if batch is None else b"".join(event_frame(event) for event in batch)
                 try:
                     async with asyncio.timeout(self._send_timeout):
@@ -319,6 +340,15 @@ class ResponsesEndpoint:
                 except TimeoutError:
                     logger.warning("a Responses client read nothing for %gs; dropped", self._send_timeout)
                     return
+        except StoreUnavailable as error:  # the stored log can no longer be read: say so, then end
+            error_event = {
+                "type": "error",
+                "code": error.code,
+                "message": error.message,
+                "param": None,
+                "sequence_number": sequence_number + 1,
+            }
+            await send({"type": "http.response.body", "body": event_frame(error_event), "more_body": True})
         finally:
             await aclose(events)
         await send({"type": "http.response.body", "body": b"", "more_body": False})

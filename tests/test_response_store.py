@@ -1,0 +1,125 @@
+"""The Responses API while its Redis store is down and once it is back: a real redis-server stopped and started again
+on the same port, real servers, the openai SDK and httpx."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from haystream.testing import FakeUpstream
+from support import RedisServer, serving, unique
+
+
+class LogHeard(logging.Handler):
+    """Counts the records of the `haystream.server` logger that contain `text`; `wait_for` blocks on them."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            with self._changed:
+                self.count += 1
+                self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 60) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def reconnected() -> Iterator[LogHeard]:
+    """Each cancel listener that subscribed again after Redis was unreachable."""
+    heard = LogHeard("reachable again; cancels are heard")
+    logger = logging.getLogger("haystream.server")
+    logger.addHandler(heard)
+    try:
+        yield heard
+    finally:
+        logger.removeHandler(heard)
+
+
+def ask(scenario: str = "fake?tokens=3", **fields: object) -> dict[str, object]:
+    return {"model": "fake_async", "input": "hello", "scenario": scenario, **fields}
+
+
+def assert_store_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "store_unavailable")
+    assert "127.0.0.1" not in error["message"]  # Redis' own message (its address) stays in the log
+
+
+def test_while_redis_is_down_responses_are_503_chat_works_and_everything_recovers(upstream, reconnected):
+    redis = RedisServer().start()
+    try:
+        with (
+            serving(upstream, redis_url=redis.url) as one,
+            serving(upstream, redis_url=redis.url) as two,
+            httpx.Client(base_url=one.url, timeout=30) as client,
+        ):
+            stored = client.post("/v1/responses", json=ask())
+            assert stored.status_code == 200
+            redis.stop()
+
+            for fields in ({}, {"stream": True}, {"background": True}):
+                assert_store_unavailable(client.post("/v1/responses", json=ask(**fields)))
+            assert_store_unavailable(client.get(f"/v1/responses/{stored.json()['id']}"))
+            assert_store_unavailable(client.delete(f"/v1/responses/{stored.json()['id']}"))
+            unstored = client.post("/v1/responses", json=ask(store=False))  # needs no store
+            assert (unstored.status_code, unstored.json()["status"]) == (200, "completed")
+            chat = {"model": "fake_async", "messages": [{"role": "user", "content": "hi"}], "scenario": "fake?tokens=2"}
+            assert client.post("/v1/chat/completions", json=chat).status_code == 200
+
+            redis.start()
+            # The pooled connections that Redis closed are replaced: the first request afterwards is answered.
+            again = client.post("/v1/responses", json=ask())
+            assert (again.status_code, again.json()["status"]) == (200, "completed")
+            assert client.get(f"/v1/responses/{again.json()['id']}").status_code == 200
+            # Both replicas listen for cancels again: one asked through the other replica stops the run.
+            assert reconnected.wait_for(2)
+            scenario = unique("fake?tokens=2000&hold_after=1")
+            with (
+                openai.OpenAI(base_url=one.url + "/v1", api_key="unused", max_retries=0) as a,
+                openai.OpenAI(base_url=two.url + "/v1", api_key="unused", max_retries=0) as b,
+            ):
+                created = a.responses.create(
+                    model="fake_async", input="hello", background=True, extra_body={"scenario": scenario}
+                )
+                record = upstream.wait_for_requests(1, model=scenario)[0]
+                assert b.responses.cancel(created.id).status == "cancelled"
+            record.wait()
+            assert record.client_hung_up and not record.completed
+    finally:
+        redis.close()
+
+
+def test_a_server_starts_while_redis_is_unreachable_and_uses_it_once_it_is_up(upstream, reconnected):
+    redis = RedisServer()  # not started yet: nothing listens on its port
+    try:
+        with serving(upstream, redis_url=redis.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.get("/ready").status_code == 200  # chat does not need the store
+            assert_store_unavailable(client.post("/v1/responses", json=ask()))
+            redis.start()
+            assert reconnected.wait_for(1)
+            created = client.post("/v1/responses", json=ask())
+            assert (created.status_code, created.json()["status"]) == (200, "completed")
+            retrieved = client.get(f"/v1/responses/{created.json()['id']}")
+            assert retrieved.json()["output"] == created.json()["output"]
+    finally:
+        redis.close()
