@@ -3,9 +3,11 @@ on the same port, real servers, the openai SDK and httpx."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -51,6 +53,17 @@ def reconnected() -> Iterator[LogHeard]:
         yield heard
     finally:
         logger.removeHandler(heard)
+
+
+@contextlib.contextmanager
+def redis_client(redis: RedisServer) -> Iterator[Any]:
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def ask(scenario: str = "fake?tokens=3", **fields: object) -> dict[str, object]:
@@ -123,3 +136,41 @@ def test_a_server_starts_while_redis_is_unreachable_and_uses_it_once_it_is_up(up
             assert retrieved.json()["output"] == created.json()["output"]
     finally:
         redis.close()
+
+
+@pytest.mark.parametrize("use_redis", [False, True], ids=["memory", "redis"])
+def test_a_foreground_response_is_stored_from_its_start_but_only_background_ones_keep_their_events(upstream, use_redis):
+    """OpenAI replays (`GET ?stream=true`) background responses only. A foreground one's event log was kept for the
+    whole TTL all the same (~880 KB for a 2,000-token answer, in memory or as one XADD per event in Redis); now its
+    record is stored as soon as it starts (a GET during the run finds it in progress) and its events are not."""
+    redis = RedisServer().start() if use_redis else None
+    try:
+        settings = {"redis_url": redis.url} if redis else {}
+        with (
+            serving(upstream, **settings) as server,
+            openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as sdk,
+        ):
+            scenario = unique("fake?tokens=2000&hold_after=1")
+            with sdk.responses.create(
+                model="fake_async", input="hello", stream=True, extra_body={"scenario": scenario}
+            ) as stream:
+                events = iter(stream)
+                response_id = next(event for event in events if event.type == "response.created").response.id
+                next(event for event in events if event.type == "response.output_text.delta")
+                assert sdk.responses.retrieve(response_id).status == "in_progress"
+            done = sdk.responses.create(model="fake_async", input="hello", extra_body={"scenario": "fake?tokens=3"})
+            assert sdk.responses.retrieve(done.id).output_text == done.output_text
+            with pytest.raises(openai.BadRequestError, match="Only background responses can be streamed"):
+                sdk.responses.retrieve(done.id, stream=True)
+            background = sdk.responses.create(
+                model="fake_async", input="hello", background=True, extra_body={"scenario": "fake?tokens=3"}
+            )
+            replayed = sdk.responses.retrieve(background.id, stream=True)  # follows it to its end
+            assert [event.type for event in replayed][-1] == "response.completed"
+            if redis is not None:
+                with redis_client(redis) as direct:
+                    assert not direct.exists(f"haystream:responses:{done.id}:events")
+                    assert direct.exists(f"haystream:responses:{background.id}:events")
+    finally:
+        if redis is not None:
+            redis.close()

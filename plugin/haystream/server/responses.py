@@ -88,7 +88,9 @@ class ResponseRun:
         messages = self._conversation
         if response["status"] in ("completed", "incomplete"):
             messages = self._conversation + output_messages(response["output"])
-        await self._store.save(StoredResponse(self._key_id, response, messages), self.log)
+        await self._store.save(
+            StoredResponse(self._key_id, response, messages), self.log if self.request.background else None
+        )
 
     async def run(self) -> None:
         """Produce the response; ends the log however it ends."""
@@ -155,13 +157,14 @@ class ResponseRun:
             # Stored before anyone can see the end: a GET after the terminal event finds the final response.
             self._saved_final = True
             await self.save()
-        if self.request.store and not self.log.events:
-            # The first events too: a store that is down is then an HTTP 503, not a stream that fails at once.
-            await self._store.append(self.id, events)
-            self.log.append(events)
-            return
+        elif self.request.store and not self.log.events:
+            # Stored as in progress before anyone sees it: a GET finds it, and a store that is down is then an
+            # HTTP 503, not a stream that fails at once.
+            await self.save()
         self.log.append(events)
-        if self.request.store:
+        if self.request.store and self.request.background:
+            # Only a background response's events are kept: it is the one a client can resume (as with OpenAI).
+            # A foreground response's log would hold ~0.4 KB per token for the whole TTL, for nobody.
             await self._store.append(self.id, events)
 
 
@@ -243,6 +246,13 @@ class ResponsesEndpoint:
             local = self._runs.get(id)
             await send_json(send, 200, snapshot(local[0].events.response) if local else record.response)
             return
+        if not record.response.get("background"):
+            raise OpenAIError(
+                400,
+                "Only background responses can be streamed again; create it with background=true to resume it.",
+                param="stream",
+                code="invalid_request",
+            )
         try:
             after = int(params.get("starting_after", ["-1"])[0])
         except ValueError:
