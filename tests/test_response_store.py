@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 
-from haystream.testing import FakeUpstream
 from support import RedisServer, serving, unique
 
 
@@ -35,12 +34,6 @@ class LogHeard(logging.Handler):
     def wait_for(self, count: int, timeout: float = 60) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: self.count >= count, timeout)
-
-
-@pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
 
 
 @pytest.fixture
