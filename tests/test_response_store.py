@@ -4,6 +4,7 @@ on the same port, real servers, the openai SDK and httpx."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from haystream.server.response_store import StoreUnavailable
 from support import RedisServer, serving, unique
 
 
@@ -167,3 +169,28 @@ def test_a_foreground_response_is_stored_from_its_start_but_only_background_ones
     finally:
         if redis is not None:
             redis.close()
+
+
+def test_a_replay_from_redis_that_loses_redis_ends_with_an_error_event(upstream):
+    """Another replica replays a running background response from Redis; Redis stops meanwhile. The replay ends with
+    an `error` event that says so (it was an exception after the headers: a cut without a word)."""
+    redis = RedisServer().start()
+    try:
+        with (
+            serving(upstream, redis_url=redis.url) as one,
+            serving(upstream, redis_url=redis.url) as two,
+            httpx.Client(timeout=30) as client,
+        ):
+            scenario = unique("fake?tokens=2000&hold_after=1")
+            created = client.post(one.url + "/v1/responses", json=ask(scenario, background=True)).json()
+            upstream.wait_for_requests(1, model=scenario)
+            with client.stream("GET", f"{two.url}/v1/responses/{created['id']}?stream=true") as replay:
+                lines = replay.iter_lines()
+                next(line for line in lines if line == "event: response.output_text.delta")
+                redis.stop()
+                rest = list(lines)  # to the end of the replay
+            error = next(json.loads(line[len("data: ") :]) for line in rest if line.startswith('data: {"type":"error"'))
+            assert (error["code"], error["message"]) == ("store_unavailable", StoreUnavailable().message)
+            assert "event: error" in rest
+    finally:
+        redis.close()
