@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,7 @@ import pytest
 from haystream.server import metrics
 from haystream.testing import FakeUpstream
 from support import start_server, unique
-from test_cli_serve import free_port, start_serve
+from test_cli_serve import ServeLog, ServeProcess, free_port, start_serve
 
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
 
@@ -248,6 +250,37 @@ def test_sigterm_to_the_supervisor_drains_every_worker(upstream, tmp_path):
     finally:
         for client in clients:
             client.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_under_nohup_a_hang_up_is_ignored_and_sigterm_still_drains(upstream):
+    """`nohup haystream serve` asks for hang-ups to be ignored: SIGHUP must not start a drain. Sent before SIGTERM,
+    a handled SIGHUP would have made SIGTERM the second signal (exit at once, the stream cut)."""
+    port = free_port()
+    env = {**os.environ, "FAKE_UPSTREAM_URL": upstream.base_url, "HAYSTACK_TELEMETRY_ENABLED": "False"}
+    env["HAYSTREAM_DRAIN_GRACE_SECONDS"] = "0"
+    args = ["serve", "--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS)]
+    process = ServeProcess(
+        ["nohup", sys.executable, "-m", "haystream", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    process.log = ServeLog(process.stderr)
+    try:
+        assert process.log.wait_for("Application startup complete")
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+            client.stream("POST", "/v1/chat/completions", json=chat("fake?tokens=6&delay=0.3")) as stream,
+        ):
+            lines = stream.iter_lines()
+            received = [next(line for line in lines if '"content":"t0' in line)]
+            process.send_signal(signal.SIGHUP)
+            process.send_signal(signal.SIGTERM)
+            received.extend(lines)
+        assert data_lines(received)[-1] == "[DONE]"
+        assert sum('"content":"t' in line for line in received) == 6
+        assert process.wait(30) == 0
+    finally:
         if process.poll() is None:
             process.kill()
             process.wait()

@@ -124,6 +124,14 @@ class _ResponseState:
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that drain a server: SIGINT, SIGTERM, and SIGHUP unless this process was started with it ignored
+    (`nohup`: then hang-ups must not stop it)."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        return (signal.SIGINT, signal.SIGTERM)
+    return (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, with SIGTERM/SIGINT/SIGHUP starting a drain of this process' apps instead of closing at
     once. (uvicorn leaves SIGHUP, a closed terminal, to its default action: the process dies and cuts every stream.)
@@ -148,7 +156,7 @@ class DrainingServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():
-            if threading.current_thread() is not threading.main_thread():
+            if threading.current_thread() is not threading.main_thread() or signal.SIGHUP not in stop_signals():
                 yield
                 return
             previous = signal.signal(signal.SIGHUP, self.handle_exit)

@@ -34,13 +34,12 @@ from typing import Any
 
 import uvicorn
 
-from haystream.server.drain import DrainingServer
+from haystream.server.drain import DrainingServer, stop_signals
 from haystream.server.logs import drain_output, write_output_in_background
 
 logger = logging.getLogger("uvicorn.error")
 
 STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 multiprocessing.allow_connection_pickling()  # the listening socket goes to each worker
 
@@ -86,7 +85,7 @@ def _work(
     # Until uvicorn installs its own handlers (and after, when it puts this one back and re-raises what it caught),
     # a stop makes the server exit without serving, with code 0.
     stop = _StopBeforeServing(server)
-    for sig in _SIGNALS:
+    for sig in stop_signals():
         signal.signal(sig, stop)
     armed.close()  # the supervisor may signal this process from now on
     write_output_in_background()
@@ -193,7 +192,8 @@ class _Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        previous_handlers = {sig: signal.signal(sig, _ignore) for sig in _SIGNALS}
+        handled = stop_signals()
+        previous_handlers = {sig: signal.signal(sig, _ignore) for sig in handled}
         processes: list[BaseProcess] = []
         try:
             logger.info("Started parent process [%d]", os.getpid())
@@ -213,7 +213,7 @@ class _Supervisor:
                         self._signal(armed)
                 if wake_r in ready:
                     for number in wake_r.recv(64):
-                        if number in _SIGNALS:
+                        if number in handled:
                             logger.info(
                                 "Received %s: %s the workers",
                                 signal.Signals(number).name,
