@@ -54,11 +54,25 @@ def test_wrapper_without_chat_method_is_404(http):
         (b'{"model": "fake_async", "messages": []}', "messages"),
         (b'{"model": "fake_async", "messages": [{"content": "x"}]}', "messages.0.role"),
         (b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}, {"role": "assistant",'
+            b' "tool_calls": [{"id": "c1", "type": "function", "function": "f"}]}]}',
+            "messages.1",
+        ),
     ],
 )
 def test_malformed_and_invalid_bodies_are_400(http, content, param):
     response = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
     assert assert_envelope(response, 400)["param"] == param
+
+
+def test_content_parts_with_a_text_that_is_not_a_string_are_answered(http):
+    # Open WebUI's task detection reads the last message's text parts; other parts' `text` is not its business.
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}, "text": None}
+    body = {"model": "fake_async", "messages": [{"role": "user", "content": [image]}], "scenario": "fake?tokens=1"}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "t0 "
 
 
 def test_body_over_the_limit_is_413(upstream):
