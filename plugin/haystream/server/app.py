@@ -163,14 +163,17 @@ class HaystreamApp:
         self.drain.check()  # 503 while shutting down
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         request, body = parse_chat_request(raw)
-        asked_tokens = max(request.max_tokens or 0, request.max_completion_tokens or 0)
-        if asked_tokens > self.settings.max_tokens:
-            raise OpenAIError(
-                400,
-                f"max_tokens is {asked_tokens}; this server allows at most {self.settings.max_tokens}.",
-                param="max_tokens",
-                code="max_tokens_too_large",
-            )
+        for field, asked_tokens in (
+            ("max_tokens", request.max_tokens),
+            ("max_completion_tokens", request.max_completion_tokens),
+        ):
+            if (asked_tokens or 0) > self.settings.max_tokens:
+                raise OpenAIError(
+                    400,
+                    f"{field} is {asked_tokens}; this server allows at most {self.settings.max_tokens}.",
+                    param=field,
+                    code="max_tokens_too_large",
+                )
         wrapper = self.registry.get(request.model)
         if wrapper is None and request.model in self.load_failures:
             raise OpenAIError(
