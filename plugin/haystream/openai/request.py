@@ -15,7 +15,7 @@ class StreamOptions(BaseModel):
     """`stream_options` of a streaming request."""
 
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -36,11 +36,17 @@ class ChatMessageIn(BaseModel):
             raise ValueError(f"must be one of {', '.join(sorted(ROLES))}")
         return value
 
-    @field_validator("content")
+    # Before the union's own validation, whose errors would name a union member ("messages.0.content.str: Input
+    # should be a valid string") rather than what the client sent.
+    @field_validator("content", mode="before")
     @classmethod
     def _typed_parts(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | list):
+            raise ValueError("must be a string or an array of content parts")
         if isinstance(value, list):
             for part in value:
+                if not isinstance(part, dict):
+                    raise ValueError("each content part must be an object")
                 if not isinstance(part.get("type"), str):
                     raise ValueError("each content part needs a 'type'")
                 if part["type"] == "image_url" and not _image_url_of(part):
@@ -71,9 +77,17 @@ class ChatCompletionRequest(BaseModel):
     user: str | dict[str, Any] | None = None  # Open WebUI sends an object for pipeline models
     max_tokens: int | None = Field(None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
-    n: int | None = Field(None, ge=1, le=1, description="Only one choice per request is served.")
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    # Strict: the wrapper gets the body as sent, so a value accepted here must already have the right JSON type.
+    n: int | None = Field(None, ge=1, le=1, strict=True, description="Only one choice per request is served.")
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, ge=0, le=1, strict=True)
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _user_shape(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | dict):
+            raise ValueError("must be a string")
+        return value
 
     @field_validator("stream", mode="before")
     @classmethod
