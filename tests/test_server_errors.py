@@ -74,6 +74,13 @@ def test_wrapper_without_chat_method_is_404(http):
             b' "tool_calls": [{"id": "c1", "type": "function", "function": "f"}]}]}',
             "messages.1",
         ),
+        # The ids that pair a tool result with its call, which OpenAI requires (an OpenAI generator failed the run).
+        (b'{"model": "fake_async", "messages": [{"role": "tool", "content": "42"}]}', "messages.0"),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}, {"role": "assistant",'
+            b' "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}',
+            "messages.1",
+        ),
     ],
 )
 def test_malformed_and_invalid_bodies_are_400(http, content, param):

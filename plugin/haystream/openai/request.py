@@ -57,7 +57,21 @@ class ChatMessageIn(BaseModel):
     def _content_unless_assistant(self) -> ChatMessageIn:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for {self.role} messages")
+        # OpenAI requires the ids that pair a result with its call; Haystack accepts them absent, and an OpenAI
+        # generator then fails the run (a 500 for the client's mistake).
+        extra = self.model_extra or {}
+        if self.role == "tool" and not isinstance(extra.get("tool_call_id"), str):
+            raise ValueError("tool messages need a tool_call_id (the id of the call they answer)")
+        if self.role == "assistant" and not _calls_have_ids(extra.get("tool_calls")):
+            raise ValueError("each of an assistant's tool_calls needs an id")
         return self
+
+
+def _calls_have_ids(calls: Any) -> bool:
+    # Only a list is checked here: other shapes are refused by the conversion to Haystack messages.
+    if not isinstance(calls, list):
+        return True
+    return all(isinstance(call, dict) and isinstance(call.get("id"), str) for call in calls)
 
 
 def _image_url_of(part: dict[str, Any]) -> str:
