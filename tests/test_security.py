@@ -543,7 +543,8 @@ def test_max_tokens_is_bounded_by_the_operator(tight):
     too_many = httpx.post(tight.url + "/v1/chat/completions", json={**chat, "max_tokens": 5000}, headers=AUTH)
     assert assert_envelope(too_many, 400, "max_tokens_too_large")["param"] == "max_tokens"
     completion = {**chat, "max_completion_tokens": 1001}
-    assert_envelope(httpx.post(tight.url + "/v1/chat/completions", json=completion, headers=AUTH), 400)
+    error = assert_envelope(httpx.post(tight.url + "/v1/chat/completions", json=completion, headers=AUTH), 400)
+    assert error["param"] == "max_completion_tokens" and error["message"].startswith("max_completion_tokens is 1001")
     for bad in ({"max_tokens": -1}, {"max_tokens": "many"}, {"n": 2}, {"temperature": "hot"}, {"top_p": 3}):
         assert_envelope(httpx.post(tight.url + "/v1/chat/completions", json={**chat, **bad}, headers=AUTH), 400)
 

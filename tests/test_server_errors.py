@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from support import start_server
+from support import start_server, unique
 
 USER = [{"role": "user", "content": "hello"}]
 FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"
@@ -54,11 +54,48 @@ def test_wrapper_without_chat_method_is_404(http):
         (b'{"model": "fake_async", "messages": []}', "messages"),
         (b'{"model": "fake_async", "messages": [{"content": "x"}]}', "messages.0.role"),
         (b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+        # The field the client sent, not a member of its union type ("messages.0.content.str").
+        (b'{"model": "fake_async", "messages": [{"role": "user", "content": 5}]}', "messages.0.content"),
+        (b'{"model": "fake_async", "messages": [{"role": "user", "content": ["hi"]}]}', "messages.0.content"),
+        (b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "user": 5}', "user"),
+        # Wrappers get the body as sent: a string or a boolean where OpenAI takes a number is refused, not passed on.
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "temperature": "0.5"}',
+            "temperature",
+        ),
+        (b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "n": true}', "n"),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "stream": true,'
+            b' "stream_options": {"include_usage": "yes"}}',
+            "stream_options.include_usage",
+        ),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}, {"role": "assistant",'
+            b' "tool_calls": [{"id": "c1", "type": "function", "function": "f"}]}]}',
+            "messages.1",
+        ),
+        # The ids that pair a tool result with its call, which OpenAI requires (an OpenAI generator failed the run).
+        (b'{"model": "fake_async", "messages": [{"role": "tool", "content": "42"}]}', "messages.0"),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}, {"role": "assistant",'
+            b' "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}',
+            "messages.1",
+        ),
     ],
 )
 def test_malformed_and_invalid_bodies_are_400(http, content, param):
     response = http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
     assert assert_envelope(response, 400)["param"] == param
+
+
+def test_content_parts_with_a_text_that_is_not_a_string_are_answered(http):
+    # Open WebUI's task detection reads the last message's text parts; other parts' `text` is not its business.
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}, "text": None}
+    user = [{"role": "user", "content": [image]}]
+    body = {"model": "fake_async", "messages": user, "scenario": unique("fake?tokens=1")}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "t0 "
 
 
 def test_body_over_the_limit_is_413(upstream):

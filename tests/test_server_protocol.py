@@ -40,6 +40,18 @@ def test_models_lists_chat_wrappers_only(client, server):
     }
 
 
+def test_a_model_is_retrieved_by_id(client, server):
+    model = client.models.retrieve("fake_sync")
+    assert (model.id, model.object, model.owned_by) == ("fake_sync", "model", "haystream")
+    listed = next(m for m in client.models.list() if m.id == "fake_sync")
+    assert model.created == listed.created
+    for missing in ("nope", "api_only"):  # api_only has no chat method: not a model
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.models.retrieve(missing)
+        assert refused.value.body["code"] == "model_not_found"
+    assert httpx.get(server.url + "/models/fake_async").json()["id"] == "fake_async"
+
+
 @pytest.mark.parametrize(("model", "mode"), WRAPPER_MODES)
 def test_streamed_text_equals_upstream_text(client, model, mode):
     stream = client.chat.completions.create(

@@ -24,7 +24,7 @@ def chat_messages(messages: list[dict[str, Any]], *, images: bool = True) -> lis
             message = _images_as_text(message, keep_data_urls=images)
         try:
             converted.append(ChatMessage.from_openai_dict_format(message))
-        except (ValueError, TypeError, KeyError) as error:
+        except (ValueError, TypeError, KeyError, AttributeError) as error:  # e.g. `"function": "f"`: not an object
             raise OpenAIError(400, f"messages.{position}: {error}", param=f"messages.{position}") from None
     return converted
 

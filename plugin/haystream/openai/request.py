@@ -15,7 +15,7 @@ class StreamOptions(BaseModel):
     """`stream_options` of a streaming request."""
 
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -36,11 +36,17 @@ class ChatMessageIn(BaseModel):
             raise ValueError(f"must be one of {', '.join(sorted(ROLES))}")
         return value
 
-    @field_validator("content")
+    # Before the union's own validation, whose errors would name a union member ("messages.0.content.str: Input
+    # should be a valid string") rather than what the client sent.
+    @field_validator("content", mode="before")
     @classmethod
     def _typed_parts(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | list):
+            raise ValueError("must be a string or an array of content parts")
         if isinstance(value, list):
             for part in value:
+                if not isinstance(part, dict):
+                    raise ValueError("each content part must be an object")
                 if not isinstance(part.get("type"), str):
                     raise ValueError("each content part needs a 'type'")
                 if part["type"] == "image_url" and not _image_url_of(part):
@@ -51,7 +57,21 @@ class ChatMessageIn(BaseModel):
     def _content_unless_assistant(self) -> ChatMessageIn:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for {self.role} messages")
+        # OpenAI requires the ids that pair a result with its call; Haystack accepts them absent, and an OpenAI
+        # generator then fails the run (a 500 for the client's mistake).
+        extra = self.model_extra or {}
+        if self.role == "tool" and not isinstance(extra.get("tool_call_id"), str):
+            raise ValueError("tool messages need a tool_call_id (the id of the call they answer)")
+        if self.role == "assistant" and not _calls_have_ids(extra.get("tool_calls")):
+            raise ValueError("each of an assistant's tool_calls needs an id")
         return self
+
+
+def _calls_have_ids(calls: Any) -> bool:
+    # Only a list is checked here: other shapes are refused by the conversion to Haystack messages.
+    if not isinstance(calls, list):
+        return True
+    return all(isinstance(call, dict) and isinstance(call.get("id"), str) for call in calls)
 
 
 def _image_url_of(part: dict[str, Any]) -> str:
@@ -71,9 +91,17 @@ class ChatCompletionRequest(BaseModel):
     user: str | dict[str, Any] | None = None  # Open WebUI sends an object for pipeline models
     max_tokens: int | None = Field(None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
-    n: int | None = Field(None, ge=1, le=1, description="Only one choice per request is served.")
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    # Strict: the wrapper gets the body as sent, so a value accepted here must already have the right JSON type.
+    n: int | None = Field(None, ge=1, le=1, strict=True, description="Only one choice per request is served.")
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, ge=0, le=1, strict=True)
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _user_shape(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | dict):
+            raise ValueError("must be a string")
+        return value
 
     @field_validator("stream", mode="before")
     @classmethod

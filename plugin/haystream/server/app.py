@@ -63,6 +63,7 @@ logger = logging.getLogger("haystream.server")
 OPENWEBUI_PREFIX = "/openwebui"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
+MODEL_PATH = re.compile(r"/(?:v1/)?models/([^/]{1,256})")
 RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
 RESPONSE_PATH = re.compile(r"/(?:v1/)?responses/([A-Za-z0-9_-]{1,128})(/cancel)?")
 METRICS_PATH = "/metrics"
@@ -103,6 +104,9 @@ class HaystreamApp:
                 await self._chat(scope, receive, send, for_openwebui=for_openwebui)
             elif path in MODEL_PATHS:
                 await self._models(scope, send)
+            elif scope["method"] in ("GET", "HEAD") and (match := MODEL_PATH.fullmatch(path)):
+                # GET only: hayhooks routes `POST /{name}/run` for a wrapper that may be called `models`.
+                await self._model(send, match.group(1))
             elif path == METRICS_PATH and not for_openwebui:
                 await self._metrics(scope, send)
             elif path in RESPONSES_PATHS:
@@ -143,12 +147,19 @@ class HaystreamApp:
 
     async def _models(self, scope: Scope, send: Send) -> None:
         _require_method(scope, "GET", "HEAD")
-        data = []
-        for name in self.registry.get_names():
-            if is_chat_wrapper(self.registry.get(name)):
-                created = self._created.setdefault(name, _now())
-                data.append({"id": name, "object": "model", "created": created, "owned_by": "haystream", "name": name})
+        names = [name for name in self.registry.get_names() if is_chat_wrapper(self.registry.get(name))]
+        data = [self._model_entry(name) for name in names]
         await send_json(send, 200, {"object": "list", "data": data})
+
+    async def _model(self, send: Send, name: str) -> None:
+        """`GET /v1/models/{id}` (the SDK's `models.retrieve`): one entry of the list, or 404."""
+        if not is_chat_wrapper(self.registry.get(name)):
+            raise OpenAIError(404, f"The model '{name[:256]}' does not exist.", param="model", code="model_not_found")
+        await send_json(send, 200, self._model_entry(name))
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        created = self._created.setdefault(name, _now())
+        return {"id": name, "object": "model", "created": created, "owned_by": "haystream", "name": name}
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         _require_method(scope, "GET", "HEAD")
@@ -163,14 +174,17 @@ class HaystreamApp:
         self.drain.check()  # 503 while shutting down
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         request, body = parse_chat_request(raw)
-        asked_tokens = max(request.max_tokens or 0, request.max_completion_tokens or 0)
-        if asked_tokens > self.settings.max_tokens:
-            raise OpenAIError(
-                400,
-                f"max_tokens is {asked_tokens}; this server allows at most {self.settings.max_tokens}.",
-                param="max_tokens",
-                code="max_tokens_too_large",
-            )
+        for field, asked_tokens in (
+            ("max_tokens", request.max_tokens),
+            ("max_completion_tokens", request.max_completion_tokens),
+        ):
+            if (asked_tokens or 0) > self.settings.max_tokens:
+                raise OpenAIError(
+                    400,
+                    f"{field} is {asked_tokens}; this server allows at most {self.settings.max_tokens}.",
+                    param=field,
+                    code="max_tokens_too_large",
+                )
         wrapper = self.registry.get(request.model)
         if wrapper is None and request.model in self.load_failures:
             raise OpenAIError(
