@@ -90,7 +90,9 @@ def test_agent_tool_calls_as_a_text_trace_for_plain_clients_when_configured(upst
             "model": "fake_async",
             "messages": USER,
             "mode": "agent",
-            "scenario": 'fake?tool=multiply&args={"a": 6, "b": 7}&tokens=1&text=ok',
+            # Its own scenario: the test wrapper caches an agent per scenario, bound to the loop of the server that
+            # made it (test_server_protocol runs the same agent on the session's server).
+            "scenario": unique('fake?tool=multiply&args={"a": 6, "b": 7}&tokens=1&text=ok'),
         }
         payloads = stream(srv.url + "/v1/chat/completions", body)
     finally:
