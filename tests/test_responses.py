@@ -434,6 +434,23 @@ def test_length_cut_is_an_incomplete_response(client):
         ({"model": "fake_async", "input": "x", "background": True, "store": False}, "store"),
         ({"model": "fake_async", "input": [{"type": "web_search_call"}]}, "input"),
         ({"model": "fake_async", "input": "x", "stream": "yes"}, "stream"),
+        # Malformed items: a 400 naming the field, not a 500 from the conversion or the pipeline.
+        ({"model": "fake_async", "input": [{"role": "user", "content": None}]}, "input.0.content"),
+        ({"model": "fake_async", "input": [{"role": "user", "content": ["hi"]}]}, "input.0.content"),
+        ({"model": "fake_async", "input": [{"role": 3, "content": "x"}]}, "input.0.role"),
+        (
+            {"model": "fake_async", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": 5}]}]},
+            "input.0.content.0.image_url",
+        ),
+        (
+            {"model": "fake_async", "input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+            "input.0.call_id",
+        ),
+        ({"model": "fake_async", "input": [{"type": "function_call_output", "output": "x"}]}, "input.0.call_id"),
+        (
+            {"model": "fake_async", "input": [{"type": "function_call_output", "call_id": "c", "output": ["a"]}]},
+            "input.0.output",
+        ),
     ],
 )
 def test_bad_requests_are_400_envelopes(server, body, param):

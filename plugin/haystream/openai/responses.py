@@ -137,13 +137,18 @@ def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for position, item in enumerate(input):
         kind = item.get("type", "message")
+        where = f"input.{position}"
         if kind == "message":
-            messages.append({"role": item.get("role", "user"), "content": _chat_content(item.get("content", ""))})
+            role = _string(item, "role", where, default="user")
+            messages.append({"role": role, "content": _chat_content(item.get("content", ""), f"{where}.content")})
         elif kind == "function_call":
             call = {
-                "id": item.get("call_id") or item.get("id"),
+                "id": _string(item, "call_id", where),
                 "type": "function",
-                "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")},
+                "function": {
+                    "name": _string(item, "name", where),
+                    "arguments": _string(item, "arguments", where, default=""),
+                },
             }
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
@@ -152,12 +157,12 @@ def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output", "")
-            text = output if isinstance(output, str) else _text_of(output)
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+            text = output if isinstance(output, str) else _text_of(output, f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where), "content": text})
         elif kind == "reasoning":
             continue  # the model's own earlier reasoning: not part of a chat prompt
         else:
-            raise OpenAIError(400, f"input.{position}: items of type {kind!r} are not supported.", param="input")
+            raise OpenAIError(400, f"{where}: items of type {kind!r} are not supported.", param="input")
     chat_messages(messages)  # 400 now for what Haystack cannot represent, not a pipeline failure later
     return messages
 
@@ -183,28 +188,39 @@ def response_id() -> str:
     return "resp_" + secrets.token_hex(16)
 
 
-def _chat_content(content: Any) -> Any:
+def _string(item: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+    """A required (or defaulted) string field of an input item; 400 when missing or not a string."""
+    value = item.get(key, default)
+    if not isinstance(value, str) or (default is None and not value):
+        wanted = "a non-empty string" if default is None else "a string"
+        raise OpenAIError(400, f"{where}.{key}: expected {wanted}.", param=f"{where}.{key}")
+    return value
+
+
+def _chat_content(content: Any, where: str) -> Any:
     if isinstance(content, str):
         return content
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        raise OpenAIError(400, f"{where}: expected a string or a list of content parts.", param=where)
     parts = []
-    for part in content:
+    for position, part in enumerate(content):
         kind = part.get("type")
         if kind in ("input_text", "output_text", "text"):
-            parts.append({"type": "text", "text": part.get("text", "")})
+            parts.append({"type": "text", "text": _string(part, "text", f"{where}.{position}", default="")})
         elif kind == "input_image":
-            url = part.get("image_url") or ""
+            url = _string(part, "image_url", f"{where}.{position}", default="")
             parts.append({"type": "image_url", "image_url": {"url": url}})
         elif kind == "refusal":
-            parts.append({"type": "text", "text": part.get("refusal", "")})
+            parts.append({"type": "text", "text": _string(part, "refusal", f"{where}.{position}", default="")})
     if all(part["type"] == "text" for part in parts):
         return "".join(part["text"] for part in parts)
     return parts
 
 
-def _text_of(parts: Any) -> str:
-    if isinstance(parts, list):
-        return "".join(part.get("text", "") for part in parts if isinstance(part, dict))
-    return str(parts)
+def _text_of(parts: Any, where: str) -> str:
+    if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
+        raise OpenAIError(400, f"{where}: expected a string or a list of content parts.", param=where)
+    return "".join(_string(part, "text", where, default="") for part in parts)
 
 
 class ResponseEvents:
