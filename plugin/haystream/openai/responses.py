@@ -202,7 +202,7 @@ def _chat_content(content: Any, where: str) -> Any:
         return content
     if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
         raise OpenAIError(400, f"{where}: expected a string or a list of content parts.", param=where)
-    parts = []
+    parts: list[dict[str, Any]] = []
     for position, part in enumerate(content):
         kind = part.get("type")
         if kind in ("input_text", "output_text", "text"):
