@@ -474,3 +474,32 @@ def test_function_call_output_round_trips_as_a_tool_message(client, upstream):
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
     assert sent[1]["tool_calls"][0]["id"] == "call_1"
     assert sent[2]["tool_call_id"] == "call_1"
+
+
+def test_foreground_response_is_stored_while_in_progress(client, upstream):
+    scenario = held_scenario()
+    with client.responses.create(model="fake_async", input="hi", stream=True, extra_body={"scenario": scenario}) as s:
+        events = iter(s)
+        id = next(events).response.id
+        next(event for event in events if event.type == "response.output_text.delta")
+        assert client.responses.retrieve(id).status == "in_progress"
+        client.responses.delete(id)
+        assert [event.type for event in events][-1] == "response.cancelled"
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait()
+    assert record.client_hung_up and not record.completed
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(id)
+
+
+def test_deleting_a_running_background_response_stays_deleted(client, upstream):
+    scenario = held_scenario()
+    created = client.responses.create(
+        model="fake_async", input="hello", background=True, extra_body={"scenario": scenario}
+    )
+    record = upstream.wait_for_requests(1, model=scenario)[0]
+    client.responses.delete(created.id)
+    record.wait()
+    assert record.client_hung_up and not record.completed
+    # The run's cancellation ended after the delete: it must not have stored the response again.
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)

@@ -73,6 +73,7 @@ class ResponseRun:
         self._style = style
         self._secrets = secrets
         self._saved_final = False
+        self.deleted = False  # a DELETE while running: nothing may store the record again
 
     @property
     def id(self) -> str:
@@ -81,7 +82,7 @@ class ResponseRun:
 
     async def save(self) -> None:
         """Store the record as it stands (with the conversation once the response is done)."""
-        if not self.request.store:
+        if not self.request.store or self.deleted:
             return
         response = snapshot(self.events.response)
         messages = self._conversation
@@ -105,6 +106,7 @@ class ResponseRun:
                 first_item.result()  # raises an early failure here
             if not self.request.background:
                 await self._emit(self.events.created())
+                await self.save()  # stored while in progress, as OpenAI does: GET, DELETE and resume find it
             first = await first_item
             if first is not _NOTHING:
                 await self._feed(mapper, first)
@@ -246,6 +248,7 @@ class ResponsesEndpoint:
         if not await self.store.delete(id, key_id):
             raise _not_found(id)
         if local is not None:
+            local[0].deleted = True  # its cancellation must not store it again
             local[1].cancel()
         await send_json(send, 200, {"id": id, "object": "response.deleted", "deleted": True})
 
