@@ -36,11 +36,13 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
     tools: list[dict[str, Any]] = Field(default_factory=list)
-    tool_choice: Any = "auto"
+    tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool = True
     metadata: dict[str, str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
 
 
 class ResponseEvent(TypedDict):
@@ -178,6 +180,24 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
+def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A Responses `tool_choice` in the chat-completions shape (`{"type": "function", "name"}` gains `function`)."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def chat_response_format(text: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`text.format` as a chat-completions `response_format` (None for plain text)."""
+    format = (text or {}).get("format")
+    if not isinstance(format, dict) or format.get("type") not in ("json_object", "json_schema"):
+        return None
+    if format["type"] == "json_object":
+        return {"type": "json_object"}
+    schema = {key: format[key] for key in ("name", "description", "schema", "strict") if key in format}
+    return {"type": "json_schema", "json_schema": schema}
+
+
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A finished response's output items as chat messages (for `previous_response_id` chaining)."""
     return input_messages([item for item in output if item.get("type") in ("message", "function_call")])
@@ -247,7 +267,8 @@ class ResponseEvents:
             "previous_response_id": request.previous_response_id,
             "store": request.store,
             "temperature": request.temperature,
-            "text": {"format": {"type": "text"}},
+            "text": request.text or {"format": {"type": "text"}},
+            "reasoning": request.reasoning,
             "tool_choice": request.tool_choice,
             "tools": request.tools,
             "top_p": request.top_p,

@@ -21,6 +21,8 @@ from haystream.openai.responses import (
     TERMINAL_EVENTS,
     ResponseEvents,
     ResponsesRequest,
+    chat_response_format,
+    chat_tool_choice,
     chat_tools,
     event_frame,
     input_messages,
@@ -337,11 +339,17 @@ def _not_found(id: str) -> OpenAIError:
 
 
 def wrapper_body(request: ResponsesRequest, body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The body a chat wrapper sees: the Responses body plus chat-completions `messages`, `tools` and
-    `max_tokens`, so that wrappers written for chat completions work unchanged."""
+    """The body a chat wrapper sees: the Responses body plus chat-completions `messages`, `tools`, `tool_choice`,
+    `response_format` (from `text.format`) and `max_tokens`, so that wrappers written for chat completions work
+    unchanged."""
     chat = {**body, "messages": messages, "stream": True}
     if request.tools:
         chat["tools"] = chat_tools(request.tools)
+    if "tool_choice" in body:
+        chat["tool_choice"] = chat_tool_choice(request.tool_choice)
+    response_format = chat_response_format(request.text)
+    if response_format is not None:
+        chat["response_format"] = response_format
     if request.max_output_tokens:
         chat["max_tokens"] = request.max_output_tokens
     return chat
