@@ -394,6 +394,35 @@ def test_redis_cancel_through_the_other_replica(replicas, upstream):
             b.responses.retrieve("resp_unknown")
 
 
+def test_redis_resume_outlives_the_clients_socket_timeout(upstream, redis_url):
+    # redis-py >= 6 ends any read after socket_timeout (5 s by default), a blocking XREAD included: a resume that
+    # waited longer than that for the next event died with redis' TimeoutError. Here the timeout is 1 s and the
+    # keep-alive 2 s: the reader must see a ping (it waited past the socket timeout) and then the end.
+    one = start_server(upstream, redis_url=redis_url + "?socket_timeout=1", keepalive_seconds=2)
+    two = start_server(upstream, redis_url=redis_url + "?socket_timeout=1", keepalive_seconds=2)
+    try:
+        scenario = held_scenario()
+        with sdk(one) as a:
+            created = a.responses.create(
+                model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
+            )
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        url = f"{two.url}/v1/responses/{created.id}?stream=true&starting_after=-1"
+        pinged = False
+        with httpx.stream("GET", url, timeout=30) as response:
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if line == ": ping" and not pinged:
+                    pinged = True
+                    record.release()
+        assert pinged
+        assert lines[-2] == "data: " + lines[-2][len("data: ") :] and '"response.completed"' in lines[-2]
+    finally:
+        one.stop()
+        two.stop()
+
+
 # The OpenAI Agents SDK ---------------------------------------------------------------------------------------------
 
 
@@ -503,3 +532,29 @@ def test_deleting_a_running_background_response_stays_deleted(client, upstream):
     # The run's cancellation ended after the delete: it must not have stored the response again.
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
+
+
+def test_a_chat_wrapper_gets_tool_choice_and_format_in_the_chat_shape(client):
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+    response = client.responses.create(
+        model="fake_async",
+        input="x",
+        tools=[{"type": "function", "name": "lookup", "parameters": schema}],
+        tool_choice={"type": "function", "name": "lookup"},
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+        reasoning={"effort": "low"},
+        max_output_tokens=50,
+        extra_body={"mode": "echo_body"},
+    )
+    seen = orjson.loads(response.output_text)
+    assert seen["tools"][0]["function"]["name"] == "lookup"
+    assert seen["tool_choice"] == {"type": "function", "function": {"name": "lookup"}}
+    assert seen["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+    }
+    assert seen["max_tokens"] == 50
+    # The response echoes what was asked, as OpenAI's does.
+    assert response.text is not None and response.text.format is not None
+    assert response.text.format.type == "json_schema"
+    assert response.reasoning is not None and response.reasoning.effort == "low"
