@@ -394,6 +394,19 @@ def test_redis_cancel_through_the_other_replica(replicas, upstream):
             b.responses.retrieve("resp_unknown")
 
 
+def test_redis_running_background_response_is_in_progress_on_the_other_replica(replicas, upstream):
+    one, two = replicas
+    scenario = held_scenario()
+    with sdk(one) as a, sdk(two) as b:
+        created = a.responses.create(
+            model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
+        )
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        assert b.responses.retrieve(created.id).status == "in_progress"
+        record.release()
+        assert [event.type for event in b.responses.retrieve(created.id, stream=True)][-1] == "response.completed"
+
+
 def test_redis_resume_outlives_the_clients_socket_timeout(upstream, redis_url):
     # redis-py >= 6 ends any read after socket_timeout (5 s by default), a blocking XREAD included: a resume that
     # waited longer than that for the next event died with redis' TimeoutError. Here the timeout is 1 s and the

@@ -100,6 +100,7 @@ class ResponseRun:
         try:
             if self.request.background:
                 await self._emit(self.events.started())
+                await self.save()  # in_progress for a GET on another replica too, not queued until the end
             items = await self._open_items()
             first_item = asyncio.ensure_future(anext(items, _NOTHING))
             # Like chat: wait for the first item before committing, so an early failure keeps its HTTP status.
