@@ -371,6 +371,48 @@ def test_redis_cancel_through_the_other_replica(replicas, upstream):
             b.responses.retrieve("resp_unknown")
 
 
+def test_redis_running_background_response_is_in_progress_on_the_other_replica(replicas, upstream):
+    one, two = replicas
+    scenario = held_scenario()
+    with sdk(one) as a, sdk(two) as b:
+        created = a.responses.create(
+            model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
+        )
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        assert b.responses.retrieve(created.id).status == "in_progress"
+        record.release()
+        assert [event.type for event in b.responses.retrieve(created.id, stream=True)][-1] == "response.completed"
+
+
+def test_redis_resume_outlives_the_clients_socket_timeout(upstream, redis_url):
+    # redis-py >= 6 ends any read after socket_timeout (5 s by default), a blocking XREAD included: a resume that
+    # waited longer than that for the next event died with redis' TimeoutError. Here the timeout is 1 s and the
+    # keep-alive 2 s: the reader must see a ping (it waited past the socket timeout) and then the end.
+    one = start_server(upstream, redis_url=redis_url + "?socket_timeout=1", keepalive_seconds=2)
+    two = start_server(upstream, redis_url=redis_url + "?socket_timeout=1", keepalive_seconds=2)
+    try:
+        scenario = held_scenario()
+        with sdk(one) as a:
+            created = a.responses.create(
+                model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
+            )
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        url = f"{two.url}/v1/responses/{created.id}?stream=true&starting_after=-1"
+        pinged = False
+        with httpx.stream("GET", url, timeout=30) as response:
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if line == ": ping" and not pinged:
+                    pinged = True
+                    record.release()
+        assert pinged
+        assert lines[-2] == "data: " + lines[-2][len("data: ") :] and '"response.completed"' in lines[-2]
+    finally:
+        one.stop()
+        two.stop()
+
+
 # The OpenAI Agents SDK ---------------------------------------------------------------------------------------------
 
 
@@ -411,6 +453,23 @@ def test_length_cut_is_an_incomplete_response(client):
         ({"model": "fake_async", "input": "x", "background": True, "store": False}, "store"),
         ({"model": "fake_async", "input": [{"type": "web_search_call"}]}, "input"),
         ({"model": "fake_async", "input": "x", "stream": "yes"}, "stream"),
+        # Malformed items: a 400 naming the field, not a 500 from the conversion or the pipeline.
+        ({"model": "fake_async", "input": [{"role": "user", "content": None}]}, "input.0.content"),
+        ({"model": "fake_async", "input": [{"role": "user", "content": ["hi"]}]}, "input.0.content"),
+        ({"model": "fake_async", "input": [{"role": 3, "content": "x"}]}, "input.0.role"),
+        (
+            {"model": "fake_async", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": 5}]}]},
+            "input.0.content.0.image_url",
+        ),
+        (
+            {"model": "fake_async", "input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+            "input.0.call_id",
+        ),
+        ({"model": "fake_async", "input": [{"type": "function_call_output", "output": "x"}]}, "input.0.call_id"),
+        (
+            {"model": "fake_async", "input": [{"type": "function_call_output", "call_id": "c", "output": ["a"]}]},
+            "input.0.output",
+        ),
     ],
 )
 def test_bad_requests_are_400_envelopes(server, body, param):
@@ -434,3 +493,58 @@ def test_function_call_output_round_trips_as_a_tool_message(client, upstream):
     assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
     assert sent[1]["tool_calls"][0]["id"] == "call_1"
     assert sent[2]["tool_call_id"] == "call_1"
+
+
+def test_foreground_response_is_stored_while_in_progress(client, upstream):
+    scenario = held_scenario()
+    with client.responses.create(model="fake_async", input="hi", stream=True, extra_body={"scenario": scenario}) as s:
+        events = iter(s)
+        id = next(events).response.id
+        next(event for event in events if event.type == "response.output_text.delta")
+        assert client.responses.retrieve(id).status == "in_progress"
+        client.responses.delete(id)
+        assert [event.type for event in events][-1] == "response.cancelled"
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait()
+    assert record.client_hung_up and not record.completed
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(id)
+
+
+def test_deleting_a_running_background_response_stays_deleted(client, upstream):
+    scenario = held_scenario()
+    created = client.responses.create(
+        model="fake_async", input="hello", background=True, extra_body={"scenario": scenario}
+    )
+    record = upstream.wait_for_requests(1, model=scenario)[0]
+    client.responses.delete(created.id)
+    record.wait()
+    assert record.client_hung_up and not record.completed
+    # The run's cancellation ended after the delete: it must not have stored the response again.
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+
+
+def test_a_chat_wrapper_gets_tool_choice_and_format_in_the_chat_shape(client):
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+    response = client.responses.create(
+        model="fake_async",
+        input="x",
+        tools=[{"type": "function", "name": "lookup", "parameters": schema}],
+        tool_choice={"type": "function", "name": "lookup"},
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+        reasoning={"effort": "low"},
+        max_output_tokens=50,
+        extra_body={"mode": "echo_body"},
+    )
+    seen = orjson.loads(response.output_text)
+    assert seen["tools"][0]["function"]["name"] == "lookup"
+    assert seen["tool_choice"] == {"type": "function", "function": {"name": "lookup"}}
+    assert seen["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+    }
+    assert seen["max_tokens"] == 50
+    # The response echoes what was asked, as OpenAI's does.
+    assert response.text is not None and response.text.format is not None
+    assert response.text.format.type == "json_schema"
+    assert response.reasoning is not None and response.reasoning.effort == "low"

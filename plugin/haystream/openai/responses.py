@@ -36,11 +36,13 @@ class ResponsesRequest(BaseModel):
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
     tools: list[dict[str, Any]] = Field(default_factory=list)
-    tool_choice: Any = "auto"
+    tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool = True
     metadata: dict[str, str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
 
 
 class ResponseEvent(TypedDict):
@@ -137,13 +139,18 @@ def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for position, item in enumerate(input):
         kind = item.get("type", "message")
+        where = f"input.{position}"
         if kind == "message":
-            messages.append({"role": item.get("role", "user"), "content": _chat_content(item.get("content", ""))})
+            role = _string(item, "role", where, default="user")
+            messages.append({"role": role, "content": _chat_content(item.get("content", ""), f"{where}.content")})
         elif kind == "function_call":
             call = {
-                "id": item.get("call_id") or item.get("id"),
+                "id": _string(item, "call_id", where),
                 "type": "function",
-                "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "")},
+                "function": {
+                    "name": _string(item, "name", where),
+                    "arguments": _string(item, "arguments", where, default=""),
+                },
             }
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
@@ -152,12 +159,12 @@ def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output", "")
-            text = output if isinstance(output, str) else _text_of(output)
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
+            text = output if isinstance(output, str) else _text_of(output, f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where), "content": text})
         elif kind == "reasoning":
             continue  # the model's own earlier reasoning: not part of a chat prompt
         else:
-            raise OpenAIError(400, f"input.{position}: items of type {kind!r} are not supported.", param="input")
+            raise OpenAIError(400, f"{where}: items of type {kind!r} are not supported.", param="input")
     chat_messages(messages)  # 400 now for what Haystack cannot represent, not a pipeline failure later
     return messages
 
@@ -173,6 +180,24 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
+def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A Responses `tool_choice` in the chat-completions shape (`{"type": "function", "name"}` gains `function`)."""
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def chat_response_format(text: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`text.format` as a chat-completions `response_format` (None for plain text)."""
+    format = (text or {}).get("format")
+    if not isinstance(format, dict) or format.get("type") not in ("json_object", "json_schema"):
+        return None
+    if format["type"] == "json_object":
+        return {"type": "json_object"}
+    schema = {key: format[key] for key in ("name", "description", "schema", "strict") if key in format}
+    return {"type": "json_schema", "json_schema": schema}
+
+
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A finished response's output items as chat messages (for `previous_response_id` chaining)."""
     return input_messages([item for item in output if item.get("type") in ("message", "function_call")])
@@ -183,28 +208,39 @@ def response_id() -> str:
     return "resp_" + secrets.token_hex(16)
 
 
-def _chat_content(content: Any) -> Any:
+def _string(item: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+    """A required (or defaulted) string field of an input item; 400 when missing or not a string."""
+    value = item.get(key, default)
+    if not isinstance(value, str) or (default is None and not value):
+        wanted = "a non-empty string" if default is None else "a string"
+        raise OpenAIError(400, f"{where}.{key}: expected {wanted}.", param=f"{where}.{key}")
+    return value
+
+
+def _chat_content(content: Any, where: str) -> Any:
     if isinstance(content, str):
         return content
-    parts = []
-    for part in content:
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        raise OpenAIError(400, f"{where}: expected a string or a list of content parts.", param=where)
+    parts: list[dict[str, Any]] = []
+    for position, part in enumerate(content):
         kind = part.get("type")
         if kind in ("input_text", "output_text", "text"):
-            parts.append({"type": "text", "text": part.get("text", "")})
+            parts.append({"type": "text", "text": _string(part, "text", f"{where}.{position}", default="")})
         elif kind == "input_image":
-            url = part.get("image_url") or ""
+            url = _string(part, "image_url", f"{where}.{position}", default="")
             parts.append({"type": "image_url", "image_url": {"url": url}})
         elif kind == "refusal":
-            parts.append({"type": "text", "text": part.get("refusal", "")})
+            parts.append({"type": "text", "text": _string(part, "refusal", f"{where}.{position}", default="")})
     if all(part["type"] == "text" for part in parts):
         return "".join(part["text"] for part in parts)
     return parts
 
 
-def _text_of(parts: Any) -> str:
-    if isinstance(parts, list):
-        return "".join(part.get("text", "") for part in parts if isinstance(part, dict))
-    return str(parts)
+def _text_of(parts: Any, where: str) -> str:
+    if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
+        raise OpenAIError(400, f"{where}: expected a string or a list of content parts.", param=where)
+    return "".join(_string(part, "text", where, default="") for part in parts)
 
 
 class ResponseEvents:
@@ -231,7 +267,8 @@ class ResponseEvents:
             "previous_response_id": request.previous_response_id,
             "store": request.store,
             "temperature": request.temperature,
-            "text": {"format": {"type": "text"}},
+            "text": request.text or {"format": {"type": "text"}},
+            "reasoning": request.reasoning,
             "tool_choice": request.tool_choice,
             "tools": request.tools,
             "top_p": request.top_p,

@@ -207,6 +207,11 @@ class RedisStore:
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2)
         self._redis = aioredis.from_url(url, retry=retry, retry_on_error=[ConnectionError])
         self._errors: type[Exception] = RedisError
+        # redis-py >= 6 ends any read after `socket_timeout` (5 s by default), a blocking XREAD included: block for
+        # less than that, and wait out the rest of an idle period with another XREAD.
+        options = self._redis.connection_pool.connection_kwargs
+        socket_timeout = options.get("socket_timeout", options.get("orig_socket_timeout"))  # redis-py 8 has the latter
+        self._block_limit = socket_timeout / 2 if socket_timeout else None
         self.ttl = max(1, int(ttl_seconds))
         self._prefix = prefix
         self._listener: asyncio.Task[None] | None = None
@@ -254,14 +259,20 @@ class RedisStore:
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         log = self._log(id)
         cursor = f"0-{after + 1}" if after >= 0 else "0-0"
-        block = max(1, int(idle * 1000))
+        loop = asyncio.get_running_loop()
+        quiet_until = loop.time() + idle
         while True:
+            wait = quiet_until - loop.time()
+            if self._block_limit is not None:
+                wait = min(wait, self._block_limit)
             with self._reachable():
-                found: Any = await self._redis.xread({log: cursor}, block=block, count=512)
+                found: Any = await self._redis.xread({log: cursor}, block=max(1, int(wait * 1000)), count=512)
                 if not found and not await self._redis.exists(log, self._key(id)):
                     return  # deleted or expired while we waited
             if not found:
-                yield None
+                if loop.time() >= quiet_until:
+                    yield None
+                    quiet_until = loop.time() + idle
                 continue
             entries = found[0][1]
             cursor = cast(str, entries[-1][0])
@@ -269,6 +280,7 @@ class RedisStore:
             yield batch
             if batch[-1]["type"] in TERMINAL_EVENTS:
                 return
+            quiet_until = loop.time() + idle
 
     async def request_cancel(self, id: str) -> None:
         with self._reachable():

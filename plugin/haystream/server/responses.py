@@ -21,6 +21,8 @@ from haystream.openai.responses import (
     TERMINAL_EVENTS,
     ResponseEvents,
     ResponsesRequest,
+    chat_response_format,
+    chat_tool_choice,
     chat_tools,
     event_frame,
     input_messages,
@@ -74,6 +76,7 @@ class ResponseRun:
         self._style = style
         self._secrets = secrets
         self._saved_final = False
+        self.deleted = False  # a DELETE while running: nothing may store the record again
 
     @property
     def id(self) -> str:
@@ -82,7 +85,7 @@ class ResponseRun:
 
     async def save(self) -> None:
         """Store the record as it stands (with the conversation once the response is done)."""
-        if not self.request.store:
+        if not self.request.store or self.deleted:
             return
         response = snapshot(self.events.response)
         messages = self._conversation
@@ -100,6 +103,7 @@ class ResponseRun:
         try:
             if self.request.background:
                 await self._emit(self.events.started())
+                await self.save()  # in_progress for a GET on another replica too, not queued until the end
             items = await self._open_items()
             first_item = asyncio.ensure_future(anext(items, _NOTHING))
             # Like chat: wait for the first item before committing, so an early failure keeps its HTTP status.
@@ -107,7 +111,7 @@ class ResponseRun:
             if first_item.done():
                 first_item.result()  # raises an early failure here
             if not self.request.background:
-                await self._emit(self.events.created())
+                await self._emit(self.events.created())  # stored as in progress first (see _emit)
             first = await first_item
             if first is not _NOTHING:
                 await self._feed(mapper, first)
@@ -267,6 +271,7 @@ class ResponsesEndpoint:
         if not await self.store.delete(id, key_id):
             raise _not_found(id)
         if local is not None:
+            local[0].deleted = True  # its cancellation must not store it again
             local[1].cancel()
         await send_json(send, 200, {"id": id, "object": "response.deleted", "deleted": True})
 
@@ -374,11 +379,17 @@ def _not_found(id: str) -> OpenAIError:
 
 
 def wrapper_body(request: ResponsesRequest, body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The body a chat wrapper sees: the Responses body plus chat-completions `messages`, `tools` and
-    `max_tokens`, so that wrappers written for chat completions work unchanged."""
+    """The body a chat wrapper sees: the Responses body plus chat-completions `messages`, `tools`, `tool_choice`,
+    `response_format` (from `text.format`) and `max_tokens`, so that wrappers written for chat completions work
+    unchanged."""
     chat = {**body, "messages": messages, "stream": True}
     if request.tools:
         chat["tools"] = chat_tools(request.tools)
+    if "tool_choice" in body:
+        chat["tool_choice"] = chat_tool_choice(request.tool_choice)
+    response_format = chat_response_format(request.text)
+    if response_format is not None:
+        chat["response_format"] = response_format
     if request.max_output_tokens:
         chat["max_tokens"] = request.max_output_tokens
     return chat

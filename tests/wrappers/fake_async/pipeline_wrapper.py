@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from functools import cache
@@ -92,6 +93,8 @@ class PipelineWrapper(BasePipelineWrapper):
             )
         if mode == "string":
             return "a plain string answer"
+        if mode == "echo_body":  # the chat-completions fields the wrapper was given, as its answer
+            return json.dumps({key: body.get(key) for key in ("tools", "tool_choice", "response_format", "max_tokens")})
         if mode == "fail_early":
             raise ValueError("the wrapper refused this request")
         if mode == "mixed":
