@@ -199,6 +199,27 @@ def test_the_root_path_really_routes(rooted):
     assert_envelope(httpx.get(rooted.url + "/api/status"), 401)
 
 
+@pytest.mark.parametrize("prefix", ["", "/api"])
+def test_haystreams_routes_answer_under_the_root_path(rooted, prefix):
+    """hayhooks' router strips the root path before routing, so `/api/v1/chat/completions` reached hayhooks' own chat
+    route: past the max_tokens cap and the stream limits, with the caller's credentials handed to the wrapper."""
+    headers = {**AUTH, "Cookie": "session=abc", "X-Custom": "kept"}
+    too_many = {"model": "probe_rooted", "messages": USER, "max_tokens": 10**9}
+    for chat_path in ("/v1/chat/completions", "/chat/completions", "/openwebui/v1/chat/completions"):
+        chat = httpx.post(
+            rooted.url + prefix + chat_path,
+            json={"model": "probe_rooted", "messages": USER, "mode": "headers"},
+            headers=headers,
+        )
+        seen = orjson.loads(chat.json()["choices"][0]["message"]["content"])
+        assert "x-custom" in seen and "authorization" not in seen and "cookie" not in seen, (chat_path, seen)
+        assert_envelope(httpx.post(rooted.url + prefix + chat_path, json=too_many, headers=AUTH), 400)
+    models = httpx.get(rooted.url + prefix + "/v1/models", headers=AUTH).json()["data"]
+    assert {model["owned_by"] for model in models} == {"haystream"}
+    assert httpx.get(rooted.url + prefix + "/metrics", headers=AUTH).status_code == 200
+    assert_envelope(httpx.post(rooted.url + prefix + "/v1/chat/completions", json=too_many), 401)
+
+
 def test_docs_and_draw_are_off_by_default(open_server):
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/draw/probe", "//docs", "/DOCS/"):
         assert_envelope(httpx.get(open_server.url + path), 404, "not_found")
