@@ -790,3 +790,42 @@ def _read_response(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+# --- request heads ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
+    """httptools copies a header or URL arriving in pieces whole each time, without a limit: a 256 MB header held
+    `haystream serve`'s loop for seconds at a time (the probes waited 20 s). Now: 431 past 64 KiB, then closed."""
+    import os
+
+    from test_cli_serve import free_port, start_serve, stop
+
+    port = free_port()
+    env = {**os.environ, "HAYSTREAM_API_KEYS": KEY, "HAYSTACK_TELEMETRY_ENABLED": "False"}
+    args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(PROBE_WRAPPERS)]
+    process = start_serve(args, env)
+    try:
+        assert process.log.wait_for("running on")  # uvicorn binds after the app's startup
+        for start in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ", b"GET /"):  # a header, the URL
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(start)
+                answer = b""
+                try:
+                    for _ in range(64):  # 4 MiB at most; the server answers and closes after 64 KiB
+                        sock.sendall(b"a" * 65536)
+                except OSError:
+                    pass  # closed by the server while we were still sending
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+            assert b'"error"' in answer and b"Traceback" not in answer
+        # Heads of ordinary size still pass: a 32 KiB header, and a small head with a large body in one write.
+        padded = httpx.get(f"http://127.0.0.1:{port}/health", headers={"X-Pad": "p" * 32 * 1024})
+        assert padded.status_code == 200
+        body = httpx.post(f"http://127.0.0.1:{port}/v1/files", content=b"x" * 200_000, headers=AUTH)
+        assert body.status_code != 431
+    finally:
+        stop(process)
