@@ -804,11 +804,17 @@ def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
     from test_cli_serve import free_port, start_serve, stop
 
     port = free_port()
-    env = {**os.environ, "HAYSTREAM_API_KEYS": KEY, "HAYSTACK_TELEMETRY_ENABLED": "False"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HAYSTREAM_", "HAYHOOKS_"))},
+        "HAYSTREAM_API_KEYS": KEY,
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+    }
     args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(PROBE_WRAPPERS)]
     process = start_serve(args, env)
     try:
-        assert process.log.wait_for("running on")  # uvicorn binds after the app's startup
+        assert process.log.wait_for("Application startup complete", count=workers)
+        # One process binds after its app started (it says so); with workers, the parent bound before starting them.
+        assert workers > 1 or process.log.wait_for("Uvicorn running on")
         for start in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ", b"GET /"):  # a header, the URL
             with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
                 sock.sendall(start)
