@@ -199,6 +199,27 @@ def test_the_root_path_really_routes(rooted):
     assert_envelope(httpx.get(rooted.url + "/api/status"), 401)
 
 
+@pytest.mark.parametrize("prefix", ["", "/api"])
+def test_haystreams_routes_answer_under_the_root_path(rooted, prefix):
+    """hayhooks' router strips the root path before routing, so `/api/v1/chat/completions` reached hayhooks' own chat
+    route: past the max_tokens cap and the stream limits, with the caller's credentials handed to the wrapper."""
+    headers = {**AUTH, "Cookie": "session=abc", "X-Custom": "kept"}
+    too_many = {"model": "probe_rooted", "messages": USER, "max_tokens": 10**9}
+    for chat_path in ("/v1/chat/completions", "/chat/completions", "/openwebui/v1/chat/completions"):
+        chat = httpx.post(
+            rooted.url + prefix + chat_path,
+            json={"model": "probe_rooted", "messages": USER, "mode": "headers"},
+            headers=headers,
+        )
+        seen = orjson.loads(chat.json()["choices"][0]["message"]["content"])
+        assert "x-custom" in seen and "authorization" not in seen and "cookie" not in seen, (chat_path, seen)
+        assert_envelope(httpx.post(rooted.url + prefix + chat_path, json=too_many, headers=AUTH), 400)
+    models = httpx.get(rooted.url + prefix + "/v1/models", headers=AUTH).json()["data"]
+    assert {model["owned_by"] for model in models} == {"haystream"}
+    assert httpx.get(rooted.url + prefix + "/metrics", headers=AUTH).status_code == 200
+    assert_envelope(httpx.post(rooted.url + prefix + "/v1/chat/completions", json=too_many), 401)
+
+
 def test_docs_and_draw_are_off_by_default(open_server):
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/draw/probe", "//docs", "/DOCS/"):
         assert_envelope(httpx.get(open_server.url + path), 404, "not_found")
@@ -770,3 +791,48 @@ def _read_response(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+# --- request heads ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
+    """httptools copies a header or URL arriving in pieces whole each time, without a limit: a 256 MB header held
+    `haystream serve`'s loop for seconds at a time (the probes waited 20 s). Now: 431 past 64 KiB, then closed."""
+    import os
+
+    from test_cli_serve import free_port, start_serve, stop
+
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HAYSTREAM_", "HAYHOOKS_"))},
+        "HAYSTREAM_API_KEYS": KEY,
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+    }
+    args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(PROBE_WRAPPERS)]
+    process = start_serve(args, env)
+    try:
+        assert process.log.wait_for("Application startup complete", count=workers)
+        # One process binds after its app started (it says so); with workers, the parent bound before starting them.
+        assert workers > 1 or process.log.wait_for("Uvicorn running on")
+        for start in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ", b"GET /"):  # a header, the URL
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(start)
+                answer = b""
+                try:
+                    for _ in range(64):  # 4 MiB at most; the server answers and closes after 64 KiB
+                        sock.sendall(b"a" * 65536)
+                except OSError:
+                    pass  # closed by the server while we were still sending
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+            assert b'"error"' in answer and b"Traceback" not in answer
+        # Heads of ordinary size still pass: a 32 KiB header, and a small head with a large body in one write.
+        padded = httpx.get(f"http://127.0.0.1:{port}/health", headers={"X-Pad": "p" * 32 * 1024})
+        assert padded.status_code == 200
+        body = httpx.post(f"http://127.0.0.1:{port}/v1/files", content=b"x" * 200_000, headers=AUTH)
+        assert body.status_code != 431
+    finally:
+        stop(process)

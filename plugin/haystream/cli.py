@@ -6,6 +6,7 @@ import os
 import re
 import string
 from collections.abc import Iterator
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -92,6 +93,8 @@ def serve(
         "log_level": settings.log_level,
         # A backstop only: the drain ends running streams itself at drain_timeout.
         "timeout_graceful_shutdown": int(settings.drain_timeout) + 5,
+        # httptools, when installed, with a bound on request heads (h11 has its own): see haystream.server.protocol.
+        "http": "haystream.server.protocol:BoundedHeadProtocol" if find_spec("httptools") else "h11",
     }
     config = uvicorn.Config("haystream.server.app:create_app", **options)
     if settings.workers > 1:

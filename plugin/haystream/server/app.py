@@ -73,8 +73,11 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class HaystreamApp:
     """Pure ASGI: chat completions and models here, the rest to hayhooks' app."""
 
-    def __init__(self, hayhooks_app: Any, settings: ServerSettings, registry: Any) -> None:
+    def __init__(self, hayhooks_app: Any, settings: ServerSettings, registry: Any, *, root_path: str = "") -> None:
         self.hayhooks_app = hayhooks_app
+        # hayhooks' router also routes `/{root}/v1/chat/completions` (its own chat route, past every haystream
+        # limit): haystream's routes answer under the root path too.
+        self._root_path = root_path.rstrip("/")
         self.settings = settings
         self.registry = registry
         self.limits = StreamLimits(settings.max_streams, settings.max_streams_per_key)
@@ -95,7 +98,7 @@ class HaystreamApp:
         if scope["type"] != "http":
             await self.hayhooks_app(scope, receive, send)
             return
-        path = _route_path(scope)
+        path = _route_path(scope, self._root_path)
         for_openwebui = path.startswith(OPENWEBUI_PREFIX + "/")
         if for_openwebui:
             path = path[len(OPENWEBUI_PREFIX) :]
@@ -369,7 +372,7 @@ def create_app(settings: ServerSettings | None = None) -> logs.AccessLog:
     hayhooks_settings.cors_allow_headers = ["authorization", "content-type"]
     from hayhooks import create_app as create_hayhooks_app
 
-    app = HaystreamApp(create_hayhooks_app(), settings, registry)
+    app = HaystreamApp(create_hayhooks_app(), settings, registry, root_path=hayhooks_settings.root_path)
     # haystream's access log (`logs.AccessLog`) replaces uvicorn's, which hayhooks has just routed through loguru.
     logging.getLogger("uvicorn.access").disabled = True
     gate = Gate(
@@ -444,10 +447,13 @@ def _chat_route(for_openwebui: bool) -> str:
     return OPENWEBUI_PREFIX + "/v1/chat/completions" if for_openwebui else "/v1/chat/completions"
 
 
-def _route_path(scope: Scope) -> str:
+def _route_path(scope: Scope, root_path: str = "") -> str:
+    """The path to route on: without the server's root path, then without hayhooks' (as Starlette's router does)."""
     path = scope["path"]
-    root = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+    for root in (scope.get("root_path", ""), root_path):
+        if root and path.startswith(root + "/"):
+            path = path[len(root) :]
+    return path
 
 
 def _require_method(scope: Scope, *methods: str) -> None:
