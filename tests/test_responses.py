@@ -356,14 +356,20 @@ def test_redis_background_started_on_one_replica_resumes_on_the_other(replicas):
         assert follow_up.status == "completed"
 
 
+def start_held_background(sdk_client: openai.OpenAI, upstream):
+    """A background response on a sync wrapper whose upstream holds after its first token; returns it and the fake's
+    record of its upstream request (which it has reached)."""
+    scenario = held_scenario()
+    created = sdk_client.responses.create(
+        model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
+    )
+    return created, upstream.wait_for_requests(1, model=scenario)[0]
+
+
 def test_redis_cancel_through_the_other_replica(replicas, upstream):
     one, two = replicas
-    scenario = held_scenario()
     with sdk(one) as a, sdk(two) as b:
-        created = a.responses.create(
-            model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
-        )
-        record = upstream.wait_for_requests(1, model=scenario)[0]
+        created, record = start_held_background(a, upstream)
         assert b.responses.cancel(created.id).status == "cancelled"
         record.wait()
         assert record.client_hung_up and not record.completed
@@ -373,12 +379,8 @@ def test_redis_cancel_through_the_other_replica(replicas, upstream):
 
 def test_redis_running_background_response_is_in_progress_on_the_other_replica(replicas, upstream):
     one, two = replicas
-    scenario = held_scenario()
     with sdk(one) as a, sdk(two) as b:
-        created = a.responses.create(
-            model="fake_sync", input="hello", background=True, extra_body={"mode": "stream", "scenario": scenario}
-        )
-        record = upstream.wait_for_requests(1, model=scenario)[0]
+        created, record = start_held_background(a, upstream)
         assert b.responses.retrieve(created.id).status == "in_progress"
         record.release()
         assert [event.type for event in b.responses.retrieve(created.id, stream=True)][-1] == "response.completed"
