@@ -3,6 +3,9 @@ background responses, resume after a dropped connection, cancel), raw httpx, and
 
 from __future__ import annotations
 
+import concurrent.futures
+import socket
+
 import httpx
 import openai
 import orjson
@@ -550,3 +553,32 @@ def test_a_chat_wrapper_gets_tool_choice_and_format_in_the_chat_shape(client):
     assert response.text is not None and response.text.format is not None
     assert response.text.format.type == "json_schema"
     assert response.reasoning is not None and response.reasoning.effort == "low"
+
+
+def test_a_second_cancel_while_the_first_unwinds_leaves_the_response_cancelled(server, client, upstream):
+    # The wrapper's clean-up streams a held scenario: the run is still unwinding the first cancel when the second
+    # arrives. A second cancellation used to interrupt that unwinding, so neither the cancelled response nor its
+    # terminal event was stored: both cancels and every later GET said in_progress.
+    unwind = unique("fake?tokens=1&hold_after=0")
+    created = client.responses.create(
+        model="fake_async", input="hello", background=True, extra_body={"mode": "slow_unwind", "scenario": unwind}
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.responses.cancel, created.id)
+        record = upstream.wait_for_requests(1, model=unwind)[0]  # the first cancel is unwinding the run
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as second:
+            second.sendall(
+                f"POST /v1/responses/{created.id}/cancel HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            # The server reads the second cancel no later than this request, which it has answered once it returns.
+            assert client.responses.retrieve(created.id).status == "in_progress"
+            record.release()
+            assert first.result().status == "cancelled"
+            answer = b"".join(iter(lambda: second.recv(65536), b""))
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["status"] == "cancelled"
+    assert client.responses.retrieve(created.id).status == "cancelled"
+    events = [event.type for event in client.responses.retrieve(created.id, stream=True)]
+    assert events[-1] == "response.cancelled"

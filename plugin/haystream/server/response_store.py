@@ -300,13 +300,16 @@ class RedisStore:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.CANCEL_CHANNEL)
-                if wait > 0.5:
-                    logger.warning("the response store (Redis) is reachable again; cancels are heard")
-                wait = 0.5
-                self._listening.set()
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         on_cancel(message["data"].decode())
+                    elif message.get("type") == "subscribe":
+                        # Only Redis' confirmation means cancels are heard: right after an outage, SUBSCRIBE can
+                        # go out on a pooled connection that Redis already closed, and sending it succeeds.
+                        if wait > 0.5:
+                            logger.warning("the response store (Redis) is reachable again; cancels are heard")
+                        wait = 0.5
+                        self._listening.set()
             except self._errors as error:
                 logger.error(
                     "the response store (Redis) is unreachable (%s): Responses routes answer 503 and cancels from "

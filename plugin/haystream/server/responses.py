@@ -272,7 +272,7 @@ class ResponsesEndpoint:
             raise _not_found(id)
         if local is not None:
             local[0].deleted = True  # its cancellation must not store it again
-            local[1].cancel()
+            _stop(local[1])
         await send_json(send, 200, {"id": id, "object": "response.deleted", "deleted": True})
 
     async def cancel(self, id: str, key_id: str, send: Send) -> None:
@@ -285,7 +285,7 @@ class ResponsesEndpoint:
         if record.response["status"] in ("queued", "in_progress"):
             local = self._runs.get(id)
             if local is not None:
-                local[1].cancel()
+                _stop(local[1])
                 await asyncio.wait({local[1]})
             else:
                 await self.store.request_cancel(id)
@@ -371,7 +371,14 @@ class ResponsesEndpoint:
     def _cancel_local(self, id: str) -> None:
         local = self._runs.get(id)
         if local is not None:
-            local[1].cancel()
+            _stop(local[1])
+
+
+def _stop(run: asyncio.Task[None]) -> None:
+    """Cancel a run once: a second cancellation (two cancel requests) would interrupt the first one's unwinding, which
+    stores the cancelled response and ends its log."""
+    if not run.cancelling():
+        run.cancel()
 
 
 def _not_found(id: str) -> OpenAIError:

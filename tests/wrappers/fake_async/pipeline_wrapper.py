@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -103,6 +104,8 @@ class PipelineWrapper(BasePipelineWrapper):
             return self._role_then_rate_limit()
         if mode == "think":
             return iter(["<think>", "weighing it", "</think>", "The answer."])
+        if mode == "slow_unwind":
+            return self._slow_unwind(llm(scenario, generator), history)
         raise ValueError(f"unknown mode {mode}")
 
     def run_task(self, task: str, messages: list[dict], body: dict) -> Any:
@@ -113,6 +116,16 @@ class PipelineWrapper(BasePipelineWrapper):
         yield StreamingChunk(content="")  # what a generator's role chunk becomes: nothing a client sees
         yield {"event": {"type": "status", "data": {"description": "working", "done": False}}}
         raise RateLimited("the upstream is rate limiting")
+
+    async def _slow_unwind(self, generator: OpenAIChatGenerator, history: list[ChatMessage]) -> AsyncIterator[Any]:
+        """Yields nothing until cancelled; its clean-up then streams the scenario from the upstream, which a held
+        scenario keeps going until the test releases it: a wrapper whose unwinding takes a while."""
+        try:
+            await asyncio.Event().wait()
+            yield ""
+        finally:
+            async for _ in haystream.astream(generator, messages=history):
+                pass
 
     async def _mixed(self) -> AsyncIterator[Any]:
         yield create_status_event("working")
