@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+import select
 import shutil
 import socket
 import threading
@@ -834,5 +835,60 @@ def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
         assert padded.status_code == 200
         body = httpx.post(f"http://127.0.0.1:{port}/v1/files", content=b"x" * 200_000, headers=AUTH)
         assert body.status_code != 431
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_request_head_that_never_completes_is_cut_without_a_key(workers):
+    """uvicorn times out idle keep-alive connections only, and any byte stops that timer: a connection that sent
+    nothing, or its head a byte at a time, stayed open for good (slowloris). Now the head has
+    `HAYSTREAM_HEAD_TIMEOUT_SECONDS` from the connection (or from its first byte on a reused one): 408, or a plain
+    close when nothing was sent."""
+    import os
+
+    from test_cli_serve import free_port, start_serve, stop
+
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HAYSTREAM_", "HAYHOOKS_"))},
+        "HAYSTREAM_API_KEYS": KEY,
+        "HAYSTREAM_HEAD_TIMEOUT_SECONDS": "1",
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+    }
+    args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(PROBE_WRAPPERS)]
+    process = start_serve(args, env)
+    try:
+        assert process.log.wait_for("Application startup complete", count=workers)
+        assert workers > 1 or process.log.wait_for("Uvicorn running on")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            assert silent.recv(65536) == b""  # closed, nothing said
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as trickle:
+            trickle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            answer = b""
+            for _ in range(120):  # a byte every 0.25 s: each byte used to keep the connection open
+                if select.select([trickle], [], [], 0.25)[0]:
+                    answer = b"".join(iter(lambda: trickle.recv(65536), b""))
+                    break
+                trickle.sendall(b"s")
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b'"error"' in answer
+        # A request whose head is on time is not cut by the head's deadline, however long its body then takes (the
+        # body has HAYSTREAM_BODY_TIMEOUT_SECONDS), and its connection serves the next request.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow_body:
+            body = b'{"model": "nope", "messages": []}'
+            slow_body.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (KEY.encode(), len(body))
+            )
+            for byte in body:  # over 3 s, three head timeouts
+                assert not select.select([slow_body], [], [], 0.1)[0]  # nothing said (a 408 would be)
+                slow_body.sendall(bytes([byte]))
+            reader = slow_body.makefile("rb")
+            status = reader.readline()
+            assert status.startswith(b"HTTP/1.1 4") and not status.startswith(b"HTTP/1.1 408"), status
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.get("/health").status_code == 200
+            assert client.get("/health").status_code == 200  # the same connection, reused
     finally:
         stop(process)

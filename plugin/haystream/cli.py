@@ -6,7 +6,6 @@ import os
 import re
 import string
 from collections.abc import Iterator
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -93,8 +92,7 @@ def serve(
         "log_level": settings.log_level,
         # A backstop only: the drain ends running streams itself at drain_timeout.
         "timeout_graceful_shutdown": int(settings.drain_timeout) + 5,
-        # httptools, when installed, with a bound on request heads (h11 has its own): see haystream.server.protocol.
-        "http": "haystream.server.protocol:BoundedHeadProtocol" if find_spec("httptools") else "h11",
+        "http": _http_protocol(settings.head_timeout_seconds),
     }
     config = uvicorn.Config("haystream.server.app:create_app", **options)
     if settings.workers > 1:
@@ -236,6 +234,16 @@ class _client:
             _fail(f"haystream at {self.url} did not answer in time.")
         if isinstance(exc, httpx.TransportError):
             _fail(f"The connection to haystream at {self.url} was lost ({type(exc).__name__}): did the server stop?")
+
+
+def _http_protocol(head_timeout: float) -> Any:
+    """uvicorn's httptools protocol with bounds on request heads (see haystream.server.protocol); a partial of a
+    module-level class, so that it reaches spawned workers."""
+    from functools import partial
+
+    from haystream.server.protocol import BoundedHeadProtocol
+
+    return partial(BoundedHeadProtocol, head_timeout=head_timeout)
 
 
 def _check_can_serve(pipelines_dir: str, host: str, port: int) -> None:

@@ -72,6 +72,9 @@ class ServerSettings(BaseSettings):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body, any route.")
     body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client has to send its whole request body.")
+    head_timeout_seconds: float = Field(
+        30.0, gt=0, description="Time a client has to send a request's line and headers (408 after it)."
+    )
     max_streams: int = Field(1024, ge=1, description="Chat requests running at once; more get 429.")
     max_streams_per_key: int = Field(256, ge=1, description="Chat requests running at once per API key.")
     send_timeout_seconds: float = Field(

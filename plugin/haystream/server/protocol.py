@@ -1,28 +1,57 @@
-"""uvicorn's httptools protocol with a bound on a request's head (request line and headers), checked before any key.
+"""uvicorn's httptools protocol with bounds on a request's head (request line and headers), checked before any key.
 
-httptools joins a header value or URL that arrives in pieces by copying what it has so far each time, without a
-limit: one client streaming a 256 MB header, no key needed, held the event loop for seconds at a time (every route
-and the probes waited 20 s) for 100 s and grew the process by 370 MB. Past `MAX_HEAD_BYTES` the connection gets 431
-and is closed; the copies stay bounded. (uvicorn's h11 protocol has such a bound of its own.)
+- Size: httptools joins a header value or URL that arrives in pieces by copying what it has so far each time, without
+  a limit: one client streaming a 256 MB header, no key needed, held the event loop for seconds at a time (every route
+  and the probes waited 20 s) for 100 s and grew the process by 370 MB. Past `MAX_HEAD_BYTES` the connection gets 431
+  and is closed; the copies stay bounded. (uvicorn's h11 protocol has such a bound of its own.)
+- Time: uvicorn times out only idle keep-alive connections, and any byte received stops that timer: a connection that
+  never sends a byte, or sends its head a byte at a time, was held open for good (slowloris). A head must now be
+  complete within `head_timeout` seconds of the connection, or of its first byte on a reused connection; otherwise
+  the connection gets 408 (or, if it sent nothing, is just closed) like a body that never arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024
-_REFUSAL = b'{"error":{"message":"Request headers too large.","type":"invalid_request_error","param":null,"code":null}}'
+HEAD_TIMEOUT_SECONDS = 30.0
+
+
+def _refusal(status: bytes, message: bytes) -> bytes:
+    body = b'{"error":{"message":"%s","type":"invalid_request_error","param":null,"code":null}}' % message
+    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+        status,
+        len(body),
+        body,
+    )
+
+
+_TOO_LARGE = _refusal(b"431 Request Header Fields Too Large", b"Request headers too large.")
+_TOO_SLOW = _refusal(b"408 Request Timeout", b"The request headers took too long to arrive.")
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """`HttpToolsProtocol` that refuses (431) a request whose head is still incomplete after `MAX_HEAD_BYTES`."""
+    """`HttpToolsProtocol` that refuses a request whose head is still incomplete after `MAX_HEAD_BYTES` (431) or
+    after `head_timeout` seconds (408)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, head_timeout: float = HEAD_TIMEOUT_SECONDS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # until the first request's headers are complete
         self._head_bytes = 0
+        self._head_timeout = head_timeout
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -32,18 +61,40 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._in_head = False
-            self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_REFUSAL), _REFUSAL)
-            )
-            self.transport.close()
+            self._refuse(_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
+        self._arm_head_deadline()  # from the head's first byte: idle keep-alive time is uvicorn's to bound
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._disarm_head_deadline()
         super().on_headers_complete()
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        self._head_deadline = self.loop.call_later(self._head_timeout, self._head_too_slow)
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if not self._head_bytes:  # not one byte of a request: nobody to answer
+            self._in_head = False
+            self.transport.close()
+            return
+        self._refuse(_TOO_SLOW)
+
+    def _refuse(self, answer: bytes) -> None:
+        self._in_head = False
+        self._disarm_head_deadline()
+        self.transport.write(answer)
+        self.transport.close()
