@@ -219,3 +219,34 @@ def test_events_an_openwebui_client_gets_commit_the_headers(server):
         events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
     assert json.loads(events[1]) == {"event": {"type": "status", "data": {"description": "working", "done": False}}}
     assert "rate limiting" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+
+
+def test_a_path_or_method_nothing_serves_gets_the_openai_envelope(http, client):
+    # hayhooks (FastAPI) answered these with `{"detail": "Not Found"}`, which OpenAI clients do not parse.
+    error = assert_envelope(http.post("/v1/completions", json={"model": "fake_async", "prompt": "hi"}), 404)
+    assert error["message"] == "Invalid URL (POST /v1/completions)"
+    assert http.get("/nope/run").json()["detail"] == "Invalid URL (GET /nope/run)"  # what hayhooks' CLI shows
+    with pytest.raises(openai.NotFoundError, match=r"Invalid URL \(POST /v1/embeddings\)"):
+        client.embeddings.create(model="fake_async", input="hi")
+    wrong_method = http.delete("/status")  # hayhooks routes GET only
+    assert wrong_method.headers["allow"] == "GET"  # FastAPI's other headers are kept
+    assert "DELETE" in assert_envelope(wrong_method, 405)["message"]
+    # hayhooks' own answers pass as they are, its own 404s included.
+    assert http.get("/status").json()["status"] == "Up!"
+    missing = http.get("/status/no_such_pipeline")
+    assert (missing.status_code, set(missing.json())) == (404, {"detail"})
+
+
+def test_an_unforeseen_fault_is_a_500_envelope_and_logged(http, monkeypatch, caplog):
+    from haystream.server.app import HaystreamApp
+
+    async def broken(self, scope, send):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(HaystreamApp, "_models", broken)
+    with caplog.at_level("ERROR", logger="haystream.server"):
+        error = assert_envelope(http.get("/v1/models"), 500, "internal_error")
+    assert error["type"] == "server_error" and "bug" not in error["message"]  # the details stay in the log
+    assert any(record.exc_info and "a bug" in str(record.exc_info[1]) for record in caplog.records)
+    monkeypatch.undo()
+    assert http.get("/v1/models").status_code == 200

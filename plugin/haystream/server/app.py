@@ -117,7 +117,7 @@ class HaystreamApp:
             elif match := RESPONSE_PATH.fullmatch(path):
                 await self._response(scope, receive, send, match.group(1), cancel=bool(match.group(2)))
             else:
-                await self.hayhooks_app(scope, receive, send)
+                await self.hayhooks_app(scope, receive, _openai_shaped_no_route(scope, send))
         except OpenAIError as error:
             if path in CHAT_PATHS:
                 metrics.refused(_chat_route(for_openwebui), error.status)
@@ -126,6 +126,13 @@ class HaystreamApp:
         except ClientDisconnected:
             # The client left, or the gate stopped the body at its size or time limit (and answers 413/408 itself).
             logger.debug("request body not read to its end (client left or body limit): %s", path)
+        except Exception as error:
+            # A fault nobody foresaw (a bug): the client gets the OpenAI envelope, not uvicorn's plain-text 500.
+            try:
+                await send_error(send, INTERNAL_ERROR)
+            except Exception:
+                raise error from None  # the response had started: uvicorn logs it and closes the connection
+            logger.exception("unexpected error answering %s %s", scope["method"], path[:256])
 
     # routes -------------------------------------------------------------------------------------------------
 
@@ -454,6 +461,37 @@ def _route_path(scope: Scope, root_path: str = "") -> str:
         if root and path.startswith(root + "/"):
             path = path[len(root) :]
     return path
+
+
+INTERNAL_ERROR = OpenAIError(500, "The server had an error while processing your request.", code="internal_error")
+# FastAPI's answers for a path, or a method, that hayhooks has no route for.
+_NO_ROUTE_BODIES = {404: b'{"detail":"Not Found"}', 405: b'{"detail":"Method Not Allowed"}'}
+
+
+def _openai_shaped_no_route(scope: Scope, send: Send) -> Send:
+    """hayhooks' `send`, with FastAPI's answer to a path or method it has no route for (`{"detail": "Not Found"}`)
+    turned into the OpenAI error envelope that OpenAI clients parse; every other answer passes as it is."""
+    held: Message | None = None
+
+    async def no_route_as_openai_error(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start" and message["status"] in _NO_ROUTE_BODIES:
+            held = message  # until its body shows whether it is the generic answer
+            return
+        if held is not None:
+            start, held = held, None
+            if message.get("body") == _NO_ROUTE_BODIES[start["status"]] and not message.get("more_body"):
+                if start["status"] == 404:
+                    error = OpenAIError(404, f"Invalid URL ({scope['method']} {scope['path'][:256]})")
+                else:
+                    error = OpenAIError(405, f"Method {scope['method']} is not allowed on {scope['path'][:256]}.")
+                kept = [(n, v) for n, v in start["headers"] if n.lower() not in (b"content-type", b"content-length")]
+                await send_error(send, error, headers=kept, detail=True)  # hayhooks' CLI calls such paths
+                return
+            await send(start)
+        await send(message)
+
+    return no_route_as_openai_error
 
 
 def _require_method(scope: Scope, *methods: str) -> None:

@@ -132,11 +132,16 @@ async def send_json(send: Send, status: int, payload: Any, *, headers: list[tupl
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, error: OpenAIError, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """An OpenAI error envelope with its HTTP status (and the error's own headers, such as Retry-After)."""
+async def send_error(
+    send: Send, error: OpenAIError, *, headers: list[tuple[bytes, bytes]] | None = None, detail: bool = False
+) -> None:
+    """An OpenAI error envelope with its HTTP status (and the error's own headers, such as Retry-After). `detail`
+    adds the message as a top-level `detail` too, for hayhooks' CLI, which shows only that field on routes it
+    calls ("Unknown error" otherwise)."""
     extra = list(headers or ())
     extra += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
-    await send_json(send, error.status, error.to_json(), headers=extra)
+    body = orjson.dumps({**error.to_dict(), "detail": error.message}) if detail else error.to_json()
+    await send_json(send, error.status, body, headers=extra)
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

@@ -222,11 +222,7 @@ class Gate:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # before accept: the client gets a 403
             return
-        # hayhooks' CLI shows only a `detail` field (else "Unknown error"): give it the message too, beside the
-        # OpenAI envelope that OpenAI clients read.
-        payload = {**error.to_dict(), "detail": error.message}
-        extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in error.headers.items()]
-        await send_json(send, error.status, orjson.dumps(payload), headers=extra)
+        await send_error(send, error, detail=True)
 
 
 def allowed_hosts(settings: ServerSettings) -> frozenset[str] | None:
