@@ -80,6 +80,9 @@ class ServerSettings(BaseSettings):
     send_timeout_seconds: float = Field(
         60.0, gt=0, description="A client that reads nothing for this long is dropped and its run cancelled."
     )
+    max_messages: int = Field(
+        2048, ge=1, description="Most chat messages, or Responses input items, a request may carry (400 above)."
+    )
     max_tokens: int = Field(32768, ge=1, description="Largest max_tokens / max_completion_tokens a client may ask.")
     responses_ttl_seconds: float = Field(
         3600.0, gt=0, description="How long stored Responses (and their event logs, for resuming) are kept."

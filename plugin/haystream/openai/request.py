@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -118,22 +119,27 @@ class ChatCompletionRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+def parse_chat_request(raw: bytes, max_messages: int | None = None) -> tuple[ChatCompletionRequest, dict[str, Any]]:
     """Parse and validate a request body; returns the model and the full body as a dict.
 
-    :raises OpenAIError: 400 for malformed JSON or a body that does not fit the schema.
+    :raises OpenAIError: 400 for malformed JSON, more than `max_messages` messages, or a body that does not fit the
+        schema.
     """
-    request, body = parse_body(raw, ChatCompletionRequest)
+    request, body = parse_body(raw, ChatCompletionRequest, {"messages": max_messages})
     # Every wrapper may hand the messages to Haystack: one it cannot represent is the client's mistake (400), not a
     # failure of the pipeline (500).
     chat_messages(body["messages"])
     return request, body
 
 
-def parse_body(raw: bytes, model: type[RequestT]) -> tuple[RequestT, dict[str, Any]]:
-    """A JSON object body validated by `model`; returns the model and the body as a dict.
+def parse_body(
+    raw: bytes, model: type[RequestT], max_lengths: Mapping[str, int | None] | None = None
+) -> tuple[RequestT, dict[str, Any]]:
+    """A JSON object body validated by `model`; returns the model and the body as a dict. `max_lengths` bounds
+    top-level arrays, checked before the (per-item, costly) validation.
 
-    :raises OpenAIError: 400 for malformed JSON or a body that does not fit the schema, naming the first bad field.
+    :raises OpenAIError: 400 for malformed JSON, an array over its bound, or a body that does not fit the schema,
+        naming the first bad field.
     """
     try:
         body = orjson.loads(raw)
@@ -141,6 +147,16 @@ def parse_body(raw: bytes, model: type[RequestT]) -> tuple[RequestT, dict[str, A
         raise OpenAIError(400, f"Malformed JSON body: {error}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    for field, limit in (max_lengths or {}).items():
+        items = body.get(field)
+        if limit is not None and isinstance(items, list) and len(items) > limit:
+            raise OpenAIError(
+                400,
+                f"Invalid '{field}': array too long. Expected an array with maximum length {limit}, but got an array "
+                f"with length {len(items)} instead.",
+                param=field,
+                code="array_above_max_length",
+            )
     try:
         return model.model_validate(body), body
     except ValidationError as error:

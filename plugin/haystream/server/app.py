@@ -183,7 +183,7 @@ class HaystreamApp:
         _require_method(scope, "POST")
         self.drain.check()  # 503 while shutting down
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
-        request, body = parse_chat_request(raw)
+        request, body = parse_chat_request(raw, self.settings.max_messages)
         for field, asked_tokens in (
             ("max_tokens", request.max_tokens),
             ("max_completion_tokens", request.max_completion_tokens),
@@ -272,7 +272,7 @@ class HaystreamApp:
     async def _create_response(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool) -> None:
         _require_method(scope, "POST")
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
-        request, body = parse_responses_request(raw)
+        request, body = parse_responses_request(raw, self.settings.max_messages)
         if (request.max_output_tokens or 0) > self.settings.max_tokens:
             raise OpenAIError(
                 400,
