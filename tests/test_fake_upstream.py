@@ -62,7 +62,10 @@ def test_a_hang_up_during_a_hold_on_a_reused_connection_is_recorded(upstream):
         body = {"model": held, "messages": USER, "stream": True}
         with client.stream("POST", upstream.base_url + "/chat/completions", json=body) as response:
             received: list[str] = []
-            for line in response.iter_lines():  # the role chunk, then the first token, then nothing: the hold
+            # Kept referenced: a line iterator dropped mid-body is finalized at once, and httpcore then closes the
+            # connection (the stream was not read to its end), which would be the hang-up before the check below.
+            lines = response.iter_lines()
+            for line in lines:  # the role chunk, then the first token, then nothing: the hold
                 received += _contents([line])
                 if len(received) == 2:
                     break
