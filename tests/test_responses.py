@@ -582,3 +582,32 @@ def test_a_second_cancel_while_the_first_unwinds_leaves_the_response_cancelled(s
     assert client.responses.retrieve(created.id).status == "cancelled"
     events = [event.type for event in client.responses.retrieve(created.id, stream=True)]
     assert events[-1] == "response.cancelled"
+
+
+def test_the_memory_store_is_bounded_by_size_too(upstream):
+    # A count alone let 1,000 stored conversations of up to a request body each (4 MiB), or background event logs
+    # (~0.4 KB per token), fill the memory. The size bound (JSON bytes) drops the oldest; the newest always stays.
+    server = start_server(upstream, responses_max_stored_bytes=64 * 1024)
+    try:
+        with sdk(server) as client:
+            big = "x" * 40_000
+            first = client.responses.create(model="fake_sync", input=big, extra_body=SYNC)
+            assert client.responses.retrieve(first.id).status == "completed"
+            second = client.responses.create(model="fake_sync", input=big, extra_body=SYNC)  # 80 KB together
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(first.id)
+            assert client.responses.retrieve(second.id).status == "completed"
+            # A background response's events count: 500 tokens of events are over the bound on their own.
+            long = client.responses.create(
+                model="fake_sync", input="hi", background=True, extra_body={**SYNC, "scenario": "fake?tokens=500"}
+            )
+            events = [event.type for event in client.responses.retrieve(long.id, stream=True)]
+            assert events[-1] == "response.completed"  # the newest stays, however large
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(second.id)
+            small = client.responses.create(model="fake_sync", input="hi", extra_body=SYNC)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(long.id)
+            assert client.responses.retrieve(small.id).status == "completed"
+    finally:
+        server.stop()

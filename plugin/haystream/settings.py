@@ -90,6 +90,12 @@ class ServerSettings(BaseSettings):
     responses_max_stored: int = Field(
         1000, ge=1, description="Stored Responses kept in memory at most (oldest dropped first); Redis uses the TTL."
     )
+    responses_max_stored_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=1024,
+        description="Size (as JSON) of the stored Responses kept in memory at most, conversations and background "
+        "events included (oldest dropped first); Redis uses the TTL.",
+    )
     redis_url: str | None = Field(
         None,
         description="Keep stored and background Responses in Redis (shared by replicas), e.g. redis://host:6379/0.",

@@ -86,7 +86,12 @@ class HaystreamApp:
         self.drain = Drain(settings.drain_grace_seconds, settings.drain_timeout)
         self._created: dict[str, int] = {}
         self.responses = ResponsesEndpoint(
-            create_store(settings.redis_url, settings.responses_ttl_seconds, settings.responses_max_stored),
+            create_store(
+                settings.redis_url,
+                settings.responses_ttl_seconds,
+                settings.responses_max_stored,
+                settings.responses_max_stored_bytes,
+            ),
             keepalive_seconds=settings.keepalive_seconds,
             send_timeout_seconds=settings.send_timeout_seconds,
         )

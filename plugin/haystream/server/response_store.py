@@ -129,36 +129,50 @@ class ResponseStore(Protocol):
         """Release connections."""
 
 
-class MemoryStore:
-    """Records in this process, bounded by count (oldest dropped first) and by TTL."""
+@dataclass
+class _MemoryEntry:
+    expires: float
+    record: StoredResponse
+    log: EventLog | None
+    size: int  # JSON bytes of the record and its events, what the size bound counts
 
-    def __init__(self, ttl_seconds: float, max_stored: int) -> None:
+
+class MemoryStore:
+    """Records in this process, bounded by count and by size (oldest dropped first) and by TTL."""
+
+    def __init__(self, ttl_seconds: float, max_stored: int, max_bytes: int) -> None:
         self.ttl = ttl_seconds
         self.max_stored = max_stored
-        self._records: OrderedDict[str, tuple[float, StoredResponse, EventLog | None]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._records: OrderedDict[str, _MemoryEntry] = OrderedDict()
+        self._bytes = 0
         self._on_cancel: Callable[[str], None] = lambda id: None
 
     async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
         id = record.response["id"]
-        old = self._records.pop(id, None)
+        old = self._forget(id)
         if log is None and old is not None:
-            log = old[2]
+            log = old.log
+        # Sized as JSON, as Redis would hold it: a conversation can be as large as a request body, and a background
+        # response's events ~0.4 KB per token, so a count alone does not bound the memory.
+        size = len(orjson.dumps([record.response, record.messages])) + (len(orjson.dumps(log.events)) if log else 0)
         now = time.monotonic()
-        self._records[id] = (now + self.ttl, record, log)
-        while self._records:
-            oldest_id, (expires, _, _) = next(iter(self._records.items()))
-            if len(self._records) <= self.max_stored and expires > now:
+        self._records[id] = _MemoryEntry(now + self.ttl, record, log, size)
+        self._bytes += size
+        while len(self._records) > 1:  # the newest stays, however large
+            oldest = next(iter(self._records.values()))
+            if len(self._records) <= self.max_stored and self._bytes <= self.max_bytes and oldest.expires > now:
                 break
-            del self._records[oldest_id]
+            self._forget(next(iter(self._records)))
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         entry = self._live(id)
-        return entry[1] if entry is not None and entry[1].key_id == key_id else None
+        return entry.record if entry is not None and entry.record.key_id == key_id else None
 
     async def delete(self, id: str, key_id: str) -> bool:
         if await self.get(id, key_id) is None:
             return False
-        del self._records[id]
+        self._forget(id)
         return True
 
     async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
@@ -166,9 +180,9 @@ class MemoryStore:
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         entry = self._live(id)
-        if entry is None or entry[2] is None:
+        if entry is None or entry.log is None:
             return
-        async for batch in entry[2].follow(after, idle):
+        async for batch in entry.log.follow(after, idle):
             yield batch
 
     async def request_cancel(self, id: str) -> None:
@@ -179,12 +193,19 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._records.clear()
+        self._bytes = 0
 
-    def _live(self, id: str) -> tuple[float, StoredResponse, EventLog | None] | None:
+    def _live(self, id: str) -> _MemoryEntry | None:
         entry = self._records.get(id)
-        if entry is not None and entry[0] <= time.monotonic():
-            del self._records[id]
+        if entry is not None and entry.expires <= time.monotonic():
+            self._forget(id)
             return None
+        return entry
+
+    def _forget(self, id: str) -> _MemoryEntry | None:
+        entry = self._records.pop(id, None)
+        if entry is not None:
+            self._bytes -= entry.size
         return entry
 
 
@@ -338,8 +359,8 @@ class RedisStore:
         return f"{self._prefix}{id}:events"
 
 
-def create_store(redis_url: str | None, ttl_seconds: float, max_stored: int) -> ResponseStore:
+def create_store(redis_url: str | None, ttl_seconds: float, max_stored: int, max_bytes: int) -> ResponseStore:
     """The Redis store when a URL is configured, else the memory store."""
     if redis_url:
         return RedisStore(redis_url, ttl_seconds)
-    return MemoryStore(ttl_seconds, max_stored)
+    return MemoryStore(ttl_seconds, max_stored, max_bytes)
