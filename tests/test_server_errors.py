@@ -74,6 +74,25 @@ def test_wrapper_without_chat_method_is_404(http):
             b' "tool_calls": [{"id": "c1", "type": "function", "function": "f"}]}]}',
             "messages.1",
         ),
+        # Shapes OpenAI refuses and Haystack's conversions fail on (wrappers got them, and answered 500).
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": [{"type": "image_url",'
+            b' "image_url": "https://example.com/cat.png"}]}]}',
+            "messages.0.content",
+        ),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+            "tools",
+        ),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "tools": {"type": "function"}}',
+            "tools",
+        ),
+        (
+            b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": "yes"}',
+            "parallel_tool_calls",
+        ),
+        (b'{"model": "fake_async", "messages": [{"role": "user", "content": "x"}], "stop": [1, 2]}', "stop"),
         # The ids that pair a tool result with its call, which OpenAI requires (an OpenAI generator failed the run).
         (b'{"model": "fake_async", "messages": [{"role": "tool", "content": "42"}]}', "messages.0"),
         (

@@ -52,4 +52,4 @@ def _images_as_text(message: dict[str, Any], *, keep_data_urls: bool) -> dict[st
 
 def _image_url(part: dict[str, Any]) -> str:
     image = part.get("image_url")
-    return (image.get("url") if isinstance(image, dict) else image) or ""
+    return (image.get("url") if isinstance(image, dict) else None) or ""

@@ -51,7 +51,9 @@ class ChatMessageIn(BaseModel):
                 if not isinstance(part.get("type"), str):
                     raise ValueError("each content part needs a 'type'")
                 if part["type"] == "image_url" and not _image_url_of(part):
-                    raise ValueError("an image_url part needs an image_url with a url")
+                    # An object, as OpenAI requires: Haystack's conversion, which wrappers run on these messages,
+                    # fails on any other shape (a bare string URL was a 500).
+                    raise ValueError('an image_url part needs an image_url object with a url: {"url": "..."}')
         return value
 
     @model_validator(mode="after")
@@ -75,9 +77,13 @@ def _calls_have_ids(calls: Any) -> bool:
     return all(isinstance(call, dict) and isinstance(call.get("id"), str) for call in calls)
 
 
+def _non_empty(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 def _image_url_of(part: dict[str, Any]) -> str:
     image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
+    url = image.get("url") if isinstance(image, dict) else None
     return url if isinstance(url, str) else ""
 
 
@@ -96,6 +102,36 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=1, strict=True, description="Only one choice per request is served.")
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
     top_p: float | None = Field(None, ge=0, le=1, strict=True)
+
+    tools: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
+    stop: str | list[str] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_sequences(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        # No count limit: OpenAI takes 4, but local models take more, and Open WebUI users set them.
+        if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise ValueError("must be a string or an array of strings")
+        return value
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tool_shapes(cls, value: Any) -> Any:
+        # Wrappers turn these into Haystack tools or send them upstream: a shape OpenAI refuses fails them (a 500).
+        if value is None:
+            return value
+        if not isinstance(value, list):
+            raise ValueError("must be an array of tools")
+        for position, tool in enumerate(value):
+            if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+                raise ValueError(f"tool {position} must be an object with a 'type'")
+            function = tool.get("function")
+            if tool["type"] == "function" and not (isinstance(function, dict) and _non_empty(function.get("name"))):
+                raise ValueError(f"tool {position} needs a function object with a name")
+        return value
 
     @field_validator("user", mode="before")
     @classmethod
