@@ -475,12 +475,27 @@ def test_length_cut_is_an_incomplete_response(client):
             {"model": "fake_async", "input": [{"type": "function_call_output", "call_id": "c", "output": ["a"]}]},
             "input.0.output",
         ),
+        # An image without a URL, or a function tool without a name, failed the wrapper's conversion (a 500).
+        (
+            {"model": "fake_async", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            "input.0.content.0.image_url",
+        ),
+        ({"model": "fake_async", "input": "x", "tools": [{"type": "function"}]}, "tools"),
+        ({"model": "fake_async", "input": "x", "tools": ["search"]}, "tools"),
+        # Named as sent, not as a member of the field's union ("input.str").
+        ({"model": "fake_async", "input": [5]}, "input"),
+        ({"model": "fake_async", "input": "x", "tool_choice": 5}, "tool_choice"),
+        # Wrappers get the body as sent: the JSON type must already be right.
+        ({"model": "fake_async", "input": "x", "temperature": "0.5"}, "temperature"),
+        ({"model": "fake_async", "input": "x", "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ],
 )
 def test_bad_requests_are_400_envelopes(server, body, param):
     response = httpx.post(server.url + "/v1/responses", json=body)
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == param
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert "Value error" not in error["message"]  # pydantic's wording stays out
 
 
 def test_function_call_output_round_trips_as_a_tool_message(client, upstream):

@@ -199,5 +199,8 @@ def parse_body(
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise OpenAIError(
-            400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_request"
+            400,
+            f"Invalid request: {param}: {first['msg'].removeprefix('Value error, ')}",
+            param=param,
+            code="invalid_request",
         ) from None

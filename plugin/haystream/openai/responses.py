@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from haystream.openai.errors import OpenAIError
 from haystream.openai.messages import chat_messages
@@ -37,12 +37,41 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: int | None = Field(None, ge=1, strict=True)
     tools: list[dict[str, Any]] = Field(default_factory=list)
     tool_choice: str | dict[str, Any] = "auto"
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool = Field(True, strict=True)
     metadata: dict[str, str] | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    # Strict: the wrapper gets the body as sent, so a value accepted here must already have the right JSON type.
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, ge=0, le=1, strict=True)
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
+
+    # Before the unions' own validation, whose errors would name a union member ("input.str").
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(i, dict) for i in value)):
+            raise ValueError("must be a string or an array of input items (objects)")
+        return value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, value: Any) -> Any:
+        if not isinstance(value, str | dict):
+            raise ValueError('must be "none", "auto", "required" or an object')
+        return value
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools_named(cls, value: Any) -> Any:
+        # Function tools reach wrappers as chat tools: one without a name fails their conversion (a 500).
+        if isinstance(value, list):
+            for position, tool in enumerate(value):
+                if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+                    raise ValueError(f"tool {position} must be an object with a 'type'")
+                name = tool.get("name")
+                if tool["type"] == "function" and not (isinstance(name, str) and name):
+                    raise ValueError(f"tool {position}: a function tool needs a name")
+        return value
 
 
 class ResponseEvent(TypedDict):
@@ -229,7 +258,7 @@ def _chat_content(content: Any, where: str) -> Any:
         if kind in ("input_text", "output_text", "text"):
             parts.append({"type": "text", "text": _string(part, "text", f"{where}.{position}", default="")})
         elif kind == "input_image":
-            url = _string(part, "image_url", f"{where}.{position}", default="")
+            url = _string(part, "image_url", f"{where}.{position}")  # a URL: file ids are not supported
             parts.append({"type": "image_url", "image_url": {"url": url}})
         elif kind == "refusal":
             parts.append({"type": "text", "text": _string(part, "refusal", f"{where}.{position}", default="")})
