@@ -9,6 +9,7 @@ included, to hayhooks. Editing hayhooks' nested route list would be fragile; sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
@@ -131,13 +132,12 @@ class HaystreamApp:
         except ClientDisconnected:
             # The client left, or the gate stopped the body at its size or time limit (and answers 413/408 itself).
             logger.debug("request body not read to its end (client left or body limit): %s", path)
-        except Exception as error:
-            # A fault nobody foresaw (a bug): the client gets the OpenAI envelope, not uvicorn's plain-text 500.
-            try:
-                await send_error(send, INTERNAL_ERROR)
-            except Exception:
-                raise error from None  # the response had started: uvicorn logs it and closes the connection
+        except Exception:
+            # A fault nobody foresaw (a bug): logged with its traceback, and the client gets the OpenAI envelope, not
+            # uvicorn's plain-text 500. If the response had started, uvicorn closes the connection when we return.
             logger.exception("unexpected error answering %s %s", scope["method"], path[:256])
+            with contextlib.suppress(Exception):
+                await send_error(send, INTERNAL_ERROR)
 
     # routes -------------------------------------------------------------------------------------------------
 
