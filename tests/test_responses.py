@@ -67,6 +67,33 @@ def test_raw_frames_name_their_event(server):
     assert pairs and all(name == data["type"] for name, data in pairs)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"scenario": "fake?tokens=2", "mode": "mixed"},  # reasoning, text
+        {"scenario": 'fake?tool=get_w&args={"city":"x"}', "mode": "client_tools"},  # a function call
+        {"scenario": "fake?tokens=2&finish=length"},  # incomplete
+        {"scenario": "fake?tokens=4&fail_after=2"},  # failed
+    ],
+)
+def test_every_event_and_response_validates_against_the_sdk_types(server, extra):
+    # The SDK builds its objects without validating them: a field it requires but the server leaves out goes
+    # unnoticed there, and breaks strict clients (typed decoders in other languages, pydantic validation).
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    tools = [{"type": "function", "name": "get_w", "parameters": {"type": "object", "properties": {}}}]
+    body = {"model": "fake_async", "input": "hi", "stream": True, "tools": tools, **extra}
+    events = [data for _, data in sse(httpx.post(server.url + "/v1/responses", json=body, timeout=30).text)]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete", "response.failed")
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for event in events:
+        adapter.validate_python(event)
+    response = httpx.post(server.url + "/v1/responses", json={**body, "stream": False}, timeout=30)
+    if response.status_code == 200:
+        Response.model_validate(response.json())
+
+
 def test_stream_helper_final_response(client):
     with client.responses.stream(
         model="fake_sync", input="hello", extra_body={"mode": "stream", "scenario": "fake?tokens=4"}

@@ -344,7 +344,8 @@ class ResponseEvents:
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         self.response["usage"] = {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0},
+            # Both counts are required by the SDK's `ResponseUsage` (a strict client rejects the response otherwise).
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion,
