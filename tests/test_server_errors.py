@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from pathlib import Path
 
@@ -115,6 +116,34 @@ def test_content_parts_with_a_text_that_is_not_a_string_are_answered(http):
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "t0 "
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_bodies_that_are_not_plain_json_say_so_and_keep_the_connection(server, path):
+    """A compressed body, a form or an empty body gets a status and message naming the problem (it got "Malformed
+    JSON body: str is not valid UTF-8"); the refused body is consumed, so the kept-alive connection serves the next
+    request."""
+    body = {"model": "fake_async", "messages": USER, "input": "hi", "scenario": unique("fake?tokens=1")}
+    raw = json.dumps(body).encode()
+    refused = [
+        ({"content-type": "application/json", "content-encoding": "gzip"}, gzip.compress(raw), 415, "encoding"),
+        ({"content-type": "application/x-www-form-urlencoded"}, b"model=fake_async&input=hi", 415, "Content-Type"),
+        ({"content-type": "multipart/form-data; boundary=x"}, b"--x\r\n\r\nhi\r\n--x--", 415, "Content-Type"),
+        ({"content-type": "application/json"}, b"", 400, "empty"),
+        ({"content-type": "application/json"}, b"  \n", 400, "empty"),
+    ]
+    ports = set()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for headers, content, status, words in refused:
+            response = http.post(path, content=content, headers=headers)
+            error = assert_envelope(response, status)
+            assert words.lower() in error["message"].lower()
+            ports.add(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+        # curl -d labels JSON a form: still served, on the same connection as the refusals.
+        response = http.post(path, content=raw, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 200, response.text
+        ports.add(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+    assert len(ports) == 1
 
 
 def test_body_over_the_limit_is_413(upstream):

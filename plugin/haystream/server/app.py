@@ -36,6 +36,7 @@ from haystream.server.asgi import (
     Receive,
     Scope,
     Send,
+    check_json_body,
     header,
     read_body,
     run_until_disconnect,
@@ -188,6 +189,7 @@ class HaystreamApp:
         _require_method(scope, "POST")
         self.drain.check()  # 503 while shutting down
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
+        check_json_body(scope, raw)
         request, body = parse_chat_request(raw, self.settings.max_messages)
         for field, asked_tokens in (
             ("max_tokens", request.max_tokens),
@@ -277,6 +279,7 @@ class HaystreamApp:
     async def _create_response(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool) -> None:
         _require_method(scope, "POST")
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
+        check_json_body(scope, raw)
         request, body = parse_responses_request(raw, self.settings.max_messages)
         if (request.max_output_tokens or 0) > self.settings.max_tokens:
             raise OpenAIError(

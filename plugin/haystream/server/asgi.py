@@ -23,8 +23,9 @@ class ClientDisconnected(Exception):
 
 async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float | None = None) -> bytes:
     """The whole request body, refusing more than `limit` bytes (413) before reading it all, and a body that takes
-    longer than `timeout` seconds to arrive (408)."""
+    longer than `timeout` seconds to arrive (408). A compressed body is refused (415) before any of it is read."""
     check_declared_length(scope, limit)
+    check_content_encoding(scope)
     if timeout is None:
         return await _read_body(receive, limit)
     try:
@@ -55,6 +56,34 @@ def check_declared_length(scope: Scope, limit: int) -> None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise _too_large(limit)
+
+
+def check_content_encoding(scope: Scope) -> None:
+    """Refuse (415) a body sent with a `Content-Encoding` (gzip, ...): it is not decoded here, and parsing the
+    compressed bytes as JSON only gave a confusing "Malformed JSON" error."""
+    encoding = header(scope, b"content-encoding")
+    if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+        raise OpenAIError(
+            415,
+            f"Content-Encoding {encoding.decode('latin-1')[:50]!r} is not supported; send the body uncompressed.",
+            code="unsupported_content_encoding",
+        )
+
+
+def check_json_body(scope: Scope, raw: bytes) -> None:
+    """Refuse, with a message that says what is wrong, an empty body (400) and a body that is not JSON sent with a
+    `Content-Type` that does not say JSON either (415: a form or multipart upload). A JSON object sent with another
+    type still passes: `curl -d` labels it a form."""
+    if not raw.strip():
+        raise OpenAIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    content_type = (header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+    if content_type and not content_type.endswith(b"json") and raw.lstrip()[:1] != b"{":
+        raise OpenAIError(
+            415,
+            f"Content-Type {content_type.decode('latin-1')[:100]!r} is not supported; send a JSON object with "
+            "Content-Type: application/json.",
+            code="unsupported_content_type",
+        )
 
 
 class BoundedBody:
