@@ -170,8 +170,28 @@ def test_request_id_is_echoed_only_when_it_is_a_plain_token(http):
     assert odd.headers["x-request-id"] != "a b<script>" and "<script>" not in odd.text
 
 
-def test_wrong_method_is_405(http):
-    assert_envelope(http.get("/v1/chat/completions"), 405)
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/v1/chat/completions", "POST"),
+        ("HEAD", "/v1/chat/completions", "POST"),
+        ("OPTIONS", "/v1/chat/completions", "POST"),  # a preflight when CORS is off
+        ("POST", "/v1/models", "GET, HEAD"),
+        ("DELETE", "/v1/models", "GET, HEAD"),
+        ("GET", "/v1/responses", "POST"),
+        ("PUT", "/v1/responses/resp_x", "GET, HEAD, DELETE"),
+        ("GET", "/v1/responses/resp_x/cancel", "POST"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("POST", "/health", "GET, HEAD"),
+    ],
+)
+def test_wrong_method_is_405_with_allow(http, method, path, allow):
+    # A 405 must say which methods the route takes (RFC 9110 15.5.6); hayhooks' own 405s do.
+    response = http.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+    if method != "HEAD":
+        assert_envelope(response, 405)
 
 
 def test_open_webui_requests_are_accepted(http):

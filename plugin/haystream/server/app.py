@@ -332,7 +332,7 @@ class HaystreamApp:
         elif scope["method"] == "DELETE":
             await self.responses.delete(id, caller.key_id, send)
         else:
-            _require_method(scope, "GET", "HEAD")
+            _require_method(scope, "GET", "HEAD", also=("DELETE",))
             await self.responses.retrieve(id, caller.key_id, scope.get("query_string", b""), receive, send)
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
@@ -502,9 +502,15 @@ def _openai_shaped_no_route(scope: Scope, send: Send) -> Send:
     return no_route_as_openai_error
 
 
-def _require_method(scope: Scope, *methods: str) -> None:
+def _require_method(scope: Scope, *methods: str, also: tuple[str, ...] = ()) -> None:
+    """405 unless the request uses one of `methods`; `also` names the route's other methods, served elsewhere, for
+    the `Allow` header (which a 405 must carry, RFC 9110)."""
     if scope["method"] not in methods:
-        raise OpenAIError(405, f"Method {scope['method']} is not allowed here; use {' or '.join(methods)}.")
+        raise OpenAIError(
+            405,
+            f"Method {scope['method']} is not allowed here; use {' or '.join(methods + also)}.",
+            headers={"allow": ", ".join(methods + also)},
+        )
 
 
 def _now() -> int:

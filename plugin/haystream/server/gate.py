@@ -207,7 +207,10 @@ class Gate:
 
     async def _probe(self, scope: Scope, send: Send, probe: str) -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            await send_error(send, OpenAIError(405, f"Method {scope['method']} is not allowed here; use GET."))
+            refusal = OpenAIError(
+                405, f"Method {scope['method']} is not allowed here; use GET.", headers={"allow": "GET, HEAD"}
+            )
+            await send_error(send, refusal)
             return
         if probe == "/health":
             await send_json(send, 200, {"status": "ok"})
