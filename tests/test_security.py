@@ -361,6 +361,47 @@ def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
         server.stop()
 
 
+def test_a_listed_origin_may_send_what_the_openai_sdk_sends(upstream, tmp_path_factory):
+    """The OpenAI SDK's requests carry `x-stainless-*` headers: a browser asks for them in the preflight, which was
+    refused (400 "Disallowed CORS headers") while they were not all listed, so no SDK could call from a page."""
+    sent: list[httpx.Request] = []
+    origin = "https://chat.example"
+    server = serve(upstream, tmp_path_factory, name="probe_cors_sdk", api_keys=KEY, cors_origins=origin)
+    try:
+        with (
+            httpx.Client(event_hooks={"request": [sent.append]}) as http,
+            openai.OpenAI(
+                base_url=server.url + "/v1",
+                api_key=KEY,
+                http_client=http,
+                default_headers={"Origin": origin},
+                max_retries=0,
+            ) as sdk,
+        ):
+            assert any(model.id == "probe_cors_sdk" for model in sdk.models.list())
+        # What a browser would name in the preflight: every header of that request it does not set itself.
+        names = sorted(
+            set(sent[0].headers)
+            - {"host", "connection", "content-length", "accept", "accept-encoding", "user-agent", "origin"}
+        )
+        assert any(name.startswith("x-stainless-") for name in names)
+        preflight = httpx.options(
+            server.url + "/v1/chat/completions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": ", ".join(names),
+            },
+        )
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == origin
+        allowed = {name.strip().lower() for name in preflight.headers["access-control-allow-headers"].split(",")}
+        assert set(names) <= allowed
+        assert "access-control-allow-credentials" not in preflight.headers
+    finally:
+        server.stop()
+
+
 # --- DNS rebinding ---------------------------------------------------------------------------------------------
 
 

@@ -74,7 +74,10 @@ class Gate:
                 self._guarded,
                 allow_origins=sorted(self._origins),
                 allow_methods=["*"],
-                allow_headers=["authorization", "content-type", "x-request-id", "x-haystream-events"],
+                # Any header: the OpenAI SDKs (JS in a browser too) send their own `x-stainless-*` set, which changes
+                # between versions, and a preflight naming one header not listed fails the whole request. A listed
+                # origin gains nothing by it: the key is still required, and cookies are not allowed.
+                allow_headers=["*"],
                 expose_headers=["x-request-id"],
             )
 
