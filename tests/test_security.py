@@ -162,6 +162,26 @@ def test_what_worked_before_still_works_with_a_key(locked):
     assert answer.choices[0].message.content
 
 
+def test_a_refusal_to_a_client_awaiting_100_continue_closes_the_connection(locked):
+    """A client that sends `Expect: 100-continue` holds its body back until told to send it. Refused before that
+    (no key), it never sends it: the server must close the connection, or the next request on it is read as that
+    body and never answered."""
+    body = b'{"model": "probe", "messages": [{"role": "user", "content": "hi"}]}'
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", locked.port), timeout=10) as raw:
+        raw.sendall(head)
+        answer = b""
+        while chunk := raw.recv(65536):  # to the end of the stream: the server closes it
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 401 Unauthorized"
+    assert b"connection: close" in rest.lower()
+    assert b"100 Continue" not in answer  # the body was never asked for
+
+
 def test_websocket_without_a_key_is_refused(locked):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect

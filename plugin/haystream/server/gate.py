@@ -109,7 +109,7 @@ class Gate:
             elif not self.settings.enable_draw and any(r.startswith("/draw") for r in routes):
                 raise OpenAIError(404, "/draw is disabled; set HAYSTREAM_ENABLE_DRAW=true.", code="not_found")
         except OpenAIError as error:
-            await self._refuse(scope, send, error)
+            await self._refuse(scope, send, error, before_body=True)
             return
         scope[CALLER_KEY] = caller
         if not self.settings.forward_auth_headers and any(_RUN_ROUTE.fullmatch(route) for route in routes):
@@ -224,11 +224,17 @@ class Gate:
         else:
             await send_json(send, 503, {"status": "starting"})
 
-    async def _refuse(self, scope: Scope, send: Send, error: OpenAIError) -> None:
+    async def _refuse(self, scope: Scope, send: Send, error: OpenAIError, *, before_body: bool = False) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # before accept: the client gets a 403
             return
-        await send_error(send, error, detail=True)
+        headers = []
+        if before_body and (header(scope, b"expect") or b"").lower() == b"100-continue":
+            # The client waits for "100 Continue" before sending its body, and gets this refusal instead: the body
+            # will not be read (nor sent), so the connection cannot carry another request. Without saying so, the
+            # client's next request on it was taken for that body, and hung.
+            headers.append((b"connection", b"close"))
+        await send_error(send, error, headers=headers, detail=True)
 
 
 def allowed_hosts(settings: ServerSettings) -> frozenset[str] | None:
