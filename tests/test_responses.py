@@ -195,6 +195,20 @@ def test_bad_id_is_a_404(client):
         client.responses.create(model="fake_async", input="x", previous_response_id="resp_doesnotexist")
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_failure_after_an_invisible_first_item_keeps_its_status(client, stream):
+    """A generator's role chunk (and an Open WebUI event) shows a Responses client nothing: a failure after it is
+    still an HTTP error with its own status, as in chat; it was a 200 stream ending in `response.failed`, or a 500."""
+    with pytest.raises(openai.RateLimitError) as caught:
+        response = client.responses.create(
+            model="fake_async", input="x", stream=stream, extra_body={"mode": "role_then_rate_limit"}
+        )
+        if stream:
+            list(response)
+    assert caught.value.status_code == 429
+    assert "the upstream is rate limiting" in caught.value.message
+
+
 def test_failure_before_the_first_byte_is_an_http_error(client):
     with pytest.raises(openai.InternalServerError) as caught:
         client.responses.create(model="fake_async", input="x", stream=True, extra_body={"mode": "fail_early"})

@@ -326,6 +326,11 @@ class ResponseEvents:
         self.response["status"] = "in_progress"
         return [self._lifecycle("response.in_progress")]
 
+    @staticmethod
+    def shows(delta: Mapping[str, Any]) -> bool:
+        """Whether `feed` makes any event of this delta."""
+        return bool(delta.get("reasoning_content") or delta.get("content"))
+
     def feed(self, delta: Mapping[str, Any]) -> list[ResponseEvent]:
         """The events of one neutral delta (`content`, `reasoning_content` or `tool_calls`)."""
         events: list[ResponseEvent] = []

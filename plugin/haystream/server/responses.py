@@ -37,7 +37,6 @@ from haystream.server.response_store import Batch, EventLog, ResponseStore, Stor
 
 logger = logging.getLogger("haystream.server")
 
-_NOTHING: Any = object()
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -98,23 +97,25 @@ class ResponseRun:
     async def run(self) -> None:
         """Produce the response; ends the log however it ends."""
         items: AsyncIterator[Any] | None = None
-        first_item: asyncio.Future[Any] | None = None
+        first_item: asyncio.Future[list[Any]] | None = None
         mapper = DeltaMapper()
         try:
             if self.request.background:
                 await self._emit(self.events.started())
                 await self.save()  # in_progress for a GET on another replica too, not queued until the end
             items = await self._open_items()
-            first_item = asyncio.ensure_future(anext(items, _NOTHING))
-            # Like chat: wait for the first item before committing, so an early failure keeps its HTTP status.
+            first_item = asyncio.ensure_future(self._first_output(mapper, items))
+            # Like chat: wait for the first output a client can see before committing (a generator's role chunk, or
+            # an event, is not one), so that a failure before it keeps its HTTP status. A slow first output commits
+            # after the keep-alive interval anyway.
             await asyncio.wait({first_item}, timeout=None if self.request.background else self._keepalive)
             if first_item.done():
                 first_item.result()  # raises an early failure here
             if not self.request.background:
                 await self._emit(self.events.created())  # stored as in progress first (see _emit)
             first = await first_item
-            if first is not _NOTHING:
-                await self._feed(mapper, first)
+            if first:
+                await self._emit([event for delta in first for event in self.events.feed(delta)])
                 async for item in items:
                     await self._feed(mapper, item)
             await self._emit(self.events.finish(*mapper.finish()))
@@ -147,11 +148,22 @@ class ResponseRun:
                 with contextlib.suppress(Exception):
                     await self.save()
 
+    async def _first_output(self, mapper: DeltaMapper, items: AsyncIterator[Any]) -> list[Any]:
+        """The deltas of the first item that shows the client anything; empty if the items end first."""
+        async for item in items:
+            deltas = self._deltas(mapper, item)
+            if any(self.events.shows(delta) for delta in deltas):
+                return deltas
+        return []
+
+    def _deltas(self, mapper: DeltaMapper, item: Any) -> list[Any]:
+        # Open WebUI events have no Responses counterpart.
+        return [delta for delta in client_deltas(mapper, item, self._style) if not isinstance(delta, Event)]
+
     async def _feed(self, mapper: DeltaMapper, item: Any) -> None:
         events = []
-        for delta in client_deltas(mapper, item, self._style):
-            if not isinstance(delta, Event):  # Open WebUI events have no Responses counterpart
-                events += self.events.feed(delta)
+        for delta in self._deltas(mapper, item):
+            events += self.events.feed(delta)
         if events:
             await self._emit(events)
 
@@ -333,10 +345,9 @@ class ResponsesEndpoint:
         await asyncio.wait({task})
         response = snapshot(run.events.response)
         if response["status"] == "failed":
-            if isinstance(run.failure, StoreUnavailable):  # not the pipeline's fault: 503, try again
-                await send_error(send, run.failure)
-                return
-            await send_error(send, OpenAIError(500, response["error"]["message"], code="pipeline_error"))
+            # The failure's own status, as chat answers it: an upstream rate limit stays 429, an unavailable store or
+            # upstream 503, a prompt over the context 400.
+            await send_error(send, run.failure or OpenAIError(500, response["error"]["message"], code="pipeline_error"))
             return
         await send_json(send, 200, response)
 
