@@ -597,3 +597,73 @@ def test_served_errors_are_the_same(client, scenario, error):
         message = caught.value.message.split(" (request id")[0]  # each answer has its own request id
         raised.append((type(caught.value), getattr(caught.value, "status_code", None), message))
     assert raised[0] == raised[1]
+
+
+# --- raw misbehaving upstreams -------------------------------------------------------------------------------------
+
+SSE_HI = (
+    b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+)
+
+
+class RawUpstream:
+    """A socket server answering every request with canned bytes; `answered` is set after each reply is sent and
+    its connection closed (with no `Connection: close` header: a keep-alive timeout as the client sees it)."""
+
+    def __init__(self, status: str, content_type: str, body: bytes) -> None:
+        self.reply = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        self.answered = threading.Event()
+        self.requests = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line[:15] == b"content-length:")
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests += 1
+                conn.sendall(self.reply)
+            self.answered.set()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def raw_upstream():
+    servers: list[RawUpstream] = []
+
+    def start(status: str = "200 OK", content_type: str = "text/event-stream", body: bytes = SSE_HI) -> RawUpstream:
+        servers.append(RawUpstream(status, content_type, body))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_sync_runs_after_the_upstream_closed_the_idle_connection(raw_upstream):
+    # Between sync calls the thread's loop is idle, so the FIN of a pooled connection the upstream closed (its
+    # keep-alive timeout) went unread and the next request went out on it: APIConnectionError (or a retry).
+    server = raw_upstream()
+    generator = OpenAIChatGenerator(api_key=Secret.from_token("k"), api_base_url=server.base_url, max_retries=0)
+    for _ in range(3):
+        server.answered.clear()
+        reply = generator.run(USER, streaming_callback=lambda chunk: None)["replies"][0]
+        assert reply.text == "hi"
+        assert server.answered.wait(10)
+    assert server.requests == 3

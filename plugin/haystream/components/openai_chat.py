@@ -274,6 +274,11 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
 
     async def _stream(self, request: _Request, callback: StreamingCallbackT, *, awaits: bool) -> list[ChatMessage]:
         is_async = awaits and inspect.iscoroutinefunction(callback)
+        if not awaits:
+            # A sync caller's loop sat idle since its last call: give it one turn to read the FINs of pooled
+            # connections the upstream closed meanwhile (a keep-alive timeout), or the request goes out on one of
+            # them and fails. httpx checks an idle connection before reusing it; aiohttp relies on the loop.
+            await asyncio.sleep(0)
         response = await self._open(request)
         builder = ChunkBuilder(ComponentInfo.from_component(self))
         decoder = SSEDecoder()
