@@ -19,6 +19,7 @@ from haystack.dataclasses import ChatMessage, StreamingChunk
 from haystack.tools import Tool
 
 import haystream
+from haystream.components import OpenAIChatGenerator
 from haystream.streaming.producer import wait_for_idle_producers
 from support import unique
 
@@ -123,6 +124,26 @@ def test_bad_streaming_components_raise_up_front(make_llm, names, message):
 def test_non_streamable_target_is_a_type_error():
     with pytest.raises(TypeError, match="Cannot stream"):
         haystream.stream(ChatPromptBuilder(template=USER))
+
+
+@pytest.mark.parametrize("stream_function", [haystream.stream, haystream.astream])
+@pytest.mark.parametrize(
+    ("target", "kwargs", "error", "message"),
+    [
+        # A class's run() has a streaming_callback too: it failed at the first next() for want of `self`.
+        (OpenAIChatGenerator, {}, TypeError, "pass an instance"),
+        (Agent, {}, TypeError, "pass an instance"),
+        ("llm", {"data": [USER]}, TypeError, "data must be a dict"),
+        # These failed only at the first next(), deep inside the channel.
+        ("llm", {"buffer_size": 0}, ValueError, "buffer_size must be at least 1"),
+        ("llm", {"buffer_size": "8"}, TypeError, "buffer_size must be an int"),
+    ],
+)
+def test_bad_targets_and_arguments_raise_up_front(make_llm, stream_function, target, kwargs, error, message):
+    if target == "llm":
+        target = make_llm("fake?tokens=2")
+    with pytest.raises(error, match=message):
+        stream_function(target, messages=USER, **kwargs)
 
 
 def calculator(expression: str) -> str:

@@ -265,6 +265,13 @@ async def _run_on_loop(target: StreamTarget, channel: AsyncChannel[StreamingChun
         channel.finish(result=result)
 
 
+def _check_buffer_size(buffer_size: int) -> None:
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, int):
+        raise TypeError(f"buffer_size must be an int, not {type(buffer_size).__name__}.")
+    if buffer_size < 1:
+        raise ValueError(f"buffer_size must be at least 1, not {buffer_size}.")
+
+
 def stream(
     target: Any,
     data: dict[str, Any] | None = None,
@@ -283,8 +290,11 @@ def stream(
     :param buffer_size: how many chunks the producer may get ahead of the consumer before it waits.
     :param run_kwargs: further keyword arguments of the target's `run` (e.g. `generation_kwargs`,
         `include_outputs_from`).
-    :raises ValueError: at once, for unknown or non-streaming `streaming_components`.
+    :raises ValueError: at once, for unknown or non-streaming `streaming_components`, or a `buffer_size` below 1.
+    :raises TypeError: at once, for a target that cannot stream (a class instead of an instance included), `data`
+        that is not a dict, or a `buffer_size` that is not an int.
     """
+    _check_buffer_size(buffer_size)
     resolved = resolve_target(
         target, data, messages=messages, streaming_components=streaming_components, run_kwargs=run_kwargs
     )
@@ -304,6 +314,7 @@ def astream(
 
     Same parameters as `stream()`. The run starts at the first `__anext__` on the running event loop.
     """
+    _check_buffer_size(buffer_size)
     resolved = resolve_target(
         target, data, messages=messages, streaming_components=streaming_components, run_kwargs=run_kwargs
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import networkx as nx
@@ -58,6 +58,10 @@ def resolve_target(
     run_kwargs: dict[str, Any],
 ) -> StreamTarget:
     """Pick the target kind for `target` and validate everything that can be checked before running."""
+    if isinstance(target, type):  # its run() looks streamable, and the first call fails for want of `self`
+        raise TypeError(f"Cannot stream the class {target.__name__}: pass an instance, e.g. {target.__name__}(...).")
+    if data is not None and not isinstance(data, Mapping):
+        raise TypeError(f"data must be a dict of run inputs, not {type(data).__name__}.")
     if isinstance(target, PipelineBase):
         return PipelineTarget(
             target, data, messages=messages, streaming_components=streaming_components, run_kwargs=run_kwargs
