@@ -667,3 +667,36 @@ def test_sync_runs_after_the_upstream_closed_the_idle_connection(raw_upstream):
         assert reply.text == "hi"
         assert server.answered.wait(10)
     assert server.requests == 3
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("content_type", "body", "message"),
+    [
+        (
+            "text/html",
+            b"<html>\n<body>502 Bad Gateway</body>\n</html>",
+            "The upstream answered 200 with text/html, not an event stream: <html> <body>502 Bad Gateway",
+        ),
+        ("application/json", b'{"error": {"message": "quota exceeded", "type": "billing"}}', "quota exceeded"),
+    ],
+)
+def test_a_200_that_is_not_an_event_stream_is_an_api_error(raw_upstream, mode, content_type, body, message):
+    # A proxy's error page, or a gateway's JSON error, with status 200: Haystack's generator returns an empty reply.
+    server = raw_upstream("200 OK", content_type, body)
+    generator = OpenAIChatGenerator(api_key=Secret.from_token("k"), api_base_url=server.base_url, max_retries=0)
+    outcome = run(generator, mode)
+    assert type(outcome.error) is openai.APIError
+    assert str(outcome.error).startswith(message)
+    assert outcome.chunks == []
+
+
+@pytest.mark.parametrize("body", [b"data: [DONE]\n\n", b": ping\n\n"])
+def test_an_event_stream_without_content_is_an_empty_reply_as_in_haystack(raw_upstream, body):
+    server = raw_upstream(body=body)
+    replies = [
+        run(cls(api_key=Secret.from_token("k"), api_base_url=server.base_url, max_retries=0), "sync").replies
+        for cls in KINDS.values()
+    ]
+    assert replies[0] is not None and replies[1] is not None
+    assert [m.text for m in replies[0]] == [m.text for m in replies[1]] == [None]

@@ -234,6 +234,22 @@ def stream_error(url: str, error: Any) -> openai.APIError:
     return openai.APIError(message=message, request=sdk_request(url), body=error)
 
 
+def not_an_event_stream(url: str, status: int, content_type: str, head: bytes) -> openai.APIError:
+    """The `APIError` for a successful response whose body held no event and is not `text/event-stream`."""
+    body: Any = head.decode("utf-8", "replace").strip()
+    try:
+        body = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        excerpt = " ".join(body.split())[:200]
+    else:
+        error = body.get("error") if isinstance(body, dict) else None
+        if error:  # an error object sent with status 200, as some gateways do
+            return stream_error(url, error)
+        excerpt = head.decode("utf-8", "replace")[:200]
+    message = f"The upstream answered {status} with {content_type or 'no content type'}, not an event stream"
+    return openai.APIError(message=f"{message}: {excerpt}" if excerpt else message, request=sdk_request(url), body=body)
+
+
 def transport_error(url: str, exc: BaseException) -> openai.APIConnectionError:
     """`APITimeoutError` for timeouts, `APIConnectionError` for every other transport failure."""
     if isinstance(exc, TimeoutError):

@@ -29,6 +29,7 @@ from haystream.components._upstream import (
     SSEDecoder,
     env_proxy,
     loop_session,
+    not_an_event_stream,
     retry_delay,
     should_retry,
     status_error,
@@ -43,6 +44,8 @@ allow_deserialization_module("haystream.components")
 _DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Arguments of the SDK's `create()` that are not part of the request body.
 _SDK_ONLY = ("extra_headers", "extra_query", "extra_body", "timeout")
+# How much of a body that is not an event stream is kept for the error it raises.
+_HEAD_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,9 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         loads = orjson.loads
         content = response.content
         done = False
+        # The start of a body with no event yet: if it ends so, and is not an event stream at all (a proxy's HTML
+        # error page or a JSON error with status 200), that body is the error, not an empty answer.
+        head: bytes | None = b""
         try:
             while not done:
                 try:
@@ -293,6 +299,13 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise transport_error(request.url, exc) from exc
                 events = decoder.feed(block) if block else decoder.flush()
+                if head is not None:
+                    if events:
+                        head = None
+                    elif block:
+                        head = (head + block)[:_HEAD_KEPT]
+                    elif response.content_type != "text/event-stream":
+                        raise not_an_event_stream(request.url, response.status, response.content_type, head)
                 for payload in events:
                     if payload.startswith(b"[DONE]"):
                         done = True
