@@ -171,14 +171,22 @@ class SSEDecoder:
     __slots__ = ("_data", "_tail")
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._tail: list[bytes] = []  # the pieces of an unfinished line, joined once it ends (linear in its length)
         self._data: list[bytes] = []
 
     def feed(self, block: bytes) -> list[bytes]:
-        if self._tail:
-            block = self._tail + block
+        tail = self._tail
+        if b"\n" not in block:
+            if block:
+                tail.append(block)
+            return []
+        if tail:
+            tail.append(block)
+            block = b"".join(tail)
+            tail.clear()
         lines = block.split(b"\n")
-        self._tail = lines.pop()
+        if last := lines.pop():
+            tail.append(last)
         events: list[bytes] = []
         data = self._data
         for line in lines:
@@ -195,7 +203,7 @@ class SSEDecoder:
     def flush(self) -> list[bytes]:
         """The last event, if the stream ended without its blank line."""
         events = self.feed(b"\n\n") if (self._tail or self._data) else []
-        self._tail = b""
+        self._tail.clear()
         return events
 
 
