@@ -415,6 +415,43 @@ def test_failure_after_k_tokens_delivers_k_chunks_then_raises(make_llm):
     assert "".join(received) == expected_text(4)
 
 
+async def _drain(chunks, mode: str) -> list[str]:
+    if mode == "sync":
+        return [chunk.content for chunk in chunks]
+    return [chunk.content async for chunk in chunks]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_failed_stream_has_no_result_and_stays_over(make_llm, mode):
+    # After the error, iterating again ended cleanly and `.result` was None, as if the run had succeeded.
+    llm = make_llm("fake?tokens=20&fail_after=4")
+    chunks = haystream.stream(llm, messages=USER) if mode == "sync" else haystream.astream(llm, messages=USER)
+    with pytest.raises(openai.APIError):
+        await _drain(chunks, mode)
+    assert await _drain(chunks, mode) == []
+    with pytest.raises(RuntimeError, match=r"The run failed \(APIError\)") as raised:
+        _ = chunks.result
+    assert isinstance(raised.value.__cause__, openai.APIError)
+    with pytest.raises(RuntimeError, match="The run failed"):
+        _ = chunks.reply
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_stream_closed_before_its_end_has_no_result(make_llm, upstream, mode):
+    # After close(), iterating again ended at once and `.result` was None.
+    llm = make_llm(unique(HELD))
+    chunks = haystream.stream(llm, messages=USER) if mode == "sync" else haystream.astream(llm, messages=USER)
+    first = next(chunks) if mode == "sync" else await anext(chunks)
+    assert first is not None
+    if mode == "sync":
+        chunks.close()
+    else:
+        await chunks.aclose()
+    assert await _drain(chunks, mode) == []
+    with pytest.raises(RuntimeError, match="closed before its end"):
+        _ = chunks.result
+
+
 async def test_async_failure_in_pipeline_keeps_original_cause(make_llm):
     pipe = Pipeline()
     pipe.add_component("llm", make_llm("fake?tokens=20&fail_after=3"))

@@ -26,10 +26,19 @@ class _Outcome:
     _target: StreamTarget
     _channel: Any = None
     _finished = False
+    #: The error the iteration raised, or True if the stream was closed before its end: either way, no result.
+    _failed: BaseException | bool = False
 
     @property
     def result(self) -> dict[str, Any]:
-        """The run's output (as `Pipeline.run` or the component's `run` returns it), once the stream is exhausted."""
+        """The run's output (as `Pipeline.run` or the component's `run` returns it), once the stream is exhausted.
+
+        :raises RuntimeError: before the end, or if the run failed (chained to its error) or was stopped.
+        """
+        if isinstance(self._failed, BaseException):
+            raise RuntimeError(f"The run failed ({type(self._failed).__name__}); it has no result.") from self._failed
+        if self._failed:
+            raise RuntimeError("The stream was closed before its end; it has no result.")
         if not self._finished:
             raise RuntimeError("The stream has not been fully consumed; iterate it to the end first.")
         return self._channel.result
@@ -69,11 +78,15 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
         return self
 
     def __next__(self) -> StreamingChunk:
+        if self._finished or self._failed:
+            raise StopIteration
         if self._channel is None:
             self._start()
-        if self._finished:
-            raise StopIteration
-        item = self._channel.get()
+        try:
+            item = self._channel.get()
+        except Exception as error:  # the run's error, raised once; the stream is over
+            self._failed = error
+            raise
         if item is END:
             self._finished = True
             raise StopIteration
@@ -124,7 +137,10 @@ class ChunkStream(_Outcome, Iterator[StreamingChunk]):
         self._stop(wait=True)
 
     def _stop(self, *, wait: bool) -> None:
-        if self._channel is None or self._finished:
+        if self._finished or self._failed:
+            return
+        self._failed = True
+        if self._channel is None:
             return
         if self._future is None:
             abandon(self._channel)
@@ -168,14 +184,17 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
         return self
 
     async def __anext__(self) -> StreamingChunk:
+        if self._finished or self._failed:
+            raise StopAsyncIteration
         if self._channel is None:
             self._start()
-        if self._finished:
-            raise StopAsyncIteration
         try:
             item = await self._next_item()
         except asyncio.CancelledError:
             self._abort()
+            raise
+        except Exception as error:  # the run's error, raised once; the stream is over
+            self._failed = error
             raise
         if item is END:
             self._finished = True
@@ -205,7 +224,10 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
         self._channel = channel
 
     def _abort(self) -> None:
-        if self._channel is None or self._finished:
+        if self._finished or self._failed:
+            return
+        self._failed = True
+        if self._channel is None:
             return
         if self._task is None:
             abandon(self._channel)
