@@ -418,6 +418,10 @@ def test_a_listed_origin_may_send_what_the_openai_sdk_sends(upstream, tmp_path_f
         allowed = {name.strip().lower() for name in preflight.headers["access-control-allow-headers"].split(",")}
         assert set(names) <= allowed
         assert "access-control-allow-credentials" not in preflight.headers
+        # The SDK's backoff reads Retry-After (429, 503); a browser hides any header that is not exposed.
+        answer = httpx.get(server.url + "/v1/models", headers={"Origin": origin, **AUTH})
+        exposed = {name.strip().lower() for name in answer.headers["access-control-expose-headers"].split(",")}
+        assert {"retry-after", "x-request-id"} <= exposed
     finally:
         server.stop()
 

@@ -78,7 +78,8 @@ class Gate:
                 # between versions, and a preflight naming one header not listed fails the whole request. A listed
                 # origin gains nothing by it: the key is still required, and cookies are not allowed.
                 allow_headers=["*"],
-                expose_headers=["x-request-id"],
+                # Retry-After: the SDKs' backoff on a 429 or 503 reads it, and a browser hides headers not listed.
+                expose_headers=["x-request-id", "retry-after"],
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
