@@ -7,11 +7,13 @@ raw sockets where a client must misbehave, and the fake upstream recording when 
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import select
 import shutil
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -862,26 +864,33 @@ def _read_response(sock: socket.socket) -> bytes:
 # --- request heads ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
-    """httptools copies a header or URL arriving in pieces whole each time, without a limit: a 256 MB header held
-    `haystream serve`'s loop for seconds at a time (the probes waited 20 s). Now: 431 past 64 KiB, then closed."""
+@contextlib.contextmanager
+def cli_server(workers: int, **env: str) -> Iterator[int]:
+    """A real `haystream serve` (its own protocol, unlike the in-process test servers) on the probe wrappers, with a
+    key and `env`; yields its port once it serves."""
     import os
 
     from test_cli_serve import free_port, start_serve, stop
 
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("HAYSTREAM_", "HAYHOOKS_"))},
-        "HAYSTREAM_API_KEYS": KEY,
-        "HAYSTACK_TELEMETRY_ENABLED": "False",
-    }
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("HAYSTREAM_", "HAYHOOKS_"))}
+    environment = {**inherited, "HAYSTREAM_API_KEYS": KEY, "HAYSTACK_TELEMETRY_ENABLED": "False", **env}
     args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(PROBE_WRAPPERS)]
-    process = start_serve(args, env)
+    process = start_serve(args, environment)
     try:
         assert process.log.wait_for("Application startup complete", count=workers)
         # One process binds after its app started (it says so); with workers, the parent bound before starting them.
         assert workers > 1 or process.log.wait_for("Uvicorn running on")
+        yield port
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
+    """httptools copies a header or URL arriving in pieces whole each time, without a limit: a 256 MB header held
+    `haystream serve`'s loop for seconds at a time (the probes waited 20 s). Now: 431 past 64 KiB, then closed."""
+    with cli_server(workers) as port:
         for start in (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ", b"GET /"):  # a header, the URL
             with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
                 sock.sendall(start)
@@ -900,8 +909,6 @@ def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
         assert padded.status_code == 200
         body = httpx.post(f"http://127.0.0.1:{port}/v1/files", content=b"x" * 200_000, headers=AUTH)
         assert body.status_code != 431
-    finally:
-        stop(process)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -910,22 +917,7 @@ def test_a_request_head_that_never_completes_is_cut_without_a_key(workers):
     nothing, or its head a byte at a time, stayed open for good (slowloris). Now the head has
     `HAYSTREAM_HEAD_TIMEOUT_SECONDS` from the connection (or from its first byte on a reused one): 408, or a plain
     close when nothing was sent."""
-    import os
-
-    from test_cli_serve import free_port, start_serve, stop
-
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("HAYSTREAM_", "HAYHOOKS_"))},
-        "HAYSTREAM_API_KEYS": KEY,
-        "HAYSTREAM_HEAD_TIMEOUT_SECONDS": "1",
-        "HAYSTACK_TELEMETRY_ENABLED": "False",
-    }
-    args = ["--port", str(port), "--workers", str(workers), "--pipelines-dir", str(PROBE_WRAPPERS)]
-    process = start_serve(args, env)
-    try:
-        assert process.log.wait_for("Application startup complete", count=workers)
-        assert workers > 1 or process.log.wait_for("Uvicorn running on")
+    with cli_server(workers, HAYSTREAM_HEAD_TIMEOUT_SECONDS="1") as port:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
             assert silent.recv(65536) == b""  # closed, nothing said
         with socket.create_connection(("127.0.0.1", port), timeout=30) as trickle:
@@ -955,5 +947,3 @@ def test_a_request_head_that_never_completes_is_cut_without_a_key(workers):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             assert client.get("/health").status_code == 200
             assert client.get("/health").status_code == 200  # the same connection, reused
-    finally:
-        stop(process)
