@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hayhooks.server.utils.live_trace_buffer import clear_live_traces, get_recent_traces
 from haystack.tracing import Span, Tracer, disable_tracing, enable_tracing
 
 from support import OPS_WRAPPERS, serving
@@ -138,3 +139,29 @@ def test_an_unknown_model_marks_the_span_failed_with_its_status(server, tracer):
     (span,) = chat_spans(tracer)
     assert span.tags["hayhooks.success"] is False
     assert span.tags["hayhooks.http.status_code"] == 404
+
+
+def chat_traces() -> list[dict[str, Any]]:
+    """The chat traces in hayhooks' dashboard buffer (its startup's deploy traces left out)."""
+    return [trace for trace in get_recent_traces(limit=100) if trace["root_span"]["name"] == SPAN]
+
+
+def test_with_no_tracer_and_no_dashboard_nothing_is_recorded_and_traces_is_not_served(upstream, monkeypatch):
+    monkeypatch.delenv("HAYHOOKS_TRACING_ENABLED", raising=False)
+    clear_live_traces()
+    with serving(upstream, pipelines_dir=str(OPS_WRAPPERS)) as server, httpx.Client(base_url=server.url) as client:
+        assert client.post("/v1/chat/completions", json=chat("fake?tokens=2")).status_code == 200
+        assert client.get("/traces").status_code == 404
+    # The span (had there been one) enters hayhooks' buffer before the response's first byte.
+    assert chat_traces() == []
+
+
+def test_hayhooks_trace_dashboard_shows_chat_requests_when_turned_on(upstream, monkeypatch):
+    monkeypatch.setenv("HAYHOOKS_TRACING_ENABLED", "true")
+    clear_live_traces()
+    with serving(upstream, pipelines_dir=str(OPS_WRAPPERS)) as server, httpx.Client(base_url=server.url) as client:
+        answer = client.post("/v1/chat/completions", json=chat("fake?tokens=2"))
+        assert answer.status_code == 200
+        assert client.get("/traces").status_code != 404
+    (trace,) = chat_traces()
+    assert {"key": "hayhooks.pipeline.name", "value": "scenario"} in trace["root_span"]["tags"]

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
 from starlette.datastructures import Headers
 
 from haystream._compat import hayhooks_registry, sequential_startup
@@ -381,6 +382,15 @@ def create_app(settings: ServerSettings | None = None) -> logs.AccessLog:
         # hayhooks' parallel start-up imports wrapper modules from several threads at once, which races in
         # Haystack's lazy imports ("cannot import name 'ComponentTool' from 'haystack.tools'"): one at a time.
         hayhooks_settings.startup_deploy_strategy = sequential_startup()
+    if "HAYHOOKS_TRACING_ENABLED" in os.environ:
+        hayhooks_settings.tracing_enabled = TypeAdapter(bool).validate_python(os.environ["HAYHOOKS_TRACING_ENABLED"])
+    else:
+        # hayhooks' trace dashboard (`/traces`) keeps the spans of recent requests in process memory, and each span
+        # it records costs ~100 µs on a busy server (it re-sorts its buffer): opt-in under haystream. Spans still
+        # reach an enabled Haystack tracer (OpenTelemetry, Langfuse).
+        hayhooks_settings.tracing_enabled = False
+    if not hayhooks_settings.tracing_enabled and "HAYHOOKS_TRACING_INCLUDE_HAYSTACK_SPANS" not in os.environ:
+        hayhooks_settings.tracing_include_haystack_spans = False  # mirrored into a buffer no route shows
     # CORS is the gate's business (off unless HAYSTREAM_CORS_ORIGINS): hayhooks' default of '*' must not apply.
     hayhooks_settings.cors_allow_origins = []
     hayhooks_settings.cors_allow_methods = ["GET", "POST"]

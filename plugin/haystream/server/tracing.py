@@ -7,7 +7,9 @@ hayhooks 2.1 records `hayhooks.openai.run` (tags `hayhooks.transport`, `hayhooks
 route bypasses that router, so it records the same span with hayhooks' own public helpers, plus haystream's
 attributes: `haystream.request_id`, `haystream.ttft_ms`, `haystream.chunks`, `haystream.cancelled`.
 
-One span per request: nothing is done per chunk.
+One span per request: nothing is done per chunk. None at all when nothing would see it: no Haystack tracer is
+enabled (OpenTelemetry, Langfuse, ...) and hayhooks' trace dashboard is off, as it is by default under haystream
+(see `create_app`). hayhooks' dashboard buffer costs ~100 µs per span on a busy server.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import contextvars
 from typing import Any
 
 from fastapi import HTTPException
+from haystack.tracing import is_tracing_enabled
 
-from haystream._compat import hayhooks_tracing
+from haystream._compat import hayhooks_settings, hayhooks_tracing
 
 _tracing = hayhooks_tracing()
 SPAN_OPENAI_RUN = _tracing.SPAN_OPENAI_RUN
@@ -28,6 +31,11 @@ start_trace_operation = _tracing.start_trace_operation
 _FAILURE: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
     "haystream_trace_failure", default=None
 )
+
+
+def recording() -> bool:
+    """Whether a span is seen by anyone: an enabled Haystack tracer, or hayhooks' trace dashboard."""
+    return is_tracing_enabled() or bool(hayhooks_settings().tracing_enabled)
 
 
 def note_failure(error: BaseException) -> None:
@@ -52,6 +60,8 @@ def _tags(model: str | None, *, stream: bool, mode: str | None = None) -> dict[s
 
 def record_refusal(status: int, message: str, *, stream: bool | None = None) -> None:
     """A span for a chat request refused before it ran (400, 404, 429, 503...), marked failed with its status."""
+    if not recording():
+        return
     operation = start_trace_operation(SPAN_OPENAI_RUN, tags=_tags(None, stream=bool(stream)))
     operation.finish(HTTPException(status_code=status, detail=message))
 
@@ -60,13 +70,18 @@ class ChatTrace:
     """The span of one chat request that runs; start it before the run so that pipeline spans nest under it."""
 
     def __init__(self, model: str, *, stream: bool, mode: str, request_id: str) -> None:
+        self._operation: Any = None
+        self._failures: list[BaseException] = []
+        if not recording():
+            return
         tags = _tags(model, stream=stream, mode=mode)
         tags["haystream.request_id"] = request_id
-        self._failures: list[BaseException] = []
         _FAILURE.set(self._failures)  # the run's tasks inherit this context, so failures land here
         self._operation = start_trace_operation(SPAN_OPENAI_RUN, tags=tags)
 
     def finish(self, *, status: int, ttft: float | None, chunks: int, cancelled: bool, failed: bool) -> None:
+        if self._operation is None:
+            return
         span = self._operation.span
         span.set_tag("haystream.chunks", chunks)
         span.set_tag("haystream.cancelled", cancelled)
