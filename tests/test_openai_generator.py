@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import select
 import socket
 import threading
 import tracemalloc
@@ -721,3 +722,75 @@ def test_an_event_stream_without_content_is_an_empty_reply_as_in_haystack(raw_up
     ]
     assert replies[0] is not None and replies[1] is not None
     assert [m.text for m in replies[0]] == [m.text for m in replies[1]] == [None]
+
+
+class ChunkedUpstream:
+    """A keep-alive socket server that streams `SSE_HI` in a chunked body and sends the body's end in a later write,
+    as a provider does when `[DONE]` and the end leave in separate packets. It gives the client `end_after` seconds
+    to read on (a client that stops at `[DONE]` closes the connection at once) before it ends the body."""
+
+    def __init__(self, end_after: float = 0.02) -> None:
+        self.end_after = end_after
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    data += more
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line[:15] == b"content-length:")
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                conn.sendall(head + b"%x\r\n%s\r\n" % (len(SSE_HI), SSE_HI))
+                readable, _, _ = select.select([conn], [], [], self.end_after)
+                if readable and not conn.recv(1, socket.MSG_PEEK):
+                    return  # the client closed the connection without reading the body's end
+                conn.sendall(b"0\r\n\r\n")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_body_that_ends_after_done_still_leaves_the_connection_reusable(mode):
+    # Reading stopped at `[DONE]`: aiohttp then closes a connection whose body it has not seen end, and each request
+    # paid a new connection (a TLS handshake against a real provider). The OpenAI SDK reads on for up to 100 ms.
+    server = ChunkedUpstream()
+    generator = OpenAIChatGenerator(api_key=Secret.from_token("k"), api_base_url=server.base_url, max_retries=0)
+    try:
+        if mode == "sync":
+            for _ in range(3):
+                assert generator.run(USER, streaming_callback=lambda chunk: None)["replies"][0].text == "hi"
+        else:
+
+            async def three() -> None:
+                for _ in range(3):
+                    assert (await generator.run_async(USER, streaming_callback=_ignore))["replies"][0].text == "hi"
+
+            asyncio.run(three())
+    finally:
+        server.close()
+    assert server.connections == 1
+
+
+async def _ignore(chunk: StreamingChunk) -> None:
+    pass

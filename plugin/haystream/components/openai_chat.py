@@ -46,6 +46,7 @@ _DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _SDK_ONLY = ("extra_headers", "extra_query", "extra_body", "timeout")
 # How much of a body that is not an event stream is kept for the error it raises.
 _HEAD_KEPT = 4096
+_END_WAIT = 0.1  # seconds to wait for the body's end after `[DONE]` (the OpenAI SDK waits as long)
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,8 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                                 await result
                 if not block:
                     break
+            if done and not content.is_eof():
+                await _read_to_end(content)
         except BaseException:
             response.close()  # at once: the upstream stops generating for a reader that has left
             raise
@@ -332,6 +335,18 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         for reply in replies:
             check_finish_reason(reply.meta)
         return replies
+
+
+async def _read_to_end(content: aiohttp.StreamReader) -> None:
+    """Read what follows `[DONE]` (the end of the chunked body, normally at once): only a body read to its end lets
+    aiohttp reuse the connection, so each request would otherwise pay a new connection (and TLS handshake). An
+    upstream that does not end the body within `_END_WAIT` seconds gets its connection closed, as the SDK does."""
+    try:
+        async with asyncio.timeout(_END_WAIT):
+            while await content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the answer is complete; the connection is closed instead of pooled
 
 
 def _loop_running() -> bool:
