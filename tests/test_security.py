@@ -911,6 +911,33 @@ def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
         assert body.status_code != 431
 
 
+def test_the_head_bounds_cost_no_memory_per_connection():
+    """The bounded protocol's state lives in slots: as instance attributes, four more than uvicorn's own turned each
+    connection's key-sharing `__dict__` (288 bytes) into a 1,584-byte dict of its own."""
+    import asyncio
+    import sys
+
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from haystream.server.protocol import BoundedHeadProtocol
+
+    config = uvicorn.Config(app=send_json)
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        made = [
+            cls(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+            for cls in (HttpToolsProtocol, BoundedHeadProtocol)
+        ]
+    finally:
+        loop.close()
+    stock, bounded = made
+    assert bounded.__dict__.keys() == stock.__dict__.keys()
+    assert sys.getsizeof(bounded.__dict__) == sys.getsizeof(stock.__dict__)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_request_head_that_never_completes_is_cut_without_a_key(workers):
     """uvicorn times out idle keep-alive connections only, and any byte stops that timer: a connection that sent

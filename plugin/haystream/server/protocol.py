@@ -38,6 +38,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` that refuses a request whose head is still incomplete after `MAX_HEAD_BYTES` (431) or
     after `head_timeout` seconds (408)."""
 
+    # Slots, not instance attributes: four more attributes than uvicorn's own turned each connection's key-sharing
+    # `__dict__` (288 bytes) into a 1,584-byte one of its own.
+    __slots__ = ("_in_head", "_head_bytes", "_head_timeout", "_head_deadline")
+
     def __init__(self, *args: Any, head_timeout: float = HEAD_TIMEOUT_SECONDS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # until the first request's headers are complete
