@@ -40,7 +40,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     # Slots, not instance attributes: four more attributes than uvicorn's own turned each connection's key-sharing
     # `__dict__` (288 bytes) into a 1,584-byte one of its own.
-    __slots__ = ("_in_head", "_head_bytes", "_head_timeout", "_head_deadline")
+    __slots__ = ("_head_bytes", "_head_deadline", "_head_timeout", "_in_head")
 
     def __init__(self, *args: Any, head_timeout: float = HEAD_TIMEOUT_SECONDS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
