@@ -678,16 +678,29 @@ def raw_upstream():
         server.close()
 
 
-def test_sync_runs_after_the_upstream_closed_the_idle_connection(raw_upstream):
-    # Between sync calls the thread's loop is idle, so the FIN of a pooled connection the upstream closed (its
-    # keep-alive timeout) went unread and the next request went out on it: APIConnectionError (or a retry).
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_runs_after_the_upstream_closed_the_idle_connection(raw_upstream, mode):
+    # Between calls the FIN of a pooled connection the upstream closed (its keep-alive timeout) went unread, and the
+    # next request went out on it: APIConnectionError (or a retry). Sync: the thread's loop is idle between calls.
+    # Async: the loop is busy (here: blocked on the wait) when the FIN arrives, and the next call comes at once.
     server = raw_upstream()
     generator = OpenAIChatGenerator(api_key=Secret.from_token("k"), api_base_url=server.base_url, max_retries=0)
-    for _ in range(3):
-        server.answered.clear()
-        reply = generator.run(USER, streaming_callback=lambda chunk: None)["replies"][0]
-        assert reply.text == "hi"
-        assert server.answered.wait(10)
+
+    async def three_async() -> None:
+        for _ in range(3):
+            server.answered.clear()
+            reply = (await generator.run_async(USER, streaming_callback=_ignore))["replies"][0]
+            assert reply.text == "hi"
+            assert server.answered.wait(10)  # blocks the loop: it reads the FIN only once it runs again
+
+    if mode == "sync":
+        for _ in range(3):
+            server.answered.clear()
+            reply = generator.run(USER, streaming_callback=lambda chunk: None)["replies"][0]
+            assert reply.text == "hi"
+            assert server.answered.wait(10)
+    else:
+        asyncio.run(three_async())
     assert server.requests == 3
 
 

@@ -278,11 +278,12 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
 
     async def _stream(self, request: _Request, callback: StreamingCallbackT, *, awaits: bool) -> list[ChatMessage]:
         is_async = awaits and inspect.iscoroutinefunction(callback)
-        if not awaits:
-            # A sync caller's loop sat idle since its last call: give it one turn to read the FINs of pooled
-            # connections the upstream closed meanwhile (a keep-alive timeout), or the request goes out on one of
-            # them and fails. httpx checks an idle connection before reusing it; aiohttp relies on the loop.
-            await asyncio.sleep(0)
+        # Give the loop a turn to read the FINs of pooled connections the upstream closed since they were last used
+        # (a keep-alive timeout), or the request goes out on one of them and fails. A sync caller's loop sat idle
+        # since its last call; an async caller's loop may not have polled its sockets since the FIN arrived (a busy
+        # loop, or a task that went on without yielding). httpx checks an idle connection before reusing it;
+        # aiohttp relies on the loop having read its EOF. One turn per request, nothing per chunk.
+        await asyncio.sleep(0)
         response = await self._open(request)
         builder = ChunkBuilder(ComponentInfo.from_component(self))
         decoder = SSEDecoder()
