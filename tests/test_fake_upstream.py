@@ -73,3 +73,29 @@ def test_a_hang_up_during_a_hold_on_a_reused_connection_is_recorded(upstream):
             record = upstream.wait_for_requests(1, model=held)[0]
             assert not record.finished.is_set()  # held after its first token
     assert record.wait(10).client_hung_up and not record.completed and record.tokens_sent == 1
+
+
+def test_fail_mode_garbage_sends_an_event_whose_data_is_not_json(upstream):
+    scenario = unique("fake?tokens=4&fail_after=2&fail_mode=garbage")
+    body = {"model": scenario, "messages": USER, "stream": True}
+    with httpx.stream("POST", upstream.base_url + "/chat/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert _contents(lines[:3]) == ["", "t0 ", "t1 "]
+    assert lines[3:] == ["data: <html>upstream hiccup</html>", "data: [DONE]"]
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
+    assert record.completed and record.tokens_sent == 2
+
+
+def test_fail_mode_endless_sends_one_line_until_the_client_leaves(upstream):
+    scenario = unique("fake?tokens=4&fail_after=1&fail_mode=endless")
+    body = {"model": scenario, "messages": USER, "stream": True}
+    with httpx.stream("POST", upstream.base_url + "/chat/completions", json=body, timeout=30) as response:
+        received = b""
+        for block in response.iter_raw():
+            received += block
+            if len(received) > 4 << 20:  # far more than the fake's first writes: it goes on without a line break
+                break
+    _, _, line = received.rpartition(b"\n\n")
+    assert line.startswith(b"data: xxx") and b"\n" not in line and len(line) > 3 << 20
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
+    assert record.client_hung_up and not record.completed and record.tokens_sent == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import select
 import socket
 import threading
@@ -31,7 +32,7 @@ import haystream
 from haystream._compat import fold_chunks_like_haystack
 from haystream.components import OpenAIChatGenerator
 from haystream.components._chunks import ChunkLog
-from haystream.components._upstream import SSEDecoder, env_proxy, loop_session
+from haystream.components._upstream import MAX_SSE_LINE_BYTES, SSEDecoder, SSELineTooLong, env_proxy, loop_session
 from haystream.testing import FakeUpstream, fake_chat_generator
 from support import unique
 
@@ -234,12 +235,14 @@ def test_http_errors_raise_the_sdks_exceptions(upstream, status, mode):
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-@pytest.mark.parametrize("fail_mode", ["error", "drop"])
+@pytest.mark.parametrize("fail_mode", ["error", "drop", "garbage"])
 def test_failure_mid_stream(upstream, mode, fail_mode):
+    # An error event is the SDK's `APIError`, a dropped connection `APIConnectionError`; data that is not JSON is the
+    # SDK's own `json.JSONDecodeError` (Haystack's generator does not wrap it), with the same message.
     theirs, ours = both(upstream, f"fake?tokens=6&fail_after=3&fail_mode={fail_mode}", mode)
     assert type(ours.error) is type(theirs.error)
-    expected = openai.APIConnectionError if fail_mode == "drop" else openai.APIError
-    assert type(ours.error) is expected
+    expected = {"error": openai.APIError, "drop": openai.APIConnectionError, "garbage": json.JSONDecodeError}
+    assert type(ours.error) is expected[fail_mode]
     assert str(ours.error) == str(theirs.error)
     assert [chunk_shape(c)[:4] for c in ours.chunks] == [chunk_shape(c)[:4] for c in theirs.chunks]
     assert "".join(c.content for c in ours.chunks) == "t0 t1 t2 "
@@ -538,6 +541,35 @@ def test_sse_decoder_handles_any_split(body):
         assert events == expected, cut
     assert expected[-1] == b"[DONE]"
     assert [e for e in expected if e != b"[DONE]"][-1].replace(b" ", b"") == b'{"a":2}'
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_endless_line_is_an_api_error_and_closes_the_upstream(upstream, mode):
+    # A broken or hostile upstream sends one line that never ends: its pieces were kept until memory ran out. Past
+    # the bound, the response is closed (the fake sees the hang-up) and the SDK's error family is raised.
+    scenario = unique("fake?tokens=4&fail_after=2&fail_mode=endless")
+    generator = make("haystream", upstream, scenario)
+    generator.max_sse_line_bytes = 1 << 20  # the bound is per instance too; 16 MiB by default
+    outcome = run(generator, mode)
+    assert type(outcome.error) is openai.APIError
+    assert str(outcome.error) == (
+        "The upstream sent an event-stream line longer than 1048576 bytes; the stream was closed"
+    )
+    assert "".join(c.content for c in outcome.chunks) == "t0 t1 "
+    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
+    assert record.client_hung_up and not record.completed
+
+
+def test_sse_decoder_bounds_a_line_and_keeps_a_long_one_below_the_bound():
+    piece = b"x" * (1 << 20)
+    decoder = SSEDecoder()
+    assert decoder.feed(b'data: "') == []
+    for _ in range(MAX_SSE_LINE_BYTES // len(piece) - 1):
+        assert decoder.feed(piece) == []
+    assert decoder.feed(b'"\n\n') == [b'"' + piece * (MAX_SSE_LINE_BYTES // len(piece) - 1) + b'"']
+    with pytest.raises(SSELineTooLong, match="exceeded 16777216 bytes"):
+        for _ in range(MAX_SSE_LINE_BYTES // len(piece) + 1):
+            decoder.feed(piece)
 
 
 def test_sse_decoder_copies_a_long_line_a_bounded_number_of_times():

@@ -161,17 +161,32 @@ def _close_thread_loops() -> None:
 # --- server-sent events --------------------------------------------------------------------------------------------
 
 
+MAX_SSE_LINE_BYTES = 16 * 2**20
+"""The default bound on one server-sent-events line (16 MiB: far above any real chunk, which is a few hundred bytes)."""
+
+
+class SSELineTooLong(ValueError):
+    """An event-stream line grew past the decoder's `max_line` bytes without ending."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"An event-stream line exceeded {limit} bytes without a line break")
+        self.limit = limit
+
+
 class SSEDecoder:
     """Incremental server-sent-events decoder over raw bytes: `feed(block)` returns the complete events' data.
 
     Lines may be split across reads; `\\r\\n` endings, comments (`: ping`) and fields other than `data` are handled
-    as the SSE spec says; several `data:` lines of one event are joined with `\\n`.
+    as the SSE spec says; several `data:` lines of one event are joined with `\\n`. A line that grows past `max_line`
+    bytes without ending raises `SSELineTooLong` (checked only while a line spans reads, to within one read).
     """
 
-    __slots__ = ("_data", "_tail")
+    __slots__ = ("_data", "_max_line", "_pending", "_tail")
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int = MAX_SSE_LINE_BYTES) -> None:
         self._tail: list[bytes] = []  # the pieces of an unfinished line, joined once it ends (linear in its length)
+        self._pending = 0  # bytes in `_tail` that came in reads without a line break (the start is not counted)
+        self._max_line = max_line
         self._data: list[bytes] = []
 
     def feed(self, block: bytes) -> list[bytes]:
@@ -179,11 +194,17 @@ class SSEDecoder:
         if b"\n" not in block:
             if block:
                 tail.append(block)
+                # Only a read without a line break grows a line: counting here leaves the common path untouched.
+                self._pending += len(block)
+                if self._pending > self._max_line:
+                    tail.clear()
+                    raise SSELineTooLong(self._max_line)
             return []
         if tail:
             tail.append(block)
             block = b"".join(tail)
             tail.clear()
+            self._pending = 0
         lines = block.split(b"\n")
         if last := lines.pop():
             tail.append(last)
@@ -204,6 +225,7 @@ class SSEDecoder:
         """The last event, if the stream ended without its blank line."""
         events = self.feed(b"\n\n") if (self._tail or self._data) else []
         self._tail.clear()
+        self._pending = 0
         return events
 
 
@@ -256,6 +278,12 @@ def not_an_event_stream(url: str, status: int, content_type: str, head: bytes) -
         excerpt = head.decode("utf-8", "replace")[:200]
     message = f"The upstream answered {status} with {content_type or 'no content type'}, not an event stream"
     return openai.APIError(message=f"{message}: {excerpt}" if excerpt else message, request=sdk_request(url), body=body)
+
+
+def line_too_long(url: str, limit: int) -> openai.APIError:
+    """The `APIError` for an upstream that sent an event-stream line longer than `limit` bytes."""
+    message = f"The upstream sent an event-stream line longer than {limit} bytes; the stream was closed"
+    return openai.APIError(message=message, request=sdk_request(url), body=None)
 
 
 def transport_error(url: str, exc: BaseException) -> openai.APIConnectionError:

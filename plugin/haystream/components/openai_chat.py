@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,11 @@ from pydantic import BaseModel
 from haystream._compat import check_finish_reason, fold_chunks_like_haystack, normalize_messages
 from haystream.components._chunks import ChunkBuilder, ChunkLog
 from haystream.components._upstream import (
+    MAX_SSE_LINE_BYTES,
     SSEDecoder,
+    SSELineTooLong,
     env_proxy,
+    line_too_long,
     loop_session,
     not_an_event_stream,
     retry_delay,
@@ -95,7 +99,12 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
     `http_client_kwargs`, use Haystack's SDK path unchanged. The sync `run` drives the same implementation on an
     event loop private to the calling thread (the callback runs in that thread), unless that thread is already
     running an event loop, where it falls back to Haystack's SDK path.
+
+    An upstream that sends one event-stream line longer than `max_sse_line_bytes` (16 MiB; a class attribute, set it
+    on a subclass or an instance) gets its response closed and raises `openai.APIError`, instead of filling memory.
     """
+
+    max_sse_line_bytes: int = MAX_SSE_LINE_BYTES
 
     @component.output_types(replies=list[ChatMessage])
     def run(
@@ -286,7 +295,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         await asyncio.sleep(0)
         response = await self._open(request)
         builder = ChunkBuilder(ComponentInfo.from_component(self))
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(self.max_sse_line_bytes)
         kept = ChunkLog()
         loads = orjson.loads
         content = response.content
@@ -300,7 +309,10 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                     block = await content.readany()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise transport_error(request.url, exc) from exc
-                events = decoder.feed(block) if block else decoder.flush()
+                try:
+                    events = decoder.feed(block) if block else decoder.flush()
+                except SSELineTooLong as exc:  # a broken or hostile upstream: one line without end
+                    raise line_too_long(request.url, exc.limit) from None
                 if head is not None:
                     if events:
                         head = None
@@ -312,7 +324,10 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                     if payload.startswith(b"[DONE]"):
                         done = True
                         break
-                    data = loads(payload)
+                    try:
+                        data = loads(payload)
+                    except orjson.JSONDecodeError:
+                        data = _sdk_json(payload)
                     if isinstance(data, dict) and data.get("error"):
                         raise stream_error(request.url, data["error"])
                     for chunk in builder.build(data):
@@ -348,6 +363,13 @@ async def _read_to_end(content: aiohttp.StreamReader) -> None:
                 pass
     except (aiohttp.ClientError, TimeoutError):
         pass  # the answer is complete; the connection is closed instead of pooled
+
+
+def _sdk_json(payload: bytes) -> Any:
+    """An event's data as the OpenAI SDK reads it (`ServerSentEvent.json()`), for what orjson refused: the SDK's
+    `json.JSONDecodeError` (same type and message as Haystack's generator raises) for data that is not JSON, and the
+    values the stdlib accepts and orjson does not (`NaN`, integers beyond 64 bits) parsed as the SDK parses them."""
+    return json.loads(payload.decode("utf-8"))
 
 
 def _loop_running() -> bool:

@@ -3,8 +3,9 @@
 `FakeUpstream` serves a pure ASGI app with uvicorn on a loopback socket, in a daemon thread that runs its own
 event loop. It speaks real HTTP/1.1 and real SSE, so clients exercise their genuine network stack. The behaviour of
 each request is encoded in the ``model`` string, e.g. ``"fake?tokens=20&delay=0.01&fail_after=3"`` (see
-`parse_scenario`). Every chat-completions request is recorded as an `UpstreamRecord`, including whether the client
-hung up before the response finished and how many content tokens really reached the socket.
+`parse_scenario`; ``fail_mode`` is ``error``, ``drop``, ``garbage`` or ``endless``, the last two streamed only).
+Every chat-completions request is recorded as an `UpstreamRecord`, including whether the client hung up before the
+response finished and how many content tokens really reached the socket.
 
 One fake is usually shared by many tests, and a request of an earlier test may still arrive late. A test that looks
 at records therefore names its requests uniquely with the ``run`` key, which the fake ignores (``"fake?tokens=5&
@@ -43,6 +44,11 @@ _TOOL_CALL_ID = "call_fake_1"
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
 _GRACEFUL_SHUTDOWN = 5
+# How a stream fails after ``fail_after`` tokens: an error event, a dropped connection, an event whose data is not
+# JSON, or one endless line (no line break) sent until the client hangs up.
+_FAIL_MODES = ("error", "drop", "garbage", "endless")
+_GARBAGE = b"data: <html>upstream hiccup</html>\n\n"
+_ENDLESS_PIECE = b"data: " + b"x" * (64 * 1024 - 6)
 
 
 class Scenario(TypedDict):
@@ -91,8 +97,8 @@ def parse_scenario(model: str) -> Scenario:
         return value
 
     fail_mode = params.get("fail_mode") or "error"
-    if fail_mode not in ("error", "drop"):
-        raise ValueError(f"fail_mode must be 'error' or 'drop', got {fail_mode!r}")
+    if fail_mode not in _FAIL_MODES:
+        raise ValueError(f"fail_mode must be one of {', '.join(_FAIL_MODES)}, got {fail_mode!r}")
     status = _int("status", None)
     if status is not None and not 100 <= status <= 599:
         raise ValueError(f"status must be an HTTP status code, got {status}")
@@ -376,8 +382,18 @@ class _Exchange:
                 if self.record.tokens_sent == self.scenario["hold_after"] and not await self._hold():
                     return
         if fail_after is not None:
-            if self.scenario["fail_mode"] == "drop":
+            mode = self.scenario["fail_mode"]
+            if mode == "drop":
                 raise _UpstreamDrop(f"{self.record.id}: dropped after {self.record.tokens_sent} tokens")
+            if mode == "garbage":
+                if await self._write(_GARBAGE) and await self._write(_DONE, more_body=False):
+                    self.record.completed = True
+                return
+            if mode == "endless":
+                # A line that never ends, written as fast as the client reads; only its hang-up stops it.
+                while await self._write(_ENDLESS_PIECE):
+                    pass
+                return
             await self._write(b"data: " + orjson.dumps(_failure(self.record.tokens_sent)) + b"\n\n", more_body=False)
             return
         if not await self._write(self._chunk({}, self.plan.finish_reason)):
