@@ -146,6 +146,31 @@ def test_bodies_that_are_not_plain_json_say_so_and_keep_the_connection(server, p
     assert len(ports) == 1
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
+def test_a_utf8_body_with_a_byte_order_mark_is_served(http, path, content_type):
+    # RFC 8259 lets a parser ignore a UTF-8 BOM; PowerShell and .NET clients send one. It was "Malformed JSON".
+    body = {"model": "fake_async", "messages": USER, "input": "hello", "scenario": unique("fake?tokens=1")}
+    response = http.post(
+        path, content=b"\xef\xbb\xbf" + json.dumps(body).encode(), headers={"content-type": content_type}
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    if path == "/v1/responses":
+        assert answer["output"][-1]["content"][0]["text"] == "t0 "
+    else:
+        assert answer["choices"][0]["message"]["content"] == "t0 "
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
+def test_a_utf16_or_utf32_body_is_a_400_that_asks_for_utf8(http, path, encoding):
+    body = json.dumps({"model": "fake_async", "messages": USER, "input": "hello"})
+    response = http.post(path, content=body.encode(encoding), headers={"content-type": "application/json"})
+    error = assert_envelope(response, 400, "invalid_json")
+    assert "must be JSON encoded as UTF-8" in error["message"]
+
+
 def test_body_over_the_limit_is_413(upstream):
     small = start_server(upstream, max_body_bytes=2048)
     try:

@@ -5,11 +5,12 @@ from haystream.openai.deltas import DeltaMapper, Event, ToolActivity, ToolCallSt
 from haystream.openai.errors import OpenAIError, classify_failure, describe_failure, status_for_failure
 from haystream.openai.frames import DONE, PING, ChunkFramer, data_frame
 from haystream.openai.messages import chat_messages
-from haystream.openai.request import ChatCompletionRequest, parse_chat_request
+from haystream.openai.request import UTF8_BOM, ChatCompletionRequest, loads_json_body, parse_chat_request
 
 __all__ = [
     "DONE",
     "PING",
+    "UTF8_BOM",
     "ChatCompletionRequest",
     "ChunkFramer",
     "CompletionBuilder",
@@ -22,6 +23,7 @@ __all__ = [
     "classify_failure",
     "data_frame",
     "describe_failure",
+    "loads_json_body",
     "parse_chat_request",
     "status_for_failure",
 ]

@@ -168,6 +168,30 @@ def parse_chat_request(raw: bytes, max_messages: int | None = None) -> tuple[Cha
     return request, body
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+# The first bytes of UTF-16 and UTF-32 text: a byte order mark, or JSON's first (ASCII) character with its NUL bytes.
+_WIDE_STARTS = (b"\xfe\xff", b"\xff\xfe", b"\x00\x00\xfe\xff")
+
+
+def loads_json_body(raw: bytes) -> Any:
+    """A request body parsed as JSON. A UTF-8 byte order mark is skipped (RFC 8259 §8.1 lets a parser ignore it;
+    PowerShell and .NET clients send one).
+
+    :raises OpenAIError: 400 for a body that is not JSON, saying so when it is UTF-16 or UTF-32 (JSON on the wire
+        must be UTF-8).
+    """
+    try:
+        return orjson.loads(memoryview(raw)[3:] if raw.startswith(UTF8_BOM) else raw)
+    except orjson.JSONDecodeError as error:
+        if raw.startswith(_WIDE_STARTS) or b"\x00" in raw[:4]:
+            raise OpenAIError(
+                400,
+                "The request body must be JSON encoded as UTF-8 (RFC 8259); it looks like UTF-16 or UTF-32.",
+                code="invalid_json",
+            ) from None
+        raise OpenAIError(400, f"Malformed JSON body: {error}", code="invalid_json") from None
+
+
 def parse_body(
     raw: bytes, model: type[RequestT], max_lengths: Mapping[str, int | None] | None = None
 ) -> tuple[RequestT, dict[str, Any]]:
@@ -177,10 +201,7 @@ def parse_body(
     :raises OpenAIError: 400 for malformed JSON, an array over its bound, or a body that does not fit the schema,
         naming the first bad field.
     """
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise OpenAIError(400, f"Malformed JSON body: {error}", code="invalid_json") from None
+    body = loads_json_body(raw)
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
     for field, limit in (max_lengths or {}).items():

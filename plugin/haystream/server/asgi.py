@@ -14,7 +14,7 @@ from starlette.types import (
     Send,
 )  # the ASGI aliases live in Starlette; modules import them here
 
-from haystream.openai import OpenAIError
+from haystream.openai import UTF8_BOM, OpenAIError
 
 
 class ClientDisconnected(Exception):
@@ -77,7 +77,7 @@ def check_json_body(scope: Scope, raw: bytes) -> None:
     if not raw.strip():
         raise OpenAIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     content_type = (header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
-    if content_type and not content_type.endswith(b"json") and raw.lstrip()[:1] != b"{":
+    if content_type and not content_type.endswith(b"json") and raw.removeprefix(UTF8_BOM).lstrip()[:1] != b"{":
         raise OpenAIError(
             415,
             f"Content-Type {content_type.decode('latin-1')[:100]!r} is not supported; send a JSON object with "

@@ -16,10 +16,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 from starlette.middleware.cors import CORSMiddleware
 
-from haystream.openai import OpenAIError
+from haystream.openai import OpenAIError, loads_json_body
 from haystream.server.asgi import (
     BoundedBody,
     ClientDisconnected,
@@ -285,7 +284,4 @@ def without_private_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
 def _json_or_none(raw: bytes) -> Any:
     if not raw:
         return None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise OpenAIError(400, "Malformed JSON body.", code="invalid_json") from None
+    return loads_json_body(raw)
