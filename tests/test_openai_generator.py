@@ -758,6 +758,17 @@ def test_a_200_that_is_not_an_event_stream_is_an_api_error(raw_upstream, mode, c
     assert outcome.chunks == []
 
 
+def test_data_the_stdlib_parses_and_orjson_refuses_is_read_as_the_sdk_reads_it(raw_upstream):
+    # `NaN` is not JSON, but Python's json module (which the SDK uses) reads it; orjson refuses it.
+    body = SSE_HI.replace(b'"finish_reason":"stop"}]', b'"finish_reason":"stop"}],"x":NaN')
+    assert b',"x":NaN}' in body
+    server = raw_upstream(body=body)
+    for cls in KINDS.values():
+        outcome = run(cls(api_key=Secret.from_token("k"), api_base_url=server.base_url, max_retries=0), "async")
+        assert outcome.error is None, outcome.error
+        assert outcome.replies is not None and outcome.replies[0].text == "hi"
+
+
 @pytest.mark.parametrize("body", [b"data: [DONE]\n\n", b": ping\n\n"])
 def test_an_event_stream_without_content_is_an_empty_reply_as_in_haystack(raw_upstream, body):
     server = raw_upstream(body=body)

@@ -368,7 +368,7 @@ async def _read_to_end(content: aiohttp.StreamReader) -> None:
 def _sdk_json(payload: bytes) -> Any:
     """An event's data as the OpenAI SDK reads it (`ServerSentEvent.json()`), for what orjson refused: the SDK's
     `json.JSONDecodeError` (same type and message as Haystack's generator raises) for data that is not JSON, and the
-    values the stdlib accepts and orjson does not (`NaN`, integers beyond 64 bits) parsed as the SDK parses them."""
+    values the stdlib accepts and orjson does not (`NaN`, `Infinity`) parsed as the SDK parses them."""
     return json.loads(payload.decode("utf-8"))
 
 
