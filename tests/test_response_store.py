@@ -3,7 +3,9 @@ on the same port, real servers, the openai SDK and httpx."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import threading
@@ -14,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from haystream.server.response_store import StoreUnavailable
+from haystream.server.response_store import RedisStore, StoredResponse, StoreUnavailable
 from support import RedisServer, serving, unique
 
 
@@ -193,4 +195,40 @@ def test_a_replay_from_redis_that_loses_redis_ends_with_an_error_event(upstream)
             assert (error["code"], error["message"]) == ("store_unavailable", StoreUnavailable().message)
             assert "event: error" in rest
     finally:
+        redis.close()
+
+
+async def test_a_store_call_that_is_cancelled_at_any_turn_raises_cancelled():
+    """redis-py sends each command under `asyncio.wait_for`, which before Python 3.12 returns normally when the
+    cancellation lands in the turn the send finishes (CPython gh-86296). A background run cancelled by another
+    replica while it stored an event then went on waiting for its (held) upstream: the cancel was lost, the run
+    ended at shutdown. Cancelled at each loop turn of each command in turn, every call must raise."""
+    redis = RedisServer().start()
+    store = RedisStore(redis.url, ttl_seconds=60)
+    record = StoredResponse("key", {"id": "resp_1", "status": "in_progress"}, [])
+    sequence = itertools.count()
+
+    def event() -> list[dict[str, object]]:
+        return [{"type": "response.output_text.delta", "delta": "x", "sequence_number": next(sequence)}]
+
+    operations = {
+        "save": lambda: store.save(record),
+        "get": lambda: store.get("resp_1", "key"),
+        "append": lambda: store.append("resp_1", event()),
+    }
+    try:
+        await store.save(record)  # connected: the turns counted below are those of one command
+        for name, operation in operations.items():
+            for turns in itertools.count():
+                task = asyncio.ensure_future(operation())
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                if task.done():  # the call finished before this turn: every turn before it was tried
+                    assert turns > 1, name
+                    break
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    finally:
+        await store.close()
         redis.close()

@@ -241,7 +241,8 @@ class RedisStore:
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
         try:
-            yield
+            with _cancellation_kept():
+                yield
         except self._errors as error:
             logger.warning("the response store (Redis) is unavailable: %s", error)
             raise StoreUnavailable from error
@@ -320,7 +321,8 @@ class RedisStore:
         while True:
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(self.CANCEL_CHANNEL)
+                with _cancellation_kept():  # else `close()` would wait on a listener that never ends
+                    await pubsub.subscribe(self.CANCEL_CHANNEL)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         on_cancel(message["data"].decode())
@@ -357,6 +359,22 @@ class RedisStore:
 
     def _log(self, id: str) -> str:
         return f"{self._prefix}{id}:events"
+
+
+@contextlib.contextmanager
+def _cancellation_kept() -> Iterator[None]:
+    """Raise `CancelledError` after awaits that returned although the task was cancelled while in them.
+
+    redis-py sends every command under `asyncio.wait_for` (with its default `socket_timeout`). Before Python 3.12,
+    `wait_for` returns the result instead of raising when the cancellation lands in the loop turn in which the send
+    finishes (CPython gh-86296), and the cancel is lost: a background run cancelled while it stored an event went on
+    waiting for its next item. The task still counts the request (`cancelling()`), which is how it is found here.
+    """
+    task = asyncio.current_task()
+    requested = task.cancelling() if task is not None else 0
+    yield
+    if task is not None and task.cancelling() > requested:
+        raise asyncio.CancelledError
 
 
 def create_store(redis_url: str | None, ttl_seconds: float, max_stored: int, max_bytes: int) -> ResponseStore:
