@@ -291,7 +291,10 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         # (a keep-alive timeout), or the request goes out on one of them and fails. A sync caller's loop sat idle
         # since its last call; an async caller's loop may not have polled its sockets since the FIN arrived (a busy
         # loop, or a task that went on without yielding). httpx checks an idle connection before reusing it;
-        # aiohttp relies on the loop having read its EOF. One turn per request, nothing per chunk.
+        # aiohttp relies on the loop having read its EOF. Two turns: in the first, the loop polls the sockets and queues
+        # the EOF's callback behind this task, which already waits to run; in the second, that callback has marked the
+        # connection closed. Two turns per request, nothing per chunk.
+        await asyncio.sleep(0)
         await asyncio.sleep(0)
         response = await self._open(request)
         builder = ChunkBuilder(ComponentInfo.from_component(self))
