@@ -661,6 +661,20 @@ SSE_HI = (
 )
 
 
+def read_request(conn: socket.socket, data: bytes) -> bytes | None:
+    """Read one request (head and `Content-Length` body) from `conn`, `data` being what was already received; return
+    what came after it, or None if the client closed the connection first."""
+    while b"\r\n\r\n" not in data:
+        if not (more := conn.recv(65536)):
+            return None
+        data += more
+    head, _, data = data.partition(b"\r\n\r\n")
+    length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line[:15] == b"content-length:")
+    while len(data) < length:
+        data += conn.recv(65536)
+    return data[length:]
+
+
 class RawUpstream:
     """A socket server answering every request with canned bytes; `answered` is set after each reply is sent and
     its connection closed (with no `Connection: close` header: a keep-alive timeout as the client sees it)."""
@@ -682,13 +696,7 @@ class RawUpstream:
             except OSError:
                 return
             with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line[:15] == b"content-length:")
-                while len(body) < length:
-                    body += conn.recv(65536)
+                read_request(conn, b"")
                 self.requests += 1
                 conn.sendall(self.reply)
             self.answered.set()
@@ -803,18 +811,8 @@ class ChunkedUpstream:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    more = conn.recv(65536)
-                    if not more:
-                        return
-                    data += more
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line[:15] == b"content-length:")
-                while len(data) < length:
-                    data += conn.recv(65536)
-                data = data[length:]
+            data: bytes | None = b""
+            while (data := read_request(conn, data)) is not None:
                 head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                 conn.sendall(head + b"%x\r\n%s\r\n" % (len(SSE_HI), SSE_HI))
                 readable, _, _ = select.select([conn], [], [], self.end_after)
