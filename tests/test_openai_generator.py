@@ -32,7 +32,13 @@ import haystream
 from haystream._compat import fold_chunks_like_haystack
 from haystream.components import OpenAIChatGenerator
 from haystream.components._chunks import ChunkLog
-from haystream.components._upstream import MAX_SSE_LINE_BYTES, SSEDecoder, SSELineTooLong, env_proxy, loop_session
+from haystream.components._upstream import (
+    MAX_SSE_EVENT_BYTES,
+    SSEDecoder,
+    SSEEventTooLarge,
+    env_proxy,
+    loop_session,
+)
 from haystream.testing import FakeUpstream, fake_chat_generator
 from support import unique
 
@@ -544,16 +550,18 @@ def test_sse_decoder_handles_any_split(body):
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_an_endless_line_is_an_api_error_and_closes_the_upstream(upstream, mode):
-    # A broken or hostile upstream sends one line that never ends: its pieces were kept until memory ran out. Past
-    # the bound, the response is closed (the fake sees the hang-up) and the SDK's error family is raised.
-    scenario = unique("fake?tokens=4&fail_after=2&fail_mode=endless")
+@pytest.mark.parametrize("fail_mode", ["endless", "endless_event"])
+def test_an_endless_event_is_an_api_error_and_closes_the_upstream(upstream, mode, fail_mode):
+    # A broken or hostile upstream sends one line that never ends, or `data:` lines with no blank line to end their
+    # event: the reader kept them until memory ran out. Past the bound, the response is closed (the fake sees the
+    # hang-up) and the SDK's error family is raised.
+    scenario = unique(f"fake?tokens=4&fail_after=2&fail_mode={fail_mode}")
     generator = make("haystream", upstream, scenario)
-    generator.max_sse_line_bytes = 1 << 20  # the bound is per instance too; 16 MiB by default
+    generator.max_sse_event_bytes = 1 << 20  # the bound is per instance too; 16 MiB by default
     outcome = run(generator, mode)
     assert type(outcome.error) is openai.APIError
     assert str(outcome.error) == (
-        "The upstream sent an event-stream line longer than 1048576 bytes; the stream was closed"
+        "The upstream sent an event-stream event larger than 1048576 bytes; the stream was closed"
     )
     assert "".join(c.content for c in outcome.chunks) == "t0 t1 "
     record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
@@ -564,12 +572,30 @@ def test_sse_decoder_bounds_a_line_and_keeps_a_long_one_below_the_bound():
     piece = b"x" * (1 << 20)
     decoder = SSEDecoder()
     assert decoder.feed(b'data: "') == []
-    for _ in range(MAX_SSE_LINE_BYTES // len(piece) - 1):
+    for _ in range(MAX_SSE_EVENT_BYTES // len(piece) - 1):
         assert decoder.feed(piece) == []
-    assert decoder.feed(b'"\n\n') == [b'"' + piece * (MAX_SSE_LINE_BYTES // len(piece) - 1) + b'"']
-    with pytest.raises(SSELineTooLong, match="exceeded 16777216 bytes"):
-        for _ in range(MAX_SSE_LINE_BYTES // len(piece) + 1):
+    assert decoder.feed(b'"\n\n') == [b'"' + piece * (MAX_SSE_EVENT_BYTES // len(piece) - 1) + b'"']
+    with pytest.raises(SSEEventTooLarge, match="exceeded 16777216 bytes"):
+        for _ in range(MAX_SSE_EVENT_BYTES // len(piece) + 1):
             decoder.feed(piece)
+
+
+def test_sse_decoder_bounds_the_data_lines_of_one_event_and_counts_each_event_afresh():
+    limit = 1 << 16
+    line = b"data: " + b"x" * 1017 + b"\n"  # 1 KiB
+    decoder = SSEDecoder(limit)
+    # Events just below the bound, many times over: each event is counted on its own.
+    for _ in range(3):
+        events = decoder.feed(line * (limit // len(line) - 1) + b"\n")
+        assert len(events) == 1 and events[0].count(b"\n") == limit // len(line) - 2
+    # A line at a time, as a slow upstream sends them, and also all at once: past the bound either way.
+    for block, pieces in ((line, limit // len(line) + 1), (line * (limit // len(line) + 1), 1)):
+        decoder = SSEDecoder(limit)
+        with pytest.raises(SSEEventTooLarge, match=f"exceeded {limit} bytes"):
+            for _ in range(pieces):
+                assert decoder.feed(block) == []
+        # The decoder let go of what it held.
+        assert decoder.feed(b"data: 1\n\n") == [b"1"]
 
 
 def test_sse_decoder_copies_a_long_line_a_bounded_number_of_times():

@@ -161,15 +161,15 @@ def _close_thread_loops() -> None:
 # --- server-sent events --------------------------------------------------------------------------------------------
 
 
-MAX_SSE_LINE_BYTES = 16 * 2**20
-"""The default bound on one server-sent-events line (16 MiB: far above any real chunk, which is a few hundred bytes)."""
+MAX_SSE_EVENT_BYTES = 16 * 2**20
+"""The default bound on one server-sent event (16 MiB: far above any real chunk, which is a few hundred bytes)."""
 
 
-class SSELineTooLong(ValueError):
-    """An event-stream line grew past the decoder's `max_line` bytes without ending."""
+class SSEEventTooLarge(ValueError):
+    """An event-stream event (one line, or its `data:` lines together) grew past the decoder's `max_event` bytes."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"An event-stream line exceeded {limit} bytes without a line break")
+        super().__init__(f"An event-stream event exceeded {limit} bytes without ending")
         self.limit = limit
 
 
@@ -177,17 +177,19 @@ class SSEDecoder:
     """Incremental server-sent-events decoder over raw bytes: `feed(block)` returns the complete events' data.
 
     Lines may be split across reads; `\\r\\n` endings, comments (`: ping`) and fields other than `data` are handled
-    as the SSE spec says; several `data:` lines of one event are joined with `\\n`. A line that grows past `max_line`
-    bytes without ending raises `SSELineTooLong` (checked only while a line spans reads, to within one read).
+    as the SSE spec says; several `data:` lines of one event are joined with `\\n`. An event that grows past
+    `max_event` bytes before it ends raises `SSEEventTooLarge`: one line without end (counted while it spans reads, to
+    within one read), or `data:` lines without the blank line that ends their event.
     """
 
-    __slots__ = ("_data", "_max_line", "_pending", "_tail")
+    __slots__ = ("_data", "_data_size", "_max_event", "_pending", "_tail")
 
-    def __init__(self, max_line: int = MAX_SSE_LINE_BYTES) -> None:
+    def __init__(self, max_event: int = MAX_SSE_EVENT_BYTES) -> None:
         self._tail: list[bytes] = []  # the pieces of an unfinished line, joined once it ends (linear in its length)
         self._pending = 0  # bytes in `_tail` that came in reads without a line break (the start is not counted)
-        self._max_line = max_line
+        self._max_event = max_event
         self._data: list[bytes] = []
+        self._data_size = 0  # bytes of the `data:` lines in `_data`
 
     def feed(self, block: bytes) -> list[bytes]:
         tail = self._tail
@@ -196,9 +198,9 @@ class SSEDecoder:
                 tail.append(block)
                 # Only a read without a line break grows a line: counting here leaves the common path untouched.
                 self._pending += len(block)
-                if self._pending > self._max_line:
-                    tail.clear()
-                    raise SSELineTooLong(self._max_line)
+                if self._pending + self._data_size > self._max_event:
+                    self._reset()
+                    raise SSEEventTooLarge(self._max_event)
             return []
         if tail:
             tail.append(block)
@@ -217,15 +219,24 @@ class SSEDecoder:
                 if data:
                     events.append(data[0] if len(data) == 1 else b"\n".join(data))
                     data.clear()
+                    self._data_size = 0
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
+                self._data_size += len(line)
+                if self._data_size > self._max_event:
+                    self._reset()
+                    raise SSEEventTooLarge(self._max_event)
         return events
+
+    def _reset(self) -> None:
+        self._tail.clear()
+        self._data.clear()
+        self._pending = self._data_size = 0
 
     def flush(self) -> list[bytes]:
         """The last event, if the stream ended without its blank line."""
         events = self.feed(b"\n\n") if (self._tail or self._data) else []
-        self._tail.clear()
-        self._pending = 0
+        self._reset()
         return events
 
 
@@ -280,9 +291,9 @@ def not_an_event_stream(url: str, status: int, content_type: str, head: bytes) -
     return openai.APIError(message=f"{message}: {excerpt}" if excerpt else message, request=sdk_request(url), body=body)
 
 
-def line_too_long(url: str, limit: int) -> openai.APIError:
-    """The `APIError` for an upstream that sent an event-stream line longer than `limit` bytes."""
-    message = f"The upstream sent an event-stream line longer than {limit} bytes; the stream was closed"
+def event_too_large(url: str, limit: int) -> openai.APIError:
+    """The `APIError` for an upstream that sent an event-stream event larger than `limit` bytes."""
+    message = f"The upstream sent an event-stream event larger than {limit} bytes; the stream was closed"
     return openai.APIError(message=message, request=sdk_request(url), body=None)
 
 

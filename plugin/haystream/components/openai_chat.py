@@ -27,11 +27,11 @@ from pydantic import BaseModel
 from haystream._compat import check_finish_reason, fold_chunks_like_haystack, normalize_messages
 from haystream.components._chunks import ChunkBuilder, ChunkLog
 from haystream.components._upstream import (
-    MAX_SSE_LINE_BYTES,
+    MAX_SSE_EVENT_BYTES,
     SSEDecoder,
-    SSELineTooLong,
+    SSEEventTooLarge,
     env_proxy,
-    line_too_long,
+    event_too_large,
     loop_session,
     not_an_event_stream,
     retry_delay,
@@ -100,11 +100,12 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
     event loop private to the calling thread (the callback runs in that thread), unless that thread is already
     running an event loop, where it falls back to Haystack's SDK path.
 
-    An upstream that sends one event-stream line longer than `max_sse_line_bytes` (16 MiB; a class attribute, set it
-    on a subclass or an instance) gets its response closed and raises `openai.APIError`, instead of filling memory.
+    An upstream that sends one event-stream event larger than `max_sse_event_bytes` (16 MiB; a line without end, or
+    `data:` lines without the blank line that ends their event; a class attribute, set it on a subclass or an
+    instance) gets its response closed and raises `openai.APIError`, instead of filling memory.
     """
 
-    max_sse_line_bytes: int = MAX_SSE_LINE_BYTES
+    max_sse_event_bytes: int = MAX_SSE_EVENT_BYTES
 
     @component.output_types(replies=list[ChatMessage])
     def run(
@@ -298,7 +299,7 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
         await asyncio.sleep(0)
         response = await self._open(request)
         builder = ChunkBuilder(ComponentInfo.from_component(self))
-        decoder = SSEDecoder(self.max_sse_line_bytes)
+        decoder = SSEDecoder(self.max_sse_event_bytes)
         kept = ChunkLog()
         loads = orjson.loads
         content = response.content
@@ -314,8 +315,8 @@ class OpenAIChatGenerator(HaystackOpenAIChatGenerator):
                     raise transport_error(request.url, exc) from exc
                 try:
                     events = decoder.feed(block) if block else decoder.flush()
-                except SSELineTooLong as exc:  # a broken or hostile upstream: one line without end
-                    raise line_too_long(request.url, exc.limit) from None
+                except SSEEventTooLarge as exc:  # a broken or hostile upstream: an event without end
+                    raise event_too_large(request.url, exc.limit) from None
                 if head is not None:
                     if events:
                         head = None

@@ -3,7 +3,8 @@
 `FakeUpstream` serves a pure ASGI app with uvicorn on a loopback socket, in a daemon thread that runs its own
 event loop. It speaks real HTTP/1.1 and real SSE, so clients exercise their genuine network stack. The behaviour of
 each request is encoded in the ``model`` string, e.g. ``"fake?tokens=20&delay=0.01&fail_after=3"`` (see
-`parse_scenario`; ``fail_mode`` is ``error``, ``drop``, ``garbage`` or ``endless``, the last two streamed only).
+`parse_scenario`; ``fail_mode`` is ``error``, ``drop``, ``garbage``, ``endless`` or ``endless_event``, the last three
+streamed only).
 Every chat-completions request is recorded as an `UpstreamRecord`, including whether the client hung up before the
 response finished and how many content tokens really reached the socket.
 
@@ -45,10 +46,12 @@ _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
 _GRACEFUL_SHUTDOWN = 5
 # How a stream fails after ``fail_after`` tokens: an error event, a dropped connection, an event whose data is not
-# JSON, or one endless line (no line break) sent until the client hangs up.
-_FAIL_MODES = ("error", "drop", "garbage", "endless")
+# JSON, one endless line (no line break), or one endless event (`data:` lines, no blank line), sent until the client
+# hangs up.
+_FAIL_MODES = ("error", "drop", "garbage", "endless", "endless_event")
 _GARBAGE = b"data: <html>upstream hiccup</html>\n\n"
 _ENDLESS_PIECE = b"data: " + b"x" * (64 * 1024 - 6)
+_ENDLESS_EVENT_PIECE = b"data: x\n" * (64 * 1024 // 8)
 
 
 class Scenario(TypedDict):
@@ -389,10 +392,13 @@ class _Exchange:
                 if await self._write(_GARBAGE) and await self._write(_DONE, more_body=False):
                     self.record.completed = True
                 return
-            if mode == "endless":
-                # A line that never ends, written as fast as the client reads; only its hang-up stops it.
-                while await self._write(_ENDLESS_PIECE):
-                    pass
+            if mode in ("endless", "endless_event"):
+                # A line (or an event) that never ends, written as fast as the client reads; only its hang-up stops it.
+                piece = _ENDLESS_PIECE if mode == "endless" else _ENDLESS_EVENT_PIECE
+                while await self._write(piece):
+                    # A send into a transport whose peer is gone neither raises nor waits: without a turn of the
+                    # loop, the hang-up would never be seen and this loop would spin.
+                    await asyncio.sleep(0)
                 return
             await self._write(b"data: " + orjson.dumps(_failure(self.record.tokens_sent)) + b"\n\n", more_body=False)
             return
