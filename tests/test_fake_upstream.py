@@ -86,32 +86,21 @@ def test_fail_mode_garbage_sends_an_event_whose_data_is_not_json(upstream):
     assert record.completed and record.tokens_sent == 2
 
 
-def test_fail_mode_endless_event_sends_data_lines_without_end_until_the_client_leaves(upstream):
-    scenario = unique("fake?tokens=4&fail_after=1&fail_mode=endless_event")
+@pytest.mark.parametrize("fail_mode", ["endless", "endless_event"])
+def test_fail_mode_endless_sends_an_event_without_end_until_the_client_leaves(upstream, fail_mode):
+    scenario = unique(f"fake?tokens=4&fail_after=1&fail_mode={fail_mode}")
     body = {"model": scenario, "messages": USER, "stream": True}
     with httpx.stream("POST", upstream.base_url + "/chat/completions", json=body, timeout=30) as response:
         received = b""
         for block in response.iter_raw():
             received += block
-            if len(received) > 4 << 20:
+            if len(received) > 4 << 20:  # far more than the fake's first writes: it goes on without ending the event
                 break
     _, _, event = received.rpartition(b"\n\n")
-    lines = event.split(b"\n")
-    assert len(lines) > (3 << 20) // 8 and set(lines[:-1]) == {b"data: x"}
-    record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
-    assert record.client_hung_up and not record.completed and record.tokens_sent == 1
-
-
-def test_fail_mode_endless_sends_one_line_until_the_client_leaves(upstream):
-    scenario = unique("fake?tokens=4&fail_after=1&fail_mode=endless")
-    body = {"model": scenario, "messages": USER, "stream": True}
-    with httpx.stream("POST", upstream.base_url + "/chat/completions", json=body, timeout=30) as response:
-        received = b""
-        for block in response.iter_raw():
-            received += block
-            if len(received) > 4 << 20:  # far more than the fake's first writes: it goes on without a line break
-                break
-    _, _, line = received.rpartition(b"\n\n")
-    assert line.startswith(b"data: xxx") and b"\n" not in line and len(line) > 3 << 20
+    if fail_mode == "endless":  # one line
+        assert event.startswith(b"data: xxx") and b"\n" not in event and len(event) > 3 << 20
+    else:  # data lines
+        lines = event.split(b"\n")
+        assert len(lines) > (3 << 20) // 8 and set(lines[:-1]) == {b"data: x"}
     record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and not record.completed and record.tokens_sent == 1

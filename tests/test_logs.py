@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import threading
 
-from haystream.server.logs import BackgroundOutput
+import pytest
+
+from haystream.server.logs import LINGER_SECONDS, BackgroundOutput
 
 LINE = "x" * 99 + "\n"
 
@@ -36,17 +38,48 @@ def test_writes_return_while_nobody_reads_and_what_did_not_fit_is_counted():
     assert dropped > 0 and len(lines) + dropped == 3_000
 
 
-def test_everything_is_written_when_the_reader_keeps_up():
+@pytest.mark.parametrize("linger", [LINGER_SECONDS, 3600])
+def test_everything_is_written_when_the_reader_keeps_up(linger):
+    # Lines go out in batches: the thread waits (`linger`) for more lines after the first, since one write (and one
+    # wake of the reader) per line cost ~50 µs of a request's CPU under load. `drain` does not wait out the linger.
+    lines = 5_000 if linger == LINGER_SECONDS else 100
     read_fd, write_fd = os.pipe()
     with open(write_fd, "w") as real, open(read_fd, "rb") as reader:
-        output = BackgroundOutput(real)
+        output = BackgroundOutput(real, linger=linger)
         received: list[bytes] = []
         reading = threading.Thread(target=lambda: received.append(reader.read()))
         reading.start()
-        for number in range(5_000):
+        for number in range(lines):
             output.write(f"line {number}\n")
         assert output.drain(30)
+        if linger == 3600:  # all of them came while the thread lingered
+            assert output.writes == 1
         real.close()
         reading.join(30)
-    assert received[0].decode() == "".join(f"line {number}\n" for number in range(5_000))
+    assert received[0].decode() == "".join(f"line {number}\n" for number in range(lines))
     assert output.fileno() == write_fd and not output.isatty()
+
+
+def test_a_line_goes_out_after_the_linger_without_anyone_draining():
+    read_fd, write_fd = os.pipe()
+    with open(write_fd, "w") as real, open(read_fd, "rb") as reader:
+        output = BackgroundOutput(real, linger=0.01)
+        output.write("one line\n")
+        received: list[bytes] = []
+        reading = threading.Thread(target=lambda: received.append(os.read(reader.fileno(), 100)))
+        reading.start()
+        reading.join(30)
+        assert received == [b"one line\n"]
+        # A full pipe's worth ends the linger too.
+        output = BackgroundOutput(real, linger=3600)
+        output.write(LINE * 700)
+        data = bytearray()
+
+        def read_all() -> None:
+            while len(data) < len(LINE) * 700:
+                data.extend(os.read(reader.fileno(), 1 << 16))
+
+        reading = threading.Thread(target=read_all, daemon=True)
+        reading.start()
+        reading.join(30)
+        assert bytes(data) == LINE.encode() * 700

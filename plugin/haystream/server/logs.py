@@ -140,6 +140,11 @@ class AccessLog:
             )
 
 
+LINGER_SECONDS = 0.02
+"""How long the writer thread waits, once a line has come, for more to go out with it."""
+_BATCH_BYTES = 1 << 16  # a pipe's buffer: written at once, without waiting out the linger
+
+
 class BackgroundOutput(io.TextIOBase):
     """A text stream that stands in for `sys.stdout` or `sys.stderr` in a serving process: `write` queues the text
     and returns; a daemon thread writes it to the real stream's file descriptor.
@@ -148,20 +153,27 @@ class BackgroundOutput(io.TextIOBase):
     from the event loop. Written straight to a pipe that nobody reads (a stalled log collector, a full `docker logs`
     buffer), the 65th KiB blocks the loop, and every stream of the process with it. Here at most `limit` characters
     wait; past that, writes are dropped and counted, and one line says how many once the stream takes output again.
+
+    Lines go out in batches: the thread wakes for the first line and waits up to `linger` seconds for more (64 KiB
+    cut it short; so does `drain`). A write, and a wake of the thread and of the reader, per line cost ~50 µs of CPU
+    per request under load; a batch costs that once.
     """
 
-    def __init__(self, real: TextIO, *, limit: int = 1 << 20) -> None:
+    def __init__(self, real: TextIO, *, limit: int = 1 << 20, linger: float = LINGER_SECONDS) -> None:
         super().__init__()
         self._fd = real.fileno()
         self._encoding = getattr(real, "encoding", None) or "utf-8"
         self._tty = real.isatty()  # loguru and uvicorn decide on colours by it
         self._limit = limit
+        self._linger = linger
         self._pending: list[str] = []
         self._size = 0
         self._dropped = 0
         self._writing = False
-        self._closing = False
+        self._hurried = 0  # `drain` calls waiting: the thread writes at once
         self._changed = threading.Condition()
+        self.writes = 0
+        """How many writes to the real stream's descriptor the thread has made."""
         self._thread = threading.Thread(target=self._write_out, name=f"haystream-output-{self._fd}", daemon=True)
         self._thread.start()
 
@@ -186,7 +198,10 @@ class BackgroundOutput(io.TextIOBase):
                 else:
                     self._pending.append(text)
                     self._size += len(text)
-                    self._changed.notify()
+                    # Only the first line of a batch wakes the thread (and a full batch ends its linger): the lines
+                    # in between join it without a wake each.
+                    if len(self._pending) == 1 or self._size >= _BATCH_BYTES:
+                        self._changed.notify()
         return len(text)
 
     def flush(self) -> None:
@@ -195,12 +210,19 @@ class BackgroundOutput(io.TextIOBase):
     def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds until everything written so far is out; False if the stream stayed blocked."""
         with self._changed:
-            return self._changed.wait_for(lambda: not self._pending and not self._writing, timeout)
+            self._hurried += 1
+            self._changed.notify_all()
+            try:
+                return self._changed.wait_for(lambda: not self._pending and not self._writing, timeout)
+            finally:
+                self._hurried -= 1
 
     def _write_out(self) -> None:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending)
+                if self._linger > 0:
+                    self._changed.wait_for(lambda: self._hurried or self._size >= _BATCH_BYTES, self._linger)
                 text = "".join(self._pending)
                 self._pending.clear()
                 self._size = 0
@@ -214,6 +236,7 @@ class BackgroundOutput(io.TextIOBase):
                 data = memoryview(text.encode(self._encoding, "backslashreplace"))
                 while data:
                     data = data[os.write(self._fd, data) :]
+                    self.writes += 1
             except OSError:
                 pass  # the reader is gone (EPIPE) or the descriptor closed: nothing can be written any more
             with self._changed:
