@@ -86,6 +86,19 @@ def test_auto_pagination_walks_every_item_once(client, order):
     assert texts == (expected if order == "asc" else expected[::-1])
 
 
+def test_a_repeated_item_id_does_not_trap_auto_pagination(client):
+    # The SDK asks for the page after the last item's id: were two items listed under one id, it would be sent back
+    # to the first one and page forever.
+    repeated = [{"id": "msg_same", "type": "message", "role": "user", "content": f"turn {i}"} for i in range(3)]
+    created = client.responses.create(model="fake_async", input=repeated, extra_body=FAKE)
+    listed = []
+    for item in client.responses.input_items.list(created.id, limit=1, order="asc"):
+        listed.append(item)
+        assert len(listed) <= 3
+    assert [item.content[0].text for item in listed] == ["turn 0", "turn 1", "turn 2"]
+    assert listed[0].id == "msg_same" and len({item.id for item in listed}) == 3
+
+
 def test_before_pages_backwards(client, server):
     created = client.responses.create(model="fake_async", input=conversation(6), extra_body=FAKE)
     ids = [item.id for item in client.responses.input_items.list(created.id, order="asc")]

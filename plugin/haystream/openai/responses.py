@@ -210,12 +210,18 @@ def input_items(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(input, str):
         return [_message_item({"role": "user", "content": input})] if input else []
     items = []
+    seen: set[str] = set()
     for item in input:
         kind = item.get("type", "message")
         if kind == "message":
-            items.append(_message_item(item))
+            listed = _message_item(item)
         else:
-            items.append({**item, "id": _item_id(item, kind), "status": item.get("status", "completed")})
+            listed = {**item, "id": _item_id(item, kind), "status": item.get("status", "completed")}
+        if listed["id"] in seen:
+            # Ids are the cursors: a repeated one would send a client that pages by it back to its first place.
+            listed["id"] = _item_id({}, kind)
+        seen.add(listed["id"])
+        items.append(listed)
     return items
 
 
