@@ -10,7 +10,7 @@ import pytest
 from openai.types.responses import ResponseItem
 from pydantic import TypeAdapter
 
-from support import RedisServer, start_server
+from support import RedisServer, start_server, unique
 
 FAKE = {"scenario": "fake?tokens=1"}
 SYNC = {"mode": "stream", "scenario": "fake?tokens=1"}  # later servers use the sync wrapper (see test_responses.py)
@@ -178,6 +178,20 @@ def test_unknown_deleted_and_unstored_responses_are_404(client, server):
     assert response.json()["error"]["message"] == f"Response with id '{unstored.id}' not found."
 
 
+def test_a_running_background_response_lists_its_input_and_its_items_keep_their_ids(client, upstream):
+    scenario = unique("fake?tokens=2000&hold_after=1")  # held after its first token until cancelled
+    created = client.responses.create(
+        model="fake_async", input=conversation(2), background=True, extra_body={"scenario": scenario}
+    )
+    record = upstream.wait_for_requests(1, model=scenario)[0]
+    running = [item.id for item in client.responses.input_items.list(created.id)]
+    assert len(running) == 2
+    assert client.responses.cancel(created.id).status == "cancelled"
+    record.wait()
+    # The saves at the run's start and end store the same items: the ids a client paged by still hold.
+    assert [item.id for item in client.responses.input_items.list(created.id)] == running
+
+
 def test_another_keys_response_is_not_found(upstream):
     srv = start_server(upstream, api_keys="key-aaaaaaaa,key-bbbbbbbb")
     try:
@@ -242,3 +256,12 @@ def test_redis_input_items_are_shared_and_older_records_list_empty(upstream):
         one.stop()
         two.stop()
         redis.close()
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "", "/openwebui/v1"])
+def test_every_base_path_lists_and_other_methods_are_405(client, server, prefix):
+    created = client.responses.create(model="fake_async", input="hi", extra_body=FAKE)
+    url = f"{server.url}{prefix}/responses/{created.id}/input_items"
+    assert httpx.get(url, timeout=30).json()["data"][0]["content"][0]["text"] == "hi"
+    refused = httpx.post(url, json={}, timeout=30)
+    assert refused.status_code == 405 and "GET" in refused.headers["allow"]
