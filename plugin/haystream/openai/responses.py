@@ -199,6 +199,113 @@ def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
+# Id prefixes of the input items a client sent without an id (OpenAI's for messages, calls and reasoning).
+_ITEM_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
+
+
+def input_items(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Responses `input` as the items `GET /v1/responses/{id}/input_items` lists: each with an `id` and a `status`,
+    a string input as one user message, a message's string content as one `input_text` part (`output_text` for an
+    assistant), everything else as the client sent it. Call it on an input `input_messages` accepted."""
+    if isinstance(input, str):
+        return [_message_item({"role": "user", "content": input})] if input else []
+    items = []
+    seen: set[str] = set()
+    for item in input:
+        kind = item.get("type", "message")
+        if kind == "message":
+            listed = _message_item(item)
+        else:
+            listed = {**item, "id": _item_id(item, kind), "status": item.get("status", "completed")}
+        if listed["id"] in seen:
+            # Ids are the cursors: a repeated one would send a client that pages by it back to its first place.
+            listed["id"] = _item_id({}, kind)
+        seen.add(listed["id"])
+        items.append(listed)
+    return items
+
+
+def input_item_page(
+    items: Sequence[Mapping[str, Any]],
+    *,
+    limit: int = 20,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+    before: str | None = None,
+    image_urls: bool = False,
+) -> dict[str, Any]:
+    """One page of input items as OpenAI lists them: `{"object": "list", "data", "first_id", "last_id",
+    "has_more"}`, `after`/`before` being item ids in the listed order. `image_urls`: keep the URLs of `input_image`
+    parts (OpenAI leaves them out unless `include` asks for `message.input_image.image_url`).
+
+    :raises OpenAIError: 400 naming the cursor when `after` or `before` is not an item of this list.
+    """
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    ids = [item["id"] for item in ordered]
+    start, end = 0, len(ordered)
+    for name, cursor in (("after", after), ("before", before)):
+        if cursor is None:
+            continue
+        if cursor not in ids:
+            raise OpenAIError(400, f"No input item with id '{cursor}' in this response.", param=name)
+        if name == "after":
+            start = ids.index(cursor) + 1
+        else:
+            end = ids.index(cursor)
+    window = ordered[start:end]
+    # `before` alone pages backwards: the items right before the cursor, still in the listed order.
+    page = window[-limit:] if before is not None and after is None else window[:limit]
+    data = [item if image_urls else _without_image_urls(item) for item in page]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(window) > limit,
+    }
+
+
+def _message_item(message: Mapping[str, Any]) -> dict[str, Any]:
+    role = message.get("role", "user")
+    content = message.get("content", "")
+    if isinstance(content, str):
+        content = [
+            {"type": "output_text", "text": content} if role == "assistant" else {"type": "input_text", "text": content}
+        ]
+    parts = []
+    for part in content:
+        part = dict(part)
+        if part.get("type") == "output_text":
+            part.setdefault("annotations", [])  # required by the SDK's `ResponseOutputText`
+        elif part.get("type") == "input_image":
+            part.setdefault("detail", "auto")  # required by the SDK's `ResponseInputImage`
+        parts.append(part)
+    return {
+        "id": _item_id(message, "message"),
+        "type": "message",
+        "role": role,
+        "content": parts,
+        "status": message.get("status", "completed"),
+    }
+
+
+def _item_id(item: Mapping[str, Any], kind: str) -> str:
+    given = item.get("id")
+    if isinstance(given, str) and given:
+        return given  # an item passed back from an earlier output keeps its id, as with OpenAI
+    return _ITEM_PREFIXES.get(kind, "item_") + secrets.token_hex(12)
+
+
+def _without_image_urls(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    content = item.get("content")
+    if item.get("type") != "message" or not isinstance(content, list):
+        return item
+    if not any(part.get("type") == "input_image" and part.get("image_url") for part in content):
+        return item
+    parts = [{**part, "image_url": None} if part.get("type") == "input_image" else part for part in content]
+    return {**item, "content": parts}
+
+
 def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Responses function tools (`{"type": "function", "name", ...}`) in the chat-completions shape."""
     converted = []

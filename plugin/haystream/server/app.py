@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
-from haystream.openai.responses import parse_responses_request
+from haystream.openai.responses import input_items, parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server import logs, metrics, tracing
@@ -68,7 +68,7 @@ CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODEL_PATHS = frozenset({"/v1/models", "/models"})
 MODEL_PATH = re.compile(r"/(?:v1/)?models/([^/]{1,256})")
 RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
-RESPONSE_PATH = re.compile(r"/(?:v1/)?responses/([A-Za-z0-9_-]{1,128})(/cancel)?")
+RESPONSE_PATH = re.compile(r"/(?:v1/)?responses/([A-Za-z0-9_-]{1,128})(?:/(cancel|input_items))?")
 METRICS_PATH = "/metrics"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -123,7 +123,7 @@ class HaystreamApp:
             elif path in RESPONSES_PATHS:
                 await self._create_response(scope, receive, send, for_openwebui=for_openwebui)
             elif match := RESPONSE_PATH.fullmatch(path):
-                await self._response(scope, receive, send, match.group(1), cancel=bool(match.group(2)))
+                await self._response(scope, receive, send, match.group(1), action=match.group(2))
             else:
                 await self.hayhooks_app(scope, receive, _openai_shaped_no_route(scope, send))
         except OpenAIError as error:
@@ -300,14 +300,14 @@ class HaystreamApp:
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
         messages = system + conversation
         chat_body = wrapper_body(request, body, messages)
-        input_items = request.input if isinstance(request.input, list) else messages[-1:]
+        wrapper_items = request.input if isinstance(request.input, list) else messages[-1:]
         headers = self._wrapper_headers(scope)
 
         async def items() -> AsyncIterator[Any]:
             return await open_response_items(
                 wrapper,
                 model=request.model,
-                input_items=input_items,
+                input_items=wrapper_items,
                 body=chat_body,
                 headers=headers,
                 buffer_size=self.settings.stream_buffer,
@@ -318,6 +318,7 @@ class HaystreamApp:
             open_items=items,
             key_id=caller.key_id,
             conversation=conversation,
+            input_items=input_items(request.input),
             request_id=_request_id(header(scope, b"x-request-id")),
             style=self._client_style(scope, for_openwebui),
             secrets=self.settings.secrets,
@@ -325,9 +326,12 @@ class HaystreamApp:
         admission = self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS)
         await self.responses.create(run, receive, send, admission)
 
-    async def _response(self, scope: Scope, receive: Receive, send: Send, id: str, *, cancel: bool) -> None:
+    async def _response(self, scope: Scope, receive: Receive, send: Send, id: str, *, action: str | None) -> None:
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
-        if cancel:
+        if action == "input_items":
+            _require_method(scope, "GET", "HEAD")
+            await self.responses.input_items(id, caller.key_id, scope.get("query_string", b""), send)
+        elif action == "cancel":
             _require_method(scope, "POST")
             await self.responses.cancel(id, caller.key_id, send)
         elif scope["method"] == "DELETE":

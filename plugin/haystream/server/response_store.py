@@ -44,11 +44,13 @@ class StoreUnavailable(OpenAIError):
 
 @dataclass
 class StoredResponse:
-    """One stored response: whose it is, the `response` object, and the conversation up to and including it."""
+    """One stored response: whose it is, the `response` object, the conversation up to and including it, and its own
+    input items as `GET /v1/responses/{id}/input_items` lists them (empty in a record stored by an older version)."""
 
     key_id: str
     response: dict[str, Any]
     messages: list[dict[str, Any]] = field(default_factory=list)
+    input_items: list[dict[str, Any]] = field(default_factory=list)
 
 
 class EventLog:
@@ -155,7 +157,8 @@ class MemoryStore:
             log = old.log
         # Sized as JSON, as Redis would hold it: a conversation can be as large as a request body, and a background
         # response's events ~0.4 KB per token, so a count alone does not bound the memory.
-        size = len(orjson.dumps([record.response, record.messages])) + (len(orjson.dumps(log.events)) if log else 0)
+        size = len(orjson.dumps([record.response, record.messages, record.input_items]))
+        size += len(orjson.dumps(log.events)) if log else 0
         now = time.monotonic()
         self._records[id] = _MemoryEntry(now + self.ttl, record, log, size)
         self._bytes += size
@@ -248,7 +251,14 @@ class RedisStore:
             raise StoreUnavailable from error
 
     async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
-        payload = orjson.dumps({"key_id": record.key_id, "response": record.response, "messages": record.messages})
+        payload = orjson.dumps(
+            {
+                "key_id": record.key_id,
+                "response": record.response,
+                "messages": record.messages,
+                "input_items": record.input_items,
+            }
+        )
         with self._reachable():
             await self._redis.set(self._key(record.response["id"]), payload, ex=self.ttl)
 
@@ -260,7 +270,8 @@ class RedisStore:
         data = orjson.loads(raw)
         if data["key_id"] != key_id:
             return None
-        return StoredResponse(data["key_id"], data["response"], data["messages"])
+        # A record stored by a version before input items has none: it lists as empty.
+        return StoredResponse(data["key_id"], data["response"], data["messages"], data.get("input_items", []))
 
     async def delete(self, id: str, key_id: str) -> bool:
         if await self.get(id, key_id) is None:

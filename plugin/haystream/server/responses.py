@@ -25,6 +25,7 @@ from haystream.openai.responses import (
     chat_tool_choice,
     chat_tools,
     event_frame,
+    input_item_page,
     input_messages,
     output_messages,
     snapshot,
@@ -56,6 +57,7 @@ class ResponseRun:
         store: ResponseStore,
         key_id: str,
         conversation: list[dict[str, Any]],
+        input_items: list[dict[str, Any]],
         request_id: str,
         keepalive_seconds: float,
         style: ClientStyle,
@@ -70,6 +72,7 @@ class ResponseRun:
         self._store = store
         self._key_id = key_id
         self._conversation = conversation
+        self._input_items = input_items
         self._request_id = request_id
         self._keepalive = keepalive_seconds
         self._style = style
@@ -91,7 +94,8 @@ class ResponseRun:
         if response["status"] in ("completed", "incomplete"):
             messages = self._conversation + output_messages(response["output"])
         await self._store.save(
-            StoredResponse(self._key_id, response, messages), self.log if self.request.background else None
+            StoredResponse(self._key_id, response, messages, self._input_items),
+            self.log if self.request.background else None,
         )
 
     async def run(self) -> None:
@@ -277,6 +281,31 @@ class ResponsesEndpoint:
         events = local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
         await run_until_disconnect(self._stream(send, events), receive)
 
+    async def input_items(self, id: str, key_id: str, query: bytes, send: Send) -> None:
+        """`GET /v1/responses/{id}/input_items`: a page of the items the response was created with (`after`,
+        `before`, `limit`, `order`, `include`), only for the key that created it."""
+        params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        limit = _query_param(params, "limit", "20")
+        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
+            raise OpenAIError(400, f"Invalid 'limit': expected an integer from 1 to 100, got '{limit}'.", param="limit")
+        order = _query_param(params, "order", "desc")
+        if order not in ("asc", "desc"):
+            raise OpenAIError(400, f"Invalid 'order': expected 'asc' or 'desc', got '{order}'.", param="order")
+        cursors = {name: _query_param(params, name, "") or None for name in ("after", "before")}
+        include = params.get("include[]", []) + params.get("include", [])
+        record = await self.store.get(id, key_id)
+        if record is None:
+            raise _not_found(id)
+        page = input_item_page(
+            record.input_items,
+            limit=int(limit),
+            order="asc" if order == "asc" else "desc",
+            after=cursors["after"],
+            before=cursors["before"],
+            image_urls="message.input_image.image_url" in include,
+        )
+        await send_json(send, 200, page)
+
     async def delete(self, id: str, key_id: str, send: Send) -> None:
         """`DELETE /v1/responses/{id}`."""
         local = self._runs.get(id)
@@ -390,6 +419,11 @@ def _stop(run: asyncio.Task[None]) -> None:
     stores the cancelled response and ends its log."""
     if not run.cancelling():
         run.cancel()
+
+
+def _query_param(params: dict[str, list[str]], name: str, default: str) -> str:
+    values = params.get(name)
+    return values[-1] if values else default
 
 
 def _not_found(id: str) -> OpenAIError:
