@@ -145,6 +145,7 @@ def test_image_urls_only_when_included(client):
         ({"limit": "ten"}, "limit"),
         ({"limit": ""}, "limit"),
         ({"limit": "²"}, "limit"),
+        ({"limit": "9" * 5000}, "limit"),  # past the digits `int()` converts at all
         ({"order": "up"}, "order"),
         ({"after": "msg_unknown"}, "after"),
         ({"before": "msg_unknown"}, "before"),

@@ -286,7 +286,7 @@ class ResponsesEndpoint:
         `before`, `limit`, `order`, `include`), only for the key that created it."""
         params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
         limit = _query_param(params, "limit", "20")
-        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
+        if not (len(limit) <= 3 and limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
             raise OpenAIError(400, f"Invalid 'limit': expected an integer from 1 to 100, got '{limit}'.", param="limit")
         order = _query_param(params, "order", "desc")
         if order not in ("asc", "desc"):
