@@ -6,6 +6,7 @@ import httpx
 import orjson
 import pytest
 
+from haystream.testing import FakeUpstream
 from support import unique
 
 USER = [{"role": "user", "content": "hi"}]
@@ -104,3 +105,13 @@ def test_fail_mode_endless_sends_an_event_without_end_until_the_client_leaves(up
         assert len(lines) > (3 << 20) // 8 and set(lines[:-1]) == {b"data: x"}
     record = upstream.wait_for_requests(1, model=scenario)[0].wait(10)
     assert record.client_hung_up and not record.completed and record.tokens_sent == 1
+
+
+def test_the_standalone_fake_keeps_no_records_and_serves():
+    # `python -m haystream.testing` (the bench's fake) serves other processes: records would only grow there.
+    with FakeUpstream(keep_records=False) as fake:
+        body = {"model": "fake?tokens=2", "messages": USER}
+        response = httpx.post(fake.base_url + "/chat/completions", json=body, timeout=30)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"] == "t0 t1 "
+        assert fake.records == []
