@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
+
+import pytest
 
 from support import start_server
 
@@ -91,3 +94,78 @@ def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = haystream("new", "../evil", "--dir", str(tmp_path))
     assert bad.returncode == 1 and "Invalid name" in bad.stderr
+
+
+def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`haystream serve` with operator mistakes in its flags or environment: it must refuse before serving."""
+    (tmp_path / "wrappers").mkdir(exist_ok=True)
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("HAYSTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "haystream", "serve", "-d", str(tmp_path / "wrappers"), *args],
+        env={**clean, "HAYSTACK_TELEMETRY_ENABLED": "False", "COLUMNS": "80", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ((), {"HAYSTREAM_PORT": "http"}, "HAYSTREAM_PORT='http': Input should be a valid integer"),
+        (("--port", "70000"), {}, "--port=70000: Input should be less than or equal to 65535"),
+        (("--port", "0"), {}, "--port=0: Input should be greater than or equal to 1"),
+        (("--workers", "0"), {}, "--workers=0: Input should be greater than or equal to 1"),
+        ((), {"HAYSTREAM_WORKERS": "-2"}, "HAYSTREAM_WORKERS='-2': Input should be greater than or equal to 1"),
+        ((), {"HAYSTREAM_ENABLE_DOCS": "maybe"}, "HAYSTREAM_ENABLE_DOCS='maybe': Input should be a valid boolean"),
+        ((), {"HAYSTREAM_DRAIN_TIMEOUT": "inf"}, "HAYSTREAM_DRAIN_TIMEOUT='inf': Input should be a finite number"),
+        ((), {"HAYSTREAM_KEEPALIVE_SECONDS": "0"}, "HAYSTREAM_KEEPALIVE_SECONDS='0': Input should be greater than 0"),
+        ((), {"HAYSTREAM_LOG_LEVEL": "verbose"}, "HAYSTREAM_LOG_LEVEL='verbose': should be one of critical, error"),
+        ((), {"HAYSTREAM_LOG_FORMAT": "xml"}, "HAYSTREAM_LOG_FORMAT='xml': Input should be 'text' or 'json'"),
+        ((), {"HAYSTREAM_REDIS_URL": "localhost:6379"}, "HAYSTREAM_REDIS_URL: should be a Redis URL: redis://"),
+        (("--workers", "65"), {}, "--workers=65: Input should be less than or equal to 64"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "chat.example.com"}, "write 'https://chat.example.com'"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "http://a.example, https://b.example/"}, "write 'https://b.example'"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "https://A.example:443"}, "write 'https://a.example'"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "https://*.example"}, "write scheme://host[:port]"),
+        ((), {"HAYSTREAM_API_KEYS": " , "}, "HAYSTREAM_API_KEYS is set but holds no key"),
+        # the other layers' settings, read lazily at the first request, are checked at startup too
+        ((), {"HAYSTREAM_PRODUCER_THREADS": "0"}, "HAYSTREAM_PRODUCER_THREADS='0': Input should be greater"),
+        ((), {"HAYSTREAM_LOCAL_QUEUE_TIMEOUT": "soon"}, "HAYSTREAM_LOCAL_QUEUE_TIMEOUT='soon': Input should be"),
+        ((), {"HAYSTREAM_ABANDON_SOCKETS": "sometimes"}, "HAYSTREAM_ABANDON_SOCKETS='sometimes': Input should be"),
+        (
+            (),
+            {"HAYSTREAM_LOCAL_MODEL": "/nowhere/model.gguf"},
+            "HAYSTREAM_LOCAL_MODEL='/nowhere/model.gguf': not a file",
+        ),
+    ],
+)
+def test_serve_names_the_bad_setting_and_what_it_accepts(tmp_path, args, env, expected):
+    refused = serve_refused(tmp_path, *args, **env)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("error: refusing to start: ") and expected in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+
+
+def test_serve_does_not_echo_secrets_it_refuses(tmp_path):
+    refused = serve_refused(tmp_path, HAYSTREAM_REDIS_URL="http://:hunter2@cache:6379", HAYSTREAM_API_KEYS=",")
+    assert (
+        refused.returncode == 2 and "HAYSTREAM_REDIS_URL" in refused.stderr and "HAYSTREAM_API_KEYS" in refused.stderr
+    )
+    assert "hunter2" not in refused.stderr
+
+
+def test_serve_explains_why_it_cannot_listen(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = serve_refused(tmp_path, "--port", str(taken.getsockname()[1]))
+    assert in_use.returncode == 1 and "another server is listening there" in in_use.stderr
+    not_here = serve_refused(tmp_path, "--host", "192.0.2.1")  # TEST-NET-1: never an address of this machine
+    assert not_here.returncode == 1 and "the address is not one of this machine's" in not_here.stderr
+    unresolvable = serve_refused(tmp_path, "--host", "no-such-host.invalid")
+    assert unresolvable.returncode == 1 and "--host 'no-such-host.invalid': the name does not resolve" in (
+        unresolvable.stderr
+    )
+    assert "Traceback" not in in_use.stderr + not_here.stderr + unresolvable.stderr
+    assert "is another server running" not in not_here.stderr + unresolvable.stderr

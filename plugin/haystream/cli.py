@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Errors stay one line each, whatever the terminal width: easy to read in logs and to grep.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEFAULT_URL = "http://127.0.0.1:1416"
 UrlOption = Annotated[str, typer.Option("--url", envvar="HAYSTREAM_URL", help="Server URL.")]
@@ -60,7 +61,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from haystream.settings import ServerSettings
+    from haystream.settings import LocalModelSettings, ServerSettings, StreamingSettings, describe
 
     overrides: dict[str, Any] = {
         "pipelines_dir": str(pipelines_dir) if pipelines_dir else None,
@@ -68,12 +69,18 @@ def serve(
         "port": port,
         "workers": workers,
     }
+    flags = {key: f"--{key.replace('_', '-')}" for key, value in overrides.items() if value is not None}
     try:
         settings = ServerSettings(**{key: value for key, value in overrides.items() if value is not None})
+        # The other layers read theirs lazily, at the first request that needs them: check them now, not then.
+        StreamingSettings()
+        local_model = LocalModelSettings().local_model
     except ValidationError as error:
-        problems = "; ".join(str(problem["msg"]).removeprefix("Value error, ") for problem in error.errors())
-        err.print(f"[red]error:[/red] refusing to start: {problems}")
-        raise typer.Exit(2) from None
+        _refuse(describe(error, flags))
+    if local_model and not Path(local_model).expanduser().is_file():
+        _refuse(
+            f"HAYSTREAM_LOCAL_MODEL={local_model!r}: not a file; give a GGUF file's path, or unset it (bundled model)"
+        )
     _check_can_serve(settings.pipelines_dir, settings.host, settings.port)
     from haystream.server.logs import write_output_in_background
 
@@ -218,6 +225,8 @@ class _client:
         import httpx
 
         self.url = url.rstrip("/")
+        if not re.match(r"https?://[^/?#]", self.url):
+            _fail(f"--url {url!r} is not an http(s) URL (HAYSTREAM_URL); e.g. --url http://127.0.0.1:1416.")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10, read=300))
 
@@ -263,8 +272,34 @@ def _check_can_serve(pipelines_dir: str, host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror as error:
+            _fail(
+                f"Cannot listen on --host {host!r}: the name does not resolve ({error.strerror}); use an address of "
+                "this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."
+            )
         except OSError as error:
-            _fail(f"Cannot listen on {host}:{port} ({error.strerror}): is another server running? Use --port.")
+            _fail(f"Cannot listen on {host}:{port} ({error.strerror}): {_bind_hint(error.errno, port)}.")
+
+
+def _bind_hint(code: int | None, port: int) -> str:
+    """What to do about a bind that failed with `code` (an errno)."""
+    import errno
+
+    if code == errno.EADDRINUSE:
+        return "another server is listening there: stop it, or choose another --port"
+    if code == errno.EACCES and port < 1024:
+        return "ports below 1024 need privileges: choose a --port above 1023"
+    if code == errno.EACCES:
+        return "this user may not listen there (a security policy?): choose another --port"
+    if code == errno.EADDRNOTAVAIL:
+        return "the address is not one of this machine's: check --host (0.0.0.0: every interface)"
+    return "check --host and --port"
+
+
+def _refuse(problems: str) -> NoReturn:
+    """Refuse to start the server: a setting or flag is wrong (exit code 2, like a usage error)."""
+    err.print(f"[red]error:[/red] refusing to start: {problems}")
+    raise typer.Exit(2)
 
 
 def _fail(message: str) -> NoReturn:
@@ -275,18 +310,32 @@ def _fail(message: str) -> NoReturn:
 def _check(response: Any, *, what: str) -> Any:
     if response.status_code < 400:
         return response
-    try:
-        body = response.json()
-        message = (body.get("error") or {}).get("message") or body.get("detail") or response.text
-    except ValueError:
-        message = response.text
+    message = _error_message(response)
     if response.status_code == 401:
         _fail(f"The server refused the API key (401): pass --api-key or set HAYSTREAM_API_KEY. ({message})")
     _fail(f"Could not {what}: {message} (HTTP {response.status_code})")
 
 
+def _error_message(response: Any) -> str:
+    """The message of an OpenAI-style (or hayhooks/FastAPI) error body; else the body itself."""
+    try:
+        body = response.json()
+    except ValueError:
+        return str(response.text).strip()[:300]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(body, dict) and (error or body.get("detail")):
+        return str(error or body["detail"])
+    return str(response.text).strip()[:300]
+
+
 def _model_list(client: Any) -> list[dict[str, Any]]:
-    return _check(client.get("/v1/models"), what="list models").json()["data"]
+    response = _check(client.get("/v1/models"), what="list models")
+    try:
+        return [entry for entry in response.json()["data"] if isinstance(entry.get("id"), str)]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        _fail(f"{response.url} did not answer like haystream (no model list): check --url.")
 
 
 def _only_model(client: Any) -> str:
@@ -351,9 +400,16 @@ def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     for line in lines:
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
-        payload = orjson.loads(line[6:])
+        try:
+            payload = orjson.loads(line[6:])
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            yield "error", f"the server sent a malformed event ({line[:80]!r}): is --url a haystream server?"
+            return
         if "error" in payload:
-            yield "error", str(payload["error"].get("message", payload["error"]))
+            error = payload["error"]
+            yield "error", str(error.get("message", error) if isinstance(error, dict) else error)
         elif "event" in payload:
             event = payload["event"]
             if event.get("type") == "status" and not (event.get("data") or {}).get("hidden"):
