@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -169,3 +173,80 @@ def test_serve_explains_why_it_cannot_listen(tmp_path):
     )
     assert "Traceback" not in in_use.stderr + not_here.stderr + unresolvable.stderr
     assert "is another server running" not in not_here.stderr + unresolvable.stderr
+
+
+@pytest.fixture
+def foreign() -> Iterator[tuple[str, dict[str, tuple[int, str, bytes]]]]:
+    """A plain HTTP server on 127.0.0.1 that is not haystream: `routes[path] = (status, content type, body)`; it
+    closes each connection after its body, so a body is whatever it sent."""
+    routes: dict[str, tuple[int, str, bytes]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            status, content_type, body = routes.get(self.path, (404, "text/html", b"<h1>Not Found</h1>"))
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", routes
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def chunk(content: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": content}}]}).encode() + b"\n\n"
+
+
+def test_chat_refuses_a_url_without_its_scheme():
+    for command in (("chat", "x", "hi"), ("models",)):
+        result = haystream(*command, "--url", "127.0.0.1:1416")
+        assert result.returncode == 1 and "'127.0.0.1:1416' is not an http:// or https:// URL" in result.stderr
+        assert "write e.g. --url http://127.0.0.1:1416" in result.stderr and "lost" not in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_chat_and_models_say_when_the_server_is_not_haystream(foreign):
+    url, routes = foreign
+    answers = []
+    for models in (b"<html><body>It works!</body></html>", b'{"status": "ok"}', b'{"data": {"a": 1}}', b"[1]"):
+        routes["/v1/models"] = (200, "application/json", models)
+        answers += [haystream("models", "--url", url), haystream("chat", "--url", url)]  # chat looks for the model
+    for answer in answers:
+        assert answer.returncode == 1 and "did not answer like haystream (no model list): check --url" in answer.stderr
+    routes["/v1/chat/completions"] = (200, "text/html", b"<html>\n<body>\nWelcome\n</body>\n</html>")
+    html = haystream("chat", "m", "hi", "--url", url)
+    assert html.returncode == 1 and "answered text/html, not an event stream" in html.stderr
+    routes["/v1/chat/completions"] = (502, "text/html", b"<html>\n<h1>502 Bad Gateway</h1>\n</html>")
+    gateway = haystream("chat", "m", "hi", "--url", url)
+    assert gateway.returncode == 1 and "Could not chat: <html> <h1>502 Bad Gateway</h1> </html> (HTTP 502)" in (
+        gateway.stderr
+    )
+    routes["/v1/chat/completions"] = (200, "text/event-stream", chunk("Hel") + b'data: {"choices": "lo"}\n\n')
+    odd = haystream("chat", "m", "hi", "--url", url)
+    assert odd.returncode == 1 and odd.stdout == "Hel\n" and "an event haystream does not know" in odd.stderr
+    for answer in (*answers, html, gateway, odd):
+        assert len(answer.stderr.strip().splitlines()) == 1 and "Traceback" not in answer.stderr
+
+
+def test_chat_fails_when_the_stream_ends_without_done(foreign):
+    url, routes = foreign
+    routes["/v1/chat/completions"] = (200, "text/event-stream", chunk("Hello") + chunk(" wor"))
+    cut = haystream("chat", "m", "hi", "--url", url)
+    assert cut.returncode == 1 and cut.stdout == "Hello wor\n"
+    assert "The answer was cut: the stream ended without [DONE]" in cut.stderr and "Traceback" not in cut.stderr
+    routes["/v1/chat/completions"] = (200, "text/event-stream", chunk("Hello") + chunk(" world") + b"data: [DONE]\n\n")
+    whole = haystream("chat", "m", "hi", "--url", url)
+    assert whole.returncode == 0 and whole.stdout == "Hello world\n" and whole.stderr == ""

@@ -159,7 +159,7 @@ def models(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     with _client(url, api_key) as client:
         table = Table("id", "name", box=None)
         for entry in _model_list(client):
-            table.add_row(entry["id"], entry.get("name", entry["id"]))
+            table.add_row(entry["id"], str(entry.get("name") or entry["id"]))
         out.print(table)
 
 
@@ -225,8 +225,10 @@ class _client:
         import httpx
 
         self.url = url.rstrip("/")
-        if not re.match(r"https?://[^/?#]", self.url):
-            _fail(f"--url {url!r} is not an http(s) URL (HAYSTREAM_URL); e.g. --url http://127.0.0.1:1416.")
+        if not re.match(r"https?://[^/?#]", self.url, re.IGNORECASE):
+            # httpx would call it a lost connection (UnsupportedProtocol).
+            example = f"http://{self.url}" if "://" not in self.url else DEFAULT_URL
+            _fail(f"--url (HAYSTREAM_URL) {url!r} is not an http:// or https:// URL: write e.g. --url {example}.")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10, read=300))
 
@@ -321,13 +323,15 @@ def _error_message(response: Any) -> str:
     try:
         body = response.json()
     except ValueError:
-        return str(response.text).strip()[:300]
+        body = None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    if isinstance(body, dict) and (error or body.get("detail")):
-        return str(error or body["detail"])
-    return str(response.text).strip()[:300]
+        message = str(error["message"])
+    elif isinstance(body, dict) and (error or body.get("detail")):
+        message = str(error or body["detail"])
+    else:  # not an error body we know (an HTML page from a proxy?): its start, on one line
+        message = " ".join(str(response.text).split())[:200] or "(empty body)"
+    return message
 
 
 def _model_list(client: Any) -> list[dict[str, Any]]:
@@ -368,7 +372,12 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
                 names = ", ".join(entry["id"] for entry in _model_list(client))
                 _fail(f"Unknown model {model!r}; available: {names or '(none deployed)'}.")
             _check(response, what="chat")
+        content_type = response.headers.get("content-type", "(no type)").partition(";")[0].strip()
+        if content_type != "text/event-stream":
+            _fail(f"{response.url} answered {content_type}, not an event stream: is --url a haystream server?")
         for kind, text in _sse_items(response.iter_lines()):
+            if kind == "done":
+                break
             if kind == "status":
                 if not at_line_start:
                     out.print()
@@ -389,40 +398,51 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
             at_line_start = text.endswith("\n")
             if kind == "content":
                 answer.append(text)
+        else:  # the server closed the stream without its end marker: what was printed is not the whole answer
+            if not at_line_start:
+                out.print()
+            _fail("The answer was cut: the stream ended without [DONE] (did the server stop, or a proxy time out?).")
     if not at_line_start:
         out.print()
 
 
 def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(kind, text) pairs from a chat-completions SSE stream: content, reasoning, status, error, length (a cut)."""
+    """(kind, text) pairs from a chat-completions SSE stream: content, reasoning, status, error, length (a cut), and
+    done at `[DONE]`."""
     import orjson
 
     for line in lines:
-        if not line.startswith("data: ") or line == "data: [DONE]":
+        if line == "data: [DONE]":
+            yield "done", ""
+            return
+        if not line.startswith("data: "):
             continue
         try:
-            payload = orjson.loads(line[6:])
-        except orjson.JSONDecodeError:
-            payload = None
-        if not isinstance(payload, dict):
-            yield "error", f"the server sent a malformed event ({line[:80]!r}): is --url a haystream server?"
+            items = list(_payload_items(orjson.loads(line[6:])))
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            yield "error", f"The server sent an event haystream does not know ({line[:80]!r}): is --url haystream?"
             return
-        if "error" in payload:
-            error = payload["error"]
-            yield "error", str(error.get("message", error) if isinstance(error, dict) else error)
-        elif "event" in payload:
-            event = payload["event"]
-            if event.get("type") == "status" and not (event.get("data") or {}).get("hidden"):
-                yield "status", str((event.get("data") or {}).get("description", ""))
-        else:
-            for choice in payload.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if delta.get("reasoning_content"):
-                    yield "reasoning", delta["reasoning_content"]
-                if delta.get("content"):
-                    yield "content", delta["content"]
-                if choice.get("finish_reason") == "length":
-                    yield "length", ""
+        yield from items
+
+
+def _payload_items(payload: Any) -> Iterator[tuple[str, str]]:
+    """The (kind, text) pairs of one event; AttributeError or TypeError when it is not shaped like haystream's."""
+    if "error" in payload:
+        error = payload["error"]
+        yield "error", str(error.get("message", error) if isinstance(error, dict) else error)
+    elif "event" in payload:
+        event = payload["event"]
+        if event.get("type") == "status" and not (event.get("data") or {}).get("hidden"):
+            yield "status", str((event.get("data") or {}).get("description", ""))
+    else:
+        for choice in payload.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                yield "reasoning", str(delta["reasoning_content"])
+            if delta.get("content"):
+                yield "content", str(delta["content"])
+            if choice.get("finish_reason") == "length":
+                yield "length", ""
 
 
 if __name__ == "__main__":
