@@ -125,6 +125,7 @@ def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProce
         ((), {"HAYSTREAM_DRAIN_TIMEOUT": "inf"}, "HAYSTREAM_DRAIN_TIMEOUT='inf': Input should be a finite number"),
         ((), {"HAYSTREAM_KEEPALIVE_SECONDS": "0"}, "HAYSTREAM_KEEPALIVE_SECONDS='0': Input should be greater than 0"),
         ((), {"HAYSTREAM_LOG_LEVEL": "verbose"}, "HAYSTREAM_LOG_LEVEL='verbose': should be one of critical, error"),
+        (("--log-level", "loud"), {}, "--log-level='loud': should be one of critical, error, warning, info, debug"),
         ((), {"HAYSTREAM_LOG_FORMAT": "xml"}, "HAYSTREAM_LOG_FORMAT='xml': Input should be 'text' or 'json'"),
         ((), {"HAYSTREAM_REDIS_URL": "localhost:6379"}, "HAYSTREAM_REDIS_URL: should be a Redis URL: redis://"),
         (("--workers", "65"), {}, "--workers=65: Input should be less than or equal to 64"),

@@ -55,7 +55,13 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Interface (env HAYSTREAM_HOST, default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env HAYSTREAM_PORT, default 1416).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (env HAYSTREAM_WORKERS, default 1).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes, 64 at most (env HAYSTREAM_WORKERS, default 1).")
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="critical, error, warning, info, debug or trace (env HAYSTREAM_LOG_LEVEL, default info)."),
+    ] = None,
 ) -> None:
     """Run the server: hayhooks' app with haystream's OpenAI routes in front."""
     import uvicorn
@@ -68,6 +74,7 @@ def serve(
         "host": host,
         "port": port,
         "workers": workers,
+        "log_level": log_level,
     }
     flags = {key: f"--{key.replace('_', '-')}" for key, value in overrides.items() if value is not None}
     try:
