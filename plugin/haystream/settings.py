@@ -170,6 +170,29 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"{origin!r} is not an origin as a browser sends it: write {example} (or '*': any)")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # An empty host (`HAYSTREAM_HOST=` in a compose file) would listen on every interface, silently.
+        if not value.strip():
+            raise ValueError("is empty; write 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+        return value.strip()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        # Compared with the request's `Host` name: a URL, a path or a glob there would never match, silently.
+        for entry in _split(value):
+            name = (urlsplit(entry).hostname or "") if "://" in entry else entry.split("/", 1)[0]
+            right = "." + name.removeprefix("*.") if name.startswith("*.") else name
+            if entry != "*" and (entry != right or not name or "*" in name):
+                example = repr(right) if right and "*" not in right else "'chat.example.com' or '.example.com'"
+                raise ValueError(
+                    f"{entry!r} is not a host name: write {example} (a name, '.domain' for it and its subdomains, "
+                    "or '*': any)"
+                )
+        return value
+
     @field_validator("api_keys", "deploy_keys")
     @classmethod
     def _no_blank_keys(cls, value: str | None, info: ValidationInfo) -> str | None:
