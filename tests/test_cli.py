@@ -214,12 +214,21 @@ def chunk(content: str) -> bytes:
     return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": content}}]}).encode() + b"\n\n"
 
 
-def test_chat_refuses_a_url_without_its_scheme():
+def test_chat_refuses_a_url_or_key_it_cannot_use():
     for command in (("chat", "x", "hi"), ("models",)):
         result = haystream(*command, "--url", "127.0.0.1:1416")
         assert result.returncode == 1 and "'127.0.0.1:1416' is not an http:// or https:// URL" in result.stderr
         assert "write e.g. --url http://127.0.0.1:1416" in result.stderr and "lost" not in result.stderr
         assert "Traceback" not in result.stderr
+    mistakes = {
+        ("--url", "http://[::1"): "'http://[::1' is not a valid URL (Invalid port",
+        ("--url", "http://127.0.0.1:99999"): "'http://127.0.0.1:99999': the port should be 1-65535",
+        ("--url", "http://127.0.0.1:1416/v1"): "give the server's root, without /v1: --url http://127.0.0.1:1416.",
+        ("--api-key", "clé"): "--api-key (HAYSTREAM_API_KEY) holds a character an HTTP header cannot carry",
+    }
+    for option, expected in mistakes.items():
+        result = haystream("chat", "x", "hi", *option)
+        assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_chat_and_models_say_when_the_server_is_not_haystream(foreign):

@@ -236,8 +236,21 @@ class _client:
             # httpx would call it a lost connection (UnsupportedProtocol).
             example = f"http://{self.url}" if "://" not in self.url else DEFAULT_URL
             _fail(f"--url (HAYSTREAM_URL) {url!r} is not an http:// or https:// URL: write e.g. --url {example}.")
+        try:
+            parsed = httpx.URL(self.url)
+            port = parsed.port
+        except httpx.InvalidURL as error:
+            _fail(f"--url (HAYSTREAM_URL) {url!r} is not a valid URL ({error}): write e.g. --url {DEFAULT_URL}.")
+        if port is not None and not 0 < port < 65536:
+            _fail(f"--url (HAYSTREAM_URL) {url!r}: the port should be 1-65535.")
+        root = re.sub(r"(/openwebui)?/v1$", "", self.url)
+        if root != self.url:  # an OpenAI base URL: the routes below would be /v1/v1/...
+            _fail(f"--url (HAYSTREAM_URL) {url!r}: give the server's root, without /v1: --url {root}.")
+        if api_key and not (api_key.isascii() and api_key.isprintable()):
+            # httpx would raise UnicodeEncodeError (or refuse a line break) from deep in the request.
+            _fail("--api-key (HAYSTREAM_API_KEY) holds a character an HTTP header cannot carry (non-ASCII or control).")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10, read=300))
+        self.http = httpx.Client(base_url=parsed, headers=headers, timeout=httpx.Timeout(10, read=300))
 
     def __enter__(self) -> Any:
         return self.http
