@@ -84,6 +84,12 @@ def serve(
         local_model = LocalModelSettings().local_model
     except ValidationError as error:
         _refuse(describe(error, flags))
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir and not Path(metrics_dir).is_dir():  # prometheus_client would fail in every worker's start-up
+        _refuse(
+            f"PROMETHEUS_MULTIPROC_DIR={metrics_dir!r}: not a directory; create it, or unset it (with --workers above "
+            "1 a temporary one is made)"
+        )
     if local_model and not Path(local_model).expanduser().is_file():
         _refuse(
             f"HAYSTREAM_LOCAL_MODEL={local_model!r}: not a file; give a GGUF file's path, or unset it (bundled model)"
