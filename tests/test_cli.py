@@ -146,6 +146,11 @@ def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProce
             {"HAYSTREAM_LOCAL_MODEL": "/nowhere/model.gguf"},
             "HAYSTREAM_LOCAL_MODEL='/nowhere/model.gguf': not a file",
         ),
+        (
+            (),
+            {"PROMETHEUS_MULTIPROC_DIR": "/nowhere/metrics"},
+            "PROMETHEUS_MULTIPROC_DIR='/nowhere/metrics': not a dir",
+        ),
     ],
 )
 def test_serve_names_the_bad_setting_and_what_it_accepts(tmp_path, args, env, expected):
