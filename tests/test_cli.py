@@ -135,6 +135,7 @@ def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProce
         ((), {"HAYSTREAM_CORS_ORIGINS": "https://*.example"}, "write scheme://host[:port]"),
         ((), {"HAYSTREAM_API_KEYS": " , "}, "HAYSTREAM_API_KEYS is set but holds no key"),
         ((), {"HAYSTREAM_HOST": ""}, "HAYSTREAM_HOST='': is empty; write 127.0.0.1 (this machine only) or 0.0.0.0"),
+        (("--host", "[::1]"), {}, "--host='[::1]': write the IPv6 address without brackets: ::1"),
         ((), {"HAYSTREAM_ALLOWED_HOSTS": "https://chat.example/"}, "not a host name: write 'chat.example'"),
         ((), {"HAYSTREAM_ALLOWED_HOSTS": "localhost, *.example"}, "'*.example' is not a host name: write '.example'"),
         # the other layers' settings, read lazily at the first request, are checked at startup too

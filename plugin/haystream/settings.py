@@ -176,6 +176,8 @@ class ServerSettings(BaseSettings):
         # An empty host (`HAYSTREAM_HOST=` in a compose file) would listen on every interface, silently.
         if not value.strip():
             raise ValueError("is empty; write 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+        if value.startswith("[") and value.endswith("]"):  # URL syntax: the resolver would look it up as a name
+            raise ValueError(f"write the IPv6 address without brackets: {value[1:-1]}")
         return value.strip()
 
     @field_validator("allowed_hosts")
