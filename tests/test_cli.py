@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 from support import start_server
 
@@ -91,3 +98,174 @@ def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = haystream("new", "../evil", "--dir", str(tmp_path))
     assert bad.returncode == 1 and "Invalid name" in bad.stderr
+
+
+def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`haystream serve` with operator mistakes in its flags or environment: it must refuse before serving."""
+    (tmp_path / "wrappers").mkdir(exist_ok=True)
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("HAYSTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "haystream", "serve", "-d", str(tmp_path / "wrappers"), *args],
+        env={**clean, "HAYSTACK_TELEMETRY_ENABLED": "False", "COLUMNS": "80", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ((), {"HAYSTREAM_PORT": "http"}, "HAYSTREAM_PORT='http': Input should be a valid integer"),
+        (("--port", "70000"), {}, "--port=70000: Input should be less than or equal to 65535"),
+        (("--port", "0"), {}, "--port=0: Input should be greater than or equal to 1"),
+        (("--workers", "0"), {}, "--workers=0: Input should be greater than or equal to 1"),
+        ((), {"HAYSTREAM_WORKERS": "-2"}, "HAYSTREAM_WORKERS='-2': Input should be greater than or equal to 1"),
+        ((), {"HAYSTREAM_ENABLE_DOCS": "maybe"}, "HAYSTREAM_ENABLE_DOCS='maybe': Input should be a valid boolean"),
+        ((), {"HAYSTREAM_DRAIN_TIMEOUT": "inf"}, "HAYSTREAM_DRAIN_TIMEOUT='inf': Input should be a finite number"),
+        ((), {"HAYSTREAM_KEEPALIVE_SECONDS": "0"}, "HAYSTREAM_KEEPALIVE_SECONDS='0': Input should be greater than 0"),
+        ((), {"HAYSTREAM_LOG_LEVEL": "verbose"}, "HAYSTREAM_LOG_LEVEL='verbose': should be one of critical, error"),
+        (("--log-level", "loud"), {}, "--log-level='loud': should be one of critical, error, warning, info, debug"),
+        ((), {"HAYSTREAM_LOG_FORMAT": "xml"}, "HAYSTREAM_LOG_FORMAT='xml': Input should be 'text' or 'json'"),
+        ((), {"HAYSTREAM_REDIS_URL": "localhost:6379"}, "HAYSTREAM_REDIS_URL: should be a Redis URL: redis://"),
+        (("--workers", "65"), {}, "--workers=65: Input should be less than or equal to 64"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "chat.example.com"}, "write 'https://chat.example.com'"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "http://a.example, https://b.example/"}, "write 'https://b.example'"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "https://A.example:443"}, "write 'https://a.example'"),
+        ((), {"HAYSTREAM_CORS_ORIGINS": "https://*.example"}, "write scheme://host[:port]"),
+        ((), {"HAYSTREAM_API_KEYS": " , "}, "HAYSTREAM_API_KEYS is set but holds no key"),
+        ((), {"HAYSTREAM_HOST": ""}, "HAYSTREAM_HOST='': is empty; write 127.0.0.1 (this machine only) or 0.0.0.0"),
+        (("--host", "[::1]"), {}, "--host='[::1]': write the IPv6 address without brackets: ::1"),
+        ((), {"HAYSTREAM_ALLOWED_HOSTS": "https://chat.example/"}, "not a host name: write 'chat.example'"),
+        ((), {"HAYSTREAM_ALLOWED_HOSTS": "localhost, *.example"}, "'*.example' is not a host name: write '.example'"),
+        # the other layers' settings, read lazily at the first request, are checked at startup too
+        ((), {"HAYSTREAM_PRODUCER_THREADS": "0"}, "HAYSTREAM_PRODUCER_THREADS='0': Input should be greater"),
+        ((), {"HAYSTREAM_LOCAL_QUEUE_TIMEOUT": "soon"}, "HAYSTREAM_LOCAL_QUEUE_TIMEOUT='soon': Input should be"),
+        ((), {"HAYSTREAM_ABANDON_SOCKETS": "sometimes"}, "HAYSTREAM_ABANDON_SOCKETS='sometimes': Input should be"),
+        (
+            (),
+            {"HAYSTREAM_LOCAL_MODEL": "/nowhere/model.gguf"},
+            "HAYSTREAM_LOCAL_MODEL='/nowhere/model.gguf': not a file",
+        ),
+        (
+            (),
+            {"PROMETHEUS_MULTIPROC_DIR": "/nowhere/metrics"},
+            "PROMETHEUS_MULTIPROC_DIR='/nowhere/metrics': not a dir",
+        ),
+    ],
+)
+def test_serve_names_the_bad_setting_and_what_it_accepts(tmp_path, args, env, expected):
+    refused = serve_refused(tmp_path, *args, **env)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("error: refusing to start: ") and expected in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+
+
+def test_serve_does_not_echo_secrets_it_refuses(tmp_path):
+    refused = serve_refused(tmp_path, HAYSTREAM_REDIS_URL="http://:hunter2@cache:6379", HAYSTREAM_API_KEYS=",")
+    assert (
+        refused.returncode == 2 and "HAYSTREAM_REDIS_URL" in refused.stderr and "HAYSTREAM_API_KEYS" in refused.stderr
+    )
+    assert "hunter2" not in refused.stderr
+
+
+def test_serve_explains_why_it_cannot_listen(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = serve_refused(tmp_path, "--port", str(taken.getsockname()[1]))
+    assert in_use.returncode == 1 and "another server is listening there" in in_use.stderr
+    not_here = serve_refused(tmp_path, "--host", "192.0.2.1")  # TEST-NET-1: never an address of this machine
+    assert not_here.returncode == 1 and "the address is not one of this machine's" in not_here.stderr
+    unresolvable = serve_refused(tmp_path, "--host", "no-such-host.invalid")
+    assert unresolvable.returncode == 1 and "--host 'no-such-host.invalid': the name does not resolve" in (
+        unresolvable.stderr
+    )
+    assert "Traceback" not in in_use.stderr + not_here.stderr + unresolvable.stderr
+    assert "is another server running" not in not_here.stderr + unresolvable.stderr
+
+
+@pytest.fixture
+def foreign() -> Iterator[tuple[str, dict[str, tuple[int, str, bytes]]]]:
+    """A plain HTTP server on 127.0.0.1 that is not haystream: `routes[path] = (status, content type, body)`; it
+    closes each connection after its body, so a body is whatever it sent."""
+    routes: dict[str, tuple[int, str, bytes]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            status, content_type, body = routes.get(self.path, (404, "text/html", b"<h1>Not Found</h1>"))
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", routes
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def chunk(content: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": content}}]}).encode() + b"\n\n"
+
+
+def test_chat_refuses_a_url_or_key_it_cannot_use():
+    for command in (("chat", "x", "hi"), ("models",)):
+        result = haystream(*command, "--url", "127.0.0.1:1416")
+        assert result.returncode == 1 and "'127.0.0.1:1416' is not an http:// or https:// URL" in result.stderr
+        assert "write e.g. --url http://127.0.0.1:1416" in result.stderr and "lost" not in result.stderr
+        assert "Traceback" not in result.stderr
+    mistakes = {
+        ("--url", "http://[::1"): "'http://[::1' is not a valid URL (Invalid port",
+        ("--url", "http://127.0.0.1:99999"): "'http://127.0.0.1:99999': the port should be 1-65535",
+        ("--url", "http://127.0.0.1:1416/v1"): "give the server's root, without /v1: --url http://127.0.0.1:1416.",
+        ("--api-key", "clé"): "--api-key (HAYSTREAM_API_KEY) holds a character an HTTP header cannot carry",
+    }
+    for option, expected in mistakes.items():
+        result = haystream("chat", "x", "hi", *option)
+        assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_chat_and_models_say_when_the_server_is_not_haystream(foreign):
+    url, routes = foreign
+    answers = []
+    for models in (b"<html><body>It works!</body></html>", b'{"status": "ok"}', b'{"data": {"a": 1}}', b"[1]"):
+        routes["/v1/models"] = (200, "application/json", models)
+        answers += [haystream("models", "--url", url), haystream("chat", "--url", url)]  # chat looks for the model
+    for answer in answers:
+        assert answer.returncode == 1 and "did not answer like haystream (no model list): check --url" in answer.stderr
+    routes["/v1/chat/completions"] = (200, "text/html", b"<html>\n<body>\nWelcome\n</body>\n</html>")
+    html = haystream("chat", "m", "hi", "--url", url)
+    assert html.returncode == 1 and "answered text/html, not an event stream" in html.stderr
+    routes["/v1/chat/completions"] = (502, "text/html", b"<html>\n<h1>502 Bad Gateway</h1>\n</html>")
+    gateway = haystream("chat", "m", "hi", "--url", url)
+    assert gateway.returncode == 1 and "Could not chat: <html> <h1>502 Bad Gateway</h1> </html> (HTTP 502)" in (
+        gateway.stderr
+    )
+    routes["/v1/chat/completions"] = (200, "text/event-stream", chunk("Hel") + b'data: {"choices": "lo"}\n\n')
+    odd = haystream("chat", "m", "hi", "--url", url)
+    assert odd.returncode == 1 and odd.stdout == "Hel\n" and "an event haystream does not know" in odd.stderr
+    for answer in (*answers, html, gateway, odd):
+        assert len(answer.stderr.strip().splitlines()) == 1 and "Traceback" not in answer.stderr
+
+
+def test_chat_fails_when_the_stream_ends_without_done(foreign):
+    url, routes = foreign
+    routes["/v1/chat/completions"] = (200, "text/event-stream", chunk("Hello") + chunk(" wor"))
+    cut = haystream("chat", "m", "hi", "--url", url)
+    assert cut.returncode == 1 and cut.stdout == "Hello wor\n"
+    assert "The answer was cut: the stream ended without [DONE]" in cut.stderr and "Traceback" not in cut.stderr
+    routes["/v1/chat/completions"] = (200, "text/event-stream", chunk("Hello") + chunk(" world") + b"data: [DONE]\n\n")
+    whole = haystream("chat", "m", "hi", "--url", url)
+    assert whole.returncode == 0 and whole.stdout == "Hello world\n" and whole.stderr == ""

@@ -218,3 +218,20 @@ def test_a_log_reader_that_stops_reading_does_not_stop_the_server(workers):
     assert log.wait_for("chatty: answering request", count=requests)
     assert printed.wait_for("chatty: printed request", count=requests)
     assert any(f"chatty: answering request {requests - 1}" in line for line in log.lines)
+
+
+@pytest.mark.parametrize(("level", "logged"), [("info", True), ("warning", False)])
+def test_log_level_flag_reaches_the_server(tmp_path, level, logged):
+    """`--log-level` (the README's way to turn the access log off) is a flag of `serve`, like HAYSTREAM_LOG_LEVEL."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "HAYSTREAM_"))},
+        "HAYSTACK_TELEMETRY_ENABLED": "False",
+    }
+    wrappers = Path(__file__).parent / "worker_wrappers"
+    process = start_serve(["--port", str(port), "--pipelines-dir", str(wrappers), "--log-level", level], env)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+    finally:
+        stop(process)  # the log ends with the process: every line it wrote is in
+    assert process.log.wait_for('"GET /health HTTP/1.1" 200') is logged

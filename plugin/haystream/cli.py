@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Errors stay one line each, whatever the terminal width: easy to read in logs and to grep.
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEFAULT_URL = "http://127.0.0.1:1416"
 UrlOption = Annotated[str, typer.Option("--url", envvar="HAYSTREAM_URL", help="Server URL.")]
@@ -54,26 +55,45 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Interface (env HAYSTREAM_HOST, default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env HAYSTREAM_PORT, default 1416).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (env HAYSTREAM_WORKERS, default 1).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes, 64 at most (env HAYSTREAM_WORKERS, default 1).")
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="critical, error, warning, info, debug or trace (env HAYSTREAM_LOG_LEVEL, default info)."),
+    ] = None,
 ) -> None:
     """Run the server: hayhooks' app with haystream's OpenAI routes in front."""
     import uvicorn
     from pydantic import ValidationError
 
-    from haystream.settings import ServerSettings
+    from haystream.settings import LocalModelSettings, ServerSettings, StreamingSettings, describe
 
     overrides: dict[str, Any] = {
         "pipelines_dir": str(pipelines_dir) if pipelines_dir else None,
         "host": host,
         "port": port,
         "workers": workers,
+        "log_level": log_level,
     }
+    flags = {key: f"--{key.replace('_', '-')}" for key, value in overrides.items() if value is not None}
     try:
         settings = ServerSettings(**{key: value for key, value in overrides.items() if value is not None})
+        # The other layers read theirs lazily, at the first request that needs them: check them now, not then.
+        StreamingSettings()
+        local_model = LocalModelSettings().local_model
     except ValidationError as error:
-        problems = "; ".join(str(problem["msg"]).removeprefix("Value error, ") for problem in error.errors())
-        err.print(f"[red]error:[/red] refusing to start: {problems}")
-        raise typer.Exit(2) from None
+        _refuse(describe(error, flags))
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir and not Path(metrics_dir).is_dir():  # prometheus_client would fail in every worker's start-up
+        _refuse(
+            f"PROMETHEUS_MULTIPROC_DIR={metrics_dir!r}: not a directory; create it, or unset it (with --workers above "
+            "1 a temporary one is made)"
+        )
+    if local_model and not Path(local_model).expanduser().is_file():
+        _refuse(
+            f"HAYSTREAM_LOCAL_MODEL={local_model!r}: not a file; give a GGUF file's path, or unset it (bundled model)"
+        )
     _check_can_serve(settings.pipelines_dir, settings.host, settings.port)
     from haystream.server.logs import write_output_in_background
 
@@ -152,7 +172,7 @@ def models(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     with _client(url, api_key) as client:
         table = Table("id", "name", box=None)
         for entry in _model_list(client):
-            table.add_row(entry["id"], entry.get("name", entry["id"]))
+            table.add_row(entry["id"], str(entry.get("name") or entry["id"]))
         out.print(table)
 
 
@@ -218,8 +238,25 @@ class _client:
         import httpx
 
         self.url = url.rstrip("/")
+        if not re.match(r"https?://[^/?#]", self.url, re.IGNORECASE):
+            # httpx would call it a lost connection (UnsupportedProtocol).
+            example = f"http://{self.url}" if "://" not in self.url else DEFAULT_URL
+            _fail(f"--url (HAYSTREAM_URL) {url!r} is not an http:// or https:// URL: write e.g. --url {example}.")
+        try:
+            parsed = httpx.URL(self.url)
+            port = parsed.port
+        except httpx.InvalidURL as error:
+            _fail(f"--url (HAYSTREAM_URL) {url!r} is not a valid URL ({error}): write e.g. --url {DEFAULT_URL}.")
+        if port is not None and not 0 < port < 65536:
+            _fail(f"--url (HAYSTREAM_URL) {url!r}: the port should be 1-65535.")
+        root = re.sub(r"(/openwebui)?/v1$", "", self.url)
+        if root != self.url:  # an OpenAI base URL: the routes below would be /v1/v1/...
+            _fail(f"--url (HAYSTREAM_URL) {url!r}: give the server's root, without /v1: --url {root}.")
+        if api_key and not (api_key.isascii() and api_key.isprintable()):
+            # httpx would raise UnicodeEncodeError (or refuse a line break) from deep in the request.
+            _fail("--api-key (HAYSTREAM_API_KEY) holds a character an HTTP header cannot carry (non-ASCII or control).")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10, read=300))
+        self.http = httpx.Client(base_url=parsed, headers=headers, timeout=httpx.Timeout(10, read=300))
 
     def __enter__(self) -> Any:
         return self.http
@@ -263,8 +300,34 @@ def _check_can_serve(pipelines_dir: str, host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror as error:
+            _fail(
+                f"Cannot listen on --host {host!r}: the name does not resolve ({error.strerror}); use an address of "
+                "this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."
+            )
         except OSError as error:
-            _fail(f"Cannot listen on {host}:{port} ({error.strerror}): is another server running? Use --port.")
+            _fail(f"Cannot listen on {host}:{port} ({error.strerror}): {_bind_hint(error.errno, port)}.")
+
+
+def _bind_hint(code: int | None, port: int) -> str:
+    """What to do about a bind that failed with `code` (an errno)."""
+    import errno
+
+    if code == errno.EADDRINUSE:
+        return "another server is listening there: stop it, or choose another --port"
+    if code == errno.EACCES and port < 1024:
+        return "ports below 1024 need privileges: choose a --port above 1023"
+    if code == errno.EACCES:
+        return "this user may not listen there (a security policy?): choose another --port"
+    if code == errno.EADDRNOTAVAIL:
+        return "the address is not one of this machine's: check --host (0.0.0.0: every interface)"
+    return "check --host and --port"
+
+
+def _refuse(problems: str) -> NoReturn:
+    """Refuse to start the server: a setting or flag is wrong (exit code 2, like a usage error)."""
+    err.print(f"[red]error:[/red] refusing to start: {problems}")
+    raise typer.Exit(2)
 
 
 def _fail(message: str) -> NoReturn:
@@ -275,18 +338,34 @@ def _fail(message: str) -> NoReturn:
 def _check(response: Any, *, what: str) -> Any:
     if response.status_code < 400:
         return response
-    try:
-        body = response.json()
-        message = (body.get("error") or {}).get("message") or body.get("detail") or response.text
-    except ValueError:
-        message = response.text
+    message = _error_message(response)
     if response.status_code == 401:
         _fail(f"The server refused the API key (401): pass --api-key or set HAYSTREAM_API_KEY. ({message})")
     _fail(f"Could not {what}: {message} (HTTP {response.status_code})")
 
 
+def _error_message(response: Any) -> str:
+    """The message of an OpenAI-style (or hayhooks/FastAPI) error body; else the body itself."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        message = str(error["message"])
+    elif isinstance(body, dict) and (error or body.get("detail")):
+        message = str(error or body["detail"])
+    else:  # not an error body we know (an HTML page from a proxy?): its start, on one line
+        message = " ".join(str(response.text).split())[:200] or "(empty body)"
+    return message
+
+
 def _model_list(client: Any) -> list[dict[str, Any]]:
-    return _check(client.get("/v1/models"), what="list models").json()["data"]
+    response = _check(client.get("/v1/models"), what="list models")
+    try:
+        return [entry for entry in response.json()["data"] if isinstance(entry.get("id"), str)]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        _fail(f"{response.url} did not answer like haystream (no model list): check --url.")
 
 
 def _only_model(client: Any) -> str:
@@ -319,7 +398,12 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
                 names = ", ".join(entry["id"] for entry in _model_list(client))
                 _fail(f"Unknown model {model!r}; available: {names or '(none deployed)'}.")
             _check(response, what="chat")
+        content_type = response.headers.get("content-type", "(no type)").partition(";")[0].strip()
+        if content_type != "text/event-stream":
+            _fail(f"{response.url} answered {content_type}, not an event stream: is --url a haystream server?")
         for kind, text in _sse_items(response.iter_lines()):
+            if kind == "done":
+                break
             if kind == "status":
                 if not at_line_start:
                     out.print()
@@ -340,33 +424,51 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
             at_line_start = text.endswith("\n")
             if kind == "content":
                 answer.append(text)
+        else:  # the server closed the stream without its end marker: what was printed is not the whole answer
+            if not at_line_start:
+                out.print()
+            _fail("The answer was cut: the stream ended without [DONE] (did the server stop, or a proxy time out?).")
     if not at_line_start:
         out.print()
 
 
 def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(kind, text) pairs from a chat-completions SSE stream: content, reasoning, status, error, length (a cut)."""
+    """(kind, text) pairs from a chat-completions SSE stream: content, reasoning, status, error, length (a cut), and
+    done at `[DONE]`."""
     import orjson
 
     for line in lines:
-        if not line.startswith("data: ") or line == "data: [DONE]":
+        if line == "data: [DONE]":
+            yield "done", ""
+            return
+        if not line.startswith("data: "):
             continue
-        payload = orjson.loads(line[6:])
-        if "error" in payload:
-            yield "error", str(payload["error"].get("message", payload["error"]))
-        elif "event" in payload:
-            event = payload["event"]
-            if event.get("type") == "status" and not (event.get("data") or {}).get("hidden"):
-                yield "status", str((event.get("data") or {}).get("description", ""))
-        else:
-            for choice in payload.get("choices") or ():
-                delta = choice.get("delta") or {}
-                if delta.get("reasoning_content"):
-                    yield "reasoning", delta["reasoning_content"]
-                if delta.get("content"):
-                    yield "content", delta["content"]
-                if choice.get("finish_reason") == "length":
-                    yield "length", ""
+        try:
+            items = list(_payload_items(orjson.loads(line[6:])))
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            yield "error", f"The server sent an event haystream does not know ({line[:80]!r}): is --url haystream?"
+            return
+        yield from items
+
+
+def _payload_items(payload: Any) -> Iterator[tuple[str, str]]:
+    """The (kind, text) pairs of one event; AttributeError or TypeError when it is not shaped like haystream's."""
+    if "error" in payload:
+        error = payload["error"]
+        yield "error", str(error.get("message", error) if isinstance(error, dict) else error)
+    elif "event" in payload:
+        event = payload["event"]
+        if event.get("type") == "status" and not (event.get("data") or {}).get("hidden"):
+            yield "status", str((event.get("data") or {}).get("description", ""))
+    else:
+        for choice in payload.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                yield "reasoning", str(delta["reasoning_content"])
+            if delta.get("content"):
+                yield "content", str(delta["content"])
+            if choice.get("finish_reason") == "length":
+                yield "length", ""
 
 
 if __name__ == "__main__":

@@ -7,16 +7,23 @@ One class per layer, so that a layer reads only its own: `StreamingSettings` (th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# inf/nan are not durations an operator means (and `int(inf)` fails deep in uvicorn): refuse them with the rest.
+_CONFIG = SettingsConfigDict(env_prefix="HAYSTREAM_", extra="ignore", allow_inf_nan=False)
+_SECRET_FIELDS = ("api_keys", "deploy_keys", "redis_url")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 class StreamingSettings(BaseSettings):
     """Settings of `haystream.stream` / `astream`."""
 
-    model_config = SettingsConfigDict(env_prefix="HAYSTREAM_", extra="ignore")
+    model_config = _CONFIG
 
     producer_threads: int = Field(2048, ge=1, description="Threads for sync-only runs (one per running stream).")
     abandon_sockets: bool = Field(
@@ -27,7 +34,7 @@ class StreamingSettings(BaseSettings):
 class LocalModelSettings(BaseSettings):
     """Settings of the embedded model (`haystream.local`)."""
 
-    model_config = SettingsConfigDict(env_prefix="HAYSTREAM_", extra="ignore")
+    model_config = _CONFIG
 
     local_model: str | None = Field(None, description="A GGUF file of your own instead of the bundled SmolLM2.")
     local_queue_timeout: float = Field(60.0, gt=0, description="Seconds a request waits for the model's turn.")
@@ -36,12 +43,14 @@ class LocalModelSettings(BaseSettings):
 class ServerSettings(BaseSettings):
     """Settings of `haystream serve` and `haystream.server.create_app()`."""
 
-    model_config = SettingsConfigDict(env_prefix="HAYSTREAM_", extra="ignore")
+    model_config = _CONFIG
 
     pipelines_dir: str = Field("pipeline_wrappers", description="Folder of pipeline wrappers deployed at startup.")
     host: str = Field("127.0.0.1", description="Interface to listen on.")
-    port: int = Field(1416, description="Port to listen on (hayhooks' default, so its CLI finds the server).")
-    workers: int = Field(1, ge=1, description="Uvicorn worker processes.")
+    port: int = Field(
+        1416, ge=1, le=65535, description="Port to listen on (hayhooks' default, so its CLI finds the server)."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Uvicorn worker processes (64 at most: scale pods beyond).")
     worker_timeout: float = Field(
         30.0,
         ge=0,
@@ -130,6 +139,62 @@ class ServerSettings(BaseSettings):
         "X-OpenWebUI-* headers, or X-Haystream-Events: true); plain OpenAI clients never get them.",
     )
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        # uvicorn would fail later with a bare KeyError.
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"should be one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # redis-py's own error comes at the first request, in a worker; this one comes before the server starts.
+        if not value:
+            return None
+        url = urlsplit(value)
+        if url.scheme not in ("redis", "rediss", "unix") or not (url.hostname or url.path):
+            raise ValueError("should be a Redis URL: redis://host:6379/0, rediss://host:6380/0 or unix:///path.sock")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        # A browser's Origin is exactly scheme://host[:port], lower case, without a default port: anything else
+        # would never match (the comparison is exact), silently.
+        for origin in _split(value):
+            if origin == "*" or origin == (right := _origin_form(origin)):
+                continue
+            example = repr(right) if right else "scheme://host[:port], e.g. 'https://chat.example.com'"
+            raise ValueError(f"{origin!r} is not an origin as a browser sends it: write {example} (or '*': any)")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # An empty host (`HAYSTREAM_HOST=` in a compose file) would listen on every interface, silently.
+        if not value.strip():
+            raise ValueError("is empty; write 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+        if value.startswith("[") and value.endswith("]"):  # URL syntax: the resolver would look it up as a name
+            raise ValueError(f"write the IPv6 address without brackets: {value[1:-1]}")
+        return value.strip()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        # Compared with the request's `Host` name: a URL, a path or a glob there would never match, silently.
+        for entry in _split(value):
+            name = (urlsplit(entry).hostname or "") if "://" in entry else entry.split("/", 1)[0]
+            right = "." + name.removeprefix("*.") if name.startswith("*.") else name
+            if entry != "*" and (entry != right or not name or "*" in name):
+                example = repr(right) if right and "*" not in right else "'chat.example.com' or '.example.com'"
+                raise ValueError(
+                    f"{entry!r} is not a host name: write {example} (a name, '.domain' for it and its subdomains, "
+                    "or '*': any)"
+                )
+        return value
+
     @field_validator("api_keys", "deploy_keys")
     @classmethod
     def _no_blank_keys(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -182,3 +247,36 @@ class ServerSettings(BaseSettings):
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _origin_form(origin: str) -> str | None:
+    """`origin` as a browser's `Origin` header would say it: scheme://host[:port] (https:// when no scheme is given);
+    None without a usable host name."""
+    url = urlsplit(origin if "://" in origin else f"https://{origin}")
+    scheme = url.scheme.lower() if url.scheme.lower() in ("http", "https") else "https"
+    try:
+        port = url.port
+    except ValueError:  # not a number: keep it, so that the suggestion still differs from what was given
+        port = None
+    default = {"http": 80, "https": 443}[scheme]
+    host = url.hostname or ""
+    if not host or "*" in host:  # the list is matched exactly: no patterns
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+def describe(error: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line naming each refused `HAYSTREAM_*` setting (or the command-line flag in `flags`, by field, that set
+    it), what it was given and what it accepts."""
+    problems = []
+    for problem in error.errors():
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if problem["loc"]:
+            field = str(problem["loc"][0])
+            name = (flags or {}).get(field) or f"HAYSTREAM_{field.upper()}"
+            # Keys and a Redis URL's password must not reach a terminal or a log.
+            given = "" if field in _SECRET_FIELDS else f"={problem['input']!r}"
+            message = message if message.startswith(name) else f"{name}{given}: {message}"
+        problems.append(message)
+    return "; ".join(problems)
