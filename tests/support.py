@@ -26,6 +26,7 @@ def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
     os.environ["FAKE_UPSTREAM_URL"] = upstream.base_url
     settings.setdefault("pipelines_dir", str(WRAPPERS_DIR))
     settings.setdefault("gc_freeze", False)  # one process starts many servers: keep its garbage collectable
+    settings.setdefault("gc_threshold", 0)  # and its collector as the test runner has it
     settings.setdefault("access_log", False)
     return ServerThread(create_app(ServerSettings(**settings)), lifespan="on").start()
 

@@ -11,6 +11,7 @@ import threading
 import httpx
 import pytest
 
+from haystream.server import ServerSettings
 from haystream.streaming.producer import running_producers, wait_for_idle_producers
 from support import start_server, unique
 
@@ -101,13 +102,16 @@ async def test_sync_wrapper_streams_run_on_the_server_loop_without_a_thread_each
         assert threading.active_count() < before + 10, threading.active_count() - before
 
 
-def test_startup_freezes_what_it_created_out_of_the_collectors_reach(upstream):
+def test_startup_freezes_what_it_created_out_of_the_collectors_reach_and_spaces_its_passes(upstream):
     gc.unfreeze()
-    running = start_server(upstream, gc_freeze=True)
+    thresholds = gc.get_threshold()
+    running = start_server(upstream, gc_freeze=True, gc_threshold=ServerSettings().gc_threshold)
     try:
         assert gc.get_freeze_count() > 0  # frozen once the wrappers were deployed (lifespan start-up complete)
+        assert gc.get_threshold() == (50_000, *thresholds[1:])
         with httpx.Client(base_url=running.url, timeout=30) as client:
             assert client.get("/v1/models").status_code == 200
     finally:
         running.stop()
         gc.unfreeze()  # this process starts many servers: give the collector back what it froze
+        gc.set_threshold(*thresholds)

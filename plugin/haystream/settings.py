@@ -116,6 +116,12 @@ class ServerSettings(BaseSettings):
     gc_freeze: bool = Field(
         True, description="Move what start-up created out of the garbage collector's reach (shorter GC pauses)."
     )
+    gc_threshold: int = Field(
+        50_000,
+        ge=0,
+        description="Allocations between the garbage collector's young-generation passes (Python's default: 700); "
+        "0 keeps Python's.",
+    )
     log_format: Literal["text", "json"] = Field(
         "text", description="haystream's log lines as text or as one JSON object per line (with the request id)."
     )

@@ -154,6 +154,11 @@ class HaystreamApp:
                     # What importing and deploying made lives as long as the process: keeping it out of every full
                     # collection means those walk only what requests made (~75k objects, not ~270k, in one run).
                     gc.freeze()
+                if self.settings.gc_threshold:
+                    # Every live stream holds a few hundred young objects: at Python's 700 allocations per pass, many
+                    # live streams are walked again and again before they age (bench, 1,000 slow streams: ~10% less
+                    # CPU per chunk, TTFT p99 ~1.45 -> ~1.2 s; RSS per stream unchanged).
+                    gc.set_threshold(self.settings.gc_threshold, *gc.get_threshold()[1:])
                 self.ready = True
             elif message["type"].startswith("lifespan.shutdown"):
                 self.ready = False
