@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -186,15 +187,16 @@ def test_serve_explains_why_it_cannot_listen(tmp_path):
 
 
 @pytest.fixture
-def foreign() -> Iterator[tuple[str, dict[str, tuple[int, str, bytes]]]]:
-    """A plain HTTP server on 127.0.0.1 that is not haystream: `routes[path] = (status, content type, body)`; it
-    closes each connection after its body, so a body is whatever it sent."""
-    routes: dict[str, tuple[int, str, bytes]] = {}
+def foreign() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A plain HTTP server on 127.0.0.1 that is not haystream: `routes[path] = (status, content type, body)`, or a
+    list of them given out in turn; it closes each connection after its body, so a body is whatever it sent."""
+    routes: dict[str, Any] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def _answer(self) -> None:
             self.rfile.read(int(self.headers.get("content-length") or 0))
-            status, content_type, body = routes.get(self.path, (404, "text/html", b"<h1>Not Found</h1>"))
+            route = routes.get(self.path, (404, "text/html", b"<h1>Not Found</h1>"))
+            status, content_type, body = route.pop(0) if isinstance(route, list) else route
             self.send_response(status)
             self.send_header("content-type", content_type)
             self.end_headers()
@@ -269,3 +271,21 @@ def test_chat_fails_when_the_stream_ends_without_done(foreign):
     routes["/v1/chat/completions"] = (200, "text/event-stream", chunk("Hello") + chunk(" world") + b"data: [DONE]\n\n")
     whole = haystream("chat", "m", "hi", "--url", url)
     assert whole.returncode == 0 and whole.stdout == "Hello world\n" and whole.stderr == ""
+
+
+def test_a_failed_answer_in_a_conversation_is_said_and_the_conversation_goes_on(foreign):
+    # One prompt exits 1 on a failed answer; an interactive session said so and ended, losing the conversation.
+    url, routes = foreign
+    whole = (200, "text/event-stream", chunk("Hello") + chunk(" world") + b"data: [DONE]\n\n")
+    routes["/v1/chat/completions"] = [
+        (200, "text/event-stream", chunk("Hel")),  # cut
+        (429, "application/json", b'{"error": {"message": "Too many streams", "type": "rate_limit"}}'),
+        (200, "text/event-stream", chunk("Hel") + b'data: {"error": {"message": "upstream failed"}}\n\n'),
+        whole,
+    ]
+    session = haystream("chat", "m", "--url", url, input="one\ntwo\nthree\nfour\n")
+    assert session.returncode == 0, session.stderr
+    assert session.stdout.count("Hello world") == 1
+    for said in ("The answer was cut", "Could not chat: Too many streams (HTTP 429)", "upstream failed"):
+        assert said in session.stderr
+    assert "Traceback" not in session.stderr and routes["/v1/chat/completions"] == []

@@ -163,7 +163,11 @@ def chat(
             if not line:
                 break
             history.append({"role": "user", "content": line})
-            history.append({"role": "assistant", "content": _stream_answer(client, model, history, interruptible=True)})
+            answer = _stream_answer(client, model, history, conversation=True)
+            if answer is None:
+                history.pop()  # the turn failed: the next prompt goes on from before it
+            else:
+                history.append({"role": "assistant", "content": answer})
 
 
 @app.command()
@@ -375,16 +379,28 @@ def _only_model(client: Any) -> str:
     _fail(f"Name a model: {', '.join(names) or '(none deployed)'}.")
 
 
-def _stream_answer(client: Any, model: str, messages: list[dict[str, str]], *, interruptible: bool = False) -> str:
+class _AnswerFailed(Exception):
+    """One answer failed (an error event, a stream cut short, an HTTP error): a conversation goes on, a one-prompt
+    chat exits 1."""
+
+
+def _stream_answer(
+    client: Any, model: str, messages: list[dict[str, str]], *, conversation: bool = False
+) -> str | None:
     """Print one streamed answer and return its text; Ctrl-C stops it (the server cancels the run) and, in a
-    conversation, keeps what was said so far."""
+    conversation, keeps what was said so far. A failed answer is None in a conversation (its error printed)."""
     answer: list[str] = []
     try:
         _print_answer(client, model, messages, answer)
     except KeyboardInterrupt:
         err.print("\n[dim](answer stopped)[/dim]")
-        if not interruptible:
+        if not conversation:
             raise typer.Exit(130) from None
+    except _AnswerFailed as failure:
+        if not conversation:
+            _fail(str(failure))
+        err.print(f"[red]error:[/red] {failure}")
+        return None
     return "".join(answer)
 
 
@@ -397,7 +413,9 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
             if response.status_code == 404:
                 names = ", ".join(entry["id"] for entry in _model_list(client))
                 _fail(f"Unknown model {model!r}; available: {names or '(none deployed)'}.")
-            _check(response, what="chat")
+            if response.status_code == 401:
+                _check(response, what="chat")
+            raise _AnswerFailed(f"Could not chat: {_error_message(response)} (HTTP {response.status_code})")
         content_type = response.headers.get("content-type", "(no type)").partition(";")[0].strip()
         if content_type != "text/event-stream":
             _fail(f"{response.url} answered {content_type}, not an event stream: is --url a haystream server?")
@@ -413,7 +431,7 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
             if kind == "error":
                 if not at_line_start:
                     out.print()
-                _fail(text)
+                raise _AnswerFailed(text)
             if kind == "length":
                 if not at_line_start:
                     out.print()
@@ -427,7 +445,9 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
         else:  # the server closed the stream without its end marker: what was printed is not the whole answer
             if not at_line_start:
                 out.print()
-            _fail("The answer was cut: the stream ended without [DONE] (did the server stop, or a proxy time out?).")
+            raise _AnswerFailed(
+                "The answer was cut: the stream ended without [DONE] (did the server stop, or a proxy time out?)."
+            )
     if not at_line_start:
         out.print()
 
