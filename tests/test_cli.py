@@ -289,3 +289,19 @@ def test_a_failed_answer_in_a_conversation_is_said_and_the_conversation_goes_on(
     for said in ("The answer was cut", "Could not chat: Too many streams (HTTP 429)", "upstream failed"):
         assert said in session.stderr
     assert "Traceback" not in session.stderr and routes["/v1/chat/completions"] == []
+
+
+def test_deploy_and_undeploy_say_when_the_server_is_not_haystream(foreign, tmp_path):
+    # Any server answering 200 read as "Deployed": a wrong --url went unnoticed.
+    url, routes = foreign
+    wrapper = tmp_path / "demo"
+    wrapper.mkdir()
+    (wrapper / "pipeline_wrapper.py").write_text("# a wrapper\n")
+    routes["/deploy_files"] = (200, "application/json", b'{"status": "ok"}')
+    routes["/undeploy/demo"] = (200, "text/html", b"<html>ok</html>")
+    deployed = haystream("deploy", str(wrapper), "--url", url)
+    removed = haystream("undeploy", "demo", "--url", url)
+    assert deployed.returncode == 1 and "no deployment of 'demo'" in deployed.stderr
+    assert "Deployed" not in deployed.stdout
+    assert removed.returncode == 1 and "no removal of 'demo'" in removed.stderr
+    assert "Traceback" not in deployed.stderr + removed.stderr

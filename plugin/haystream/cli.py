@@ -197,7 +197,7 @@ def deploy(
     name = name or directory.resolve().name
     payload = {"name": name, "files": files, "overwrite": overwrite, "save_files": True}
     with _client(url, api_key) as client:
-        _check(client.post("/deploy_files", json=payload), what=f"deploy {name}")
+        _confirmed(_check(client.post("/deploy_files", json=payload), what=f"deploy {name}"), name, "deployment")
     out.print(f"Deployed [bold]{name}[/bold].")
 
 
@@ -205,7 +205,7 @@ def deploy(
 def undeploy(name: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     """Remove a deployed pipeline."""
     with _client(url, api_key) as client:
-        _check(client.post(f"/undeploy/{name}"), what=f"undeploy {name}")
+        _confirmed(_check(client.post(f"/undeploy/{name}"), what=f"undeploy {name}"), name, "removal")
     out.print(f"Undeployed [bold]{name}[/bold].")
 
 
@@ -362,6 +362,18 @@ def _error_message(response: Any) -> str:
     else:  # not an error body we know (an HTML page from a proxy?): its start, on one line
         message = " ".join(str(response.text).split())[:200] or "(empty body)"
     return message
+
+
+def _confirmed(response: Any, name: str, what: str) -> None:
+    """Fail unless `response` is hayhooks' record of the deployment or removal of `name` (`success` and `name`):
+    any other server answering 200 (a proxy's page, another API) would otherwise read as done."""
+    try:
+        record = response.json()
+        if record["success"] is True and record["name"] == name:
+            return
+    except (ValueError, KeyError, TypeError):
+        pass
+    _fail(f"{response.url} did not answer like haystream (no {what} of {name!r}): check --url.")
 
 
 def _model_list(client: Any) -> list[dict[str, Any]]:
