@@ -129,7 +129,8 @@ def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProce
         (("--log-level", "loud"), {}, "--log-level='loud': should be one of critical, error, warning, info, debug"),
         ((), {"HAYSTREAM_LOG_FORMAT": "xml"}, "HAYSTREAM_LOG_FORMAT='xml': Input should be 'text' or 'json'"),
         ((), {"HAYSTREAM_REDIS_URL": "localhost:6379"}, "HAYSTREAM_REDIS_URL: should be a Redis URL: redis://"),
-        (("--workers", "65"), {}, "--workers=65: Input should be less than or equal to 64"),
+        (("--workers", "1025"), {}, "--workers=1025: Input should be less than or equal to 1024"),
+        ((), {"HAYSTREAM_GC_THRESHOLD": "10000000000"}, "HAYSTREAM_GC_THRESHOLD='10000000000': Input should be less"),
         ((), {"HAYSTREAM_CORS_ORIGINS": "chat.example.com"}, "write 'https://chat.example.com'"),
         ((), {"HAYSTREAM_CORS_ORIGINS": "http://a.example, https://b.example/"}, "write 'https://b.example'"),
         ((), {"HAYSTREAM_CORS_ORIGINS": "https://A.example:443"}, "write 'https://a.example'"),
@@ -139,6 +140,8 @@ def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProce
         (("--host", "[::1]"), {}, "--host='[::1]': write the IPv6 address without brackets: ::1"),
         ((), {"HAYSTREAM_ALLOWED_HOSTS": "https://chat.example/"}, "not a host name: write 'chat.example'"),
         ((), {"HAYSTREAM_ALLOWED_HOSTS": "localhost, *.example"}, "'*.example' is not a host name: write '.example'"),
+        ((), {"HAYSTREAM_ALLOWED_HOSTS": "localhost:1416"}, "'localhost:1416' is not a host name: write 'localhost'"),
+        ((), {"HAYSTREAM_ALLOWED_HOSTS": "chat.example."}, "'chat.example.' is not a host name: write 'chat.example'"),
         # the other layers' settings, read lazily at the first request, are checked at startup too
         ((), {"HAYSTREAM_PRODUCER_THREADS": "0"}, "HAYSTREAM_PRODUCER_THREADS='0': Input should be greater"),
         ((), {"HAYSTREAM_LOCAL_QUEUE_TIMEOUT": "soon"}, "HAYSTREAM_LOCAL_QUEUE_TIMEOUT='soon': Input should be"),
@@ -189,7 +192,9 @@ def test_serve_explains_why_it_cannot_listen(tmp_path):
 @pytest.fixture
 def foreign() -> Iterator[tuple[str, dict[str, Any]]]:
     """A plain HTTP server on 127.0.0.1 that is not haystream: `routes[path] = (status, content type, body)`, or a
-    list of them given out in turn; it closes each connection after its body, so a body is whatever it sent."""
+    list of them given out in turn; it closes each connection after its body, so a body is whatever it sent. A
+    content type ending in `;cut` sends the body as one chunk of a chunked body that never ends (a broken
+    connection)."""
     routes: dict[str, Any] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -197,8 +202,12 @@ def foreign() -> Iterator[tuple[str, dict[str, Any]]]:
             self.rfile.read(int(self.headers.get("content-length") or 0))
             route = routes.get(self.path, (404, "text/html", b"<h1>Not Found</h1>"))
             status, content_type, body = route.pop(0) if isinstance(route, list) else route
+            content_type, cut, _ = content_type.partition(";cut")
             self.send_response(status)
             self.send_header("content-type", content_type)
+            if cut:
+                self.send_header("transfer-encoding", "chunked")
+                body = b"%x\r\n%s\r\n" % (len(body), body)
             self.end_headers()
             self.wfile.write(body)
 
@@ -278,15 +287,21 @@ def test_a_failed_answer_in_a_conversation_is_said_and_the_conversation_goes_on(
     url, routes = foreign
     whole = (200, "text/event-stream", chunk("Hello") + chunk(" world") + b"data: [DONE]\n\n")
     routes["/v1/chat/completions"] = [
-        (200, "text/event-stream", chunk("Hel")),  # cut
+        (200, "text/event-stream", chunk("Hel")),  # ended without [DONE]
+        (200, "text/event-stream;cut", chunk("Hel")),  # the connection broke
         (429, "application/json", b'{"error": {"message": "Too many streams", "type": "rate_limit"}}'),
         (200, "text/event-stream", chunk("Hel") + b'data: {"error": {"message": "upstream failed"}}\n\n'),
         whole,
     ]
-    session = haystream("chat", "m", "--url", url, input="one\ntwo\nthree\nfour\n")
+    session = haystream("chat", "m", "--url", url, input="one\ntwo\nthree\nfour\nfive\n")
     assert session.returncode == 0, session.stderr
     assert session.stdout.count("Hello world") == 1
-    for said in ("The answer was cut", "Could not chat: Too many streams (HTTP 429)", "upstream failed"):
+    for said in (
+        "The answer was cut: the stream ended without [DONE]",
+        "The answer was cut: the connection broke (RemoteProtocolError)",
+        "Could not chat: Too many streams (HTTP 429)",
+        "upstream failed",
+    ):
         assert said in session.stderr
     assert "Traceback" not in session.stderr and routes["/v1/chat/completions"] == []
 

@@ -33,6 +33,7 @@ from haystream._compat import fold_chunks_like_haystack
 from haystream.components import OpenAIChatGenerator
 from haystream.components._chunks import ChunkLog
 from haystream.components._upstream import (
+    _LINE_OVERHEAD,
     MAX_SSE_EVENT_BYTES,
     SSEDecoder,
     SSEEventTooLarge,
@@ -583,19 +584,35 @@ def test_sse_decoder_bounds_a_line_and_keeps_a_long_one_below_the_bound():
 def test_sse_decoder_bounds_the_data_lines_of_one_event_and_counts_each_event_afresh():
     limit = 1 << 16
     line = b"data: " + b"x" * 1017 + b"\n"  # 1 KiB
+    fitting = limit // (len(line) - 1 + _LINE_OVERHEAD)  # each line counts its bytes and what keeping it costs
     decoder = SSEDecoder(limit)
     # Events just below the bound, many times over: each event is counted on its own.
     for _ in range(3):
-        events = decoder.feed(line * (limit // len(line) - 1) + b"\n")
-        assert len(events) == 1 and events[0].count(b"\n") == limit // len(line) - 2
+        events = decoder.feed(line * fitting + b"\n")
+        assert len(events) == 1 and events[0].count(b"\n") == fitting - 1
     # A line at a time, as a slow upstream sends them, and also all at once: past the bound either way.
-    for block, pieces in ((line, limit // len(line) + 1), (line * (limit // len(line) + 1), 1)):
+    for block, pieces in ((line, fitting + 1), (line * (fitting + 1), 1)):
         decoder = SSEDecoder(limit)
         with pytest.raises(SSEEventTooLarge, match=f"exceeded {limit} bytes"):
             for _ in range(pieces):
                 assert decoder.feed(block) == []
         # The decoder let go of what it held.
         assert decoder.feed(b"data: 1\n\n") == [b"1"]
+
+
+def test_an_event_of_short_lines_is_bounded_by_the_memory_it_holds():
+    # Counting only the lines' bytes let an event of `data: xy` lines hold ~5 times its bound in bytes objects.
+    limit = 4 << 20
+    decoder = SSEDecoder(limit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SSEEventTooLarge):
+            while True:
+                decoder.feed(b"data: xy\n" * 4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit
 
 
 def test_sse_decoder_copies_a_long_line_a_bounded_number_of_times():

@@ -266,3 +266,22 @@ def test_every_base_path_lists_and_other_methods_are_405(client, server, prefix)
     assert httpx.get(url, timeout=30).json()["data"][0]["content"][0]["text"] == "hi"
     refused = httpx.post(url, json={}, timeout=30)
     assert refused.status_code == 405 and "GET" in refused.headers["allow"]
+
+
+def test_chat_style_text_parts_are_listed_as_the_responses_api_types_them(client, server):
+    # `{"type": "text"}` parts (chat completions' kind) were listed as sent, which the SDK's types refuse; an
+    # assistant's parts are an output message's (`output_text`), whatever type they came with.
+    given = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "input_text", "text": "there"}]},
+        {"role": "assistant", "content": [{"type": "input_text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "user", "content": "and now?"},
+    ]
+    created = client.responses.create(model="fake_async", input=given, extra_body=FAKE)
+    raw = httpx.get(f"{server.url}/v1/responses/{created.id}/input_items?order=asc", timeout=30).json()["data"]
+    assert [[(part["type"], part["text"]) for part in item["content"]] for item in raw] == [
+        [("input_text", "hi"), ("input_text", "there")],
+        [("output_text", "a"), ("output_text", "b")],
+        [("input_text", "and now?")],
+    ]
+    for item in raw:
+        ITEM.validate_python(item)

@@ -362,7 +362,11 @@ def test_a_foreign_web_page_cannot_drive_a_local_server(open_server):
 
 
 def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
-    server = serve(upstream, tmp_path_factory, name="probe_cors", api_keys=KEY, cors_origins="https://chat.example")
+    # An extension's or a desktop app's own origin is listed as the browser sends it (the settings check knows only
+    # http(s) origins' form, and refused these at first).
+    extension = "chrome-extension://abcdefghijklmnopabcdefghijklmnop"
+    origins = f"https://chat.example,{extension}"
+    server = serve(upstream, tmp_path_factory, name="probe_cors", api_keys=KEY, cors_origins=origins)
     try:
         preflight = httpx.options(
             server.url + "/v1/chat/completions",
@@ -379,6 +383,8 @@ def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
         assert_envelope(httpx.get(server.url + "/v1/models", headers={"Origin": "https://chat.example"}), 401)
         foreign = httpx.get(server.url + "/v1/models", headers={**AUTH, "Origin": "https://evil.example"})
         assert_envelope(foreign, 403, "origin_not_allowed")
+        from_extension = httpx.get(server.url + "/v1/models", headers={**AUTH, "Origin": extension})
+        assert from_extension.status_code == 200 and from_extension.headers["access-control-allow-origin"] == extension
     finally:
         server.stop()
 

@@ -431,37 +431,49 @@ def _print_answer(client: Any, model: str, messages: list[dict[str, str]], answe
         content_type = response.headers.get("content-type", "(no type)").partition(";")[0].strip()
         if content_type != "text/event-stream":
             _fail(f"{response.url} answered {content_type}, not an event stream: is --url a haystream server?")
-        for kind, text in _sse_items(response.iter_lines()):
-            if kind == "done":
-                break
-            if kind == "status":
-                if not at_line_start:
-                    out.print()
-                out.print(f"[dim]• {text}[/dim]")
-                at_line_start = True
-                continue
-            if kind == "error":
-                if not at_line_start:
-                    out.print()
-                raise _AnswerFailed(text)
-            if kind == "length":
-                if not at_line_start:
-                    out.print()
-                err.print("[dim](cut off: the answer reached its token limit)[/dim]")
-                at_line_start = True
-                continue
-            out.print(text, end="", style="dim" if kind == "reasoning" else None, soft_wrap=True, markup=False)
-            at_line_start = text.endswith("\n")
-            if kind == "content":
-                answer.append(text)
-        else:  # the server closed the stream without its end marker: what was printed is not the whole answer
+        try:
+            for kind, text in _sse_items(_lines_or_cut(response)):
+                if kind == "done":
+                    break
+                if kind == "status":
+                    if not at_line_start:
+                        out.print()
+                    out.print(f"[dim]• {text}[/dim]")
+                    at_line_start = True
+                    continue
+                if kind == "error":
+                    raise _AnswerFailed(text)
+                if kind == "length":
+                    if not at_line_start:
+                        out.print()
+                    err.print("[dim](cut off: the answer reached its token limit)[/dim]")
+                    at_line_start = True
+                    continue
+                out.print(text, end="", style="dim" if kind == "reasoning" else None, soft_wrap=True, markup=False)
+                at_line_start = text.endswith("\n")
+                if kind == "content":
+                    answer.append(text)
+            else:  # the server closed the stream without its end marker: what was printed is not the whole answer
+                raise _AnswerFailed(
+                    "The answer was cut: the stream ended without [DONE] (did the server stop, or a proxy time out?)."
+                )
+        except _AnswerFailed:
             if not at_line_start:
                 out.print()
-            raise _AnswerFailed(
-                "The answer was cut: the stream ended without [DONE] (did the server stop, or a proxy time out?)."
-            )
+            raise
     if not at_line_start:
         out.print()
+
+
+def _lines_or_cut(response: Any) -> Iterator[str]:
+    """The response's lines; a connection that breaks mid-answer (a reset, a body cut short, a read timeout) fails
+    this answer, not the session."""
+    import httpx
+
+    try:
+        yield from response.iter_lines()
+    except httpx.TransportError as error:
+        raise _AnswerFailed(f"The answer was cut: the connection broke ({type(error).__name__}).") from None
 
 
 def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:

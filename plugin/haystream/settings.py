@@ -50,7 +50,9 @@ class ServerSettings(BaseSettings):
     port: int = Field(
         1416, ge=1, le=65535, description="Port to listen on (hayhooks' default, so its CLI finds the server)."
     )
-    workers: int = Field(1, ge=1, le=64, description="Uvicorn worker processes (64 at most: scale pods beyond).")
+    workers: int = Field(
+        1, ge=1, le=1024, description="Uvicorn worker processes (at most 1024: a typo must not fork thousands)."
+    )
     worker_timeout: float = Field(
         30.0,
         ge=0,
@@ -119,6 +121,7 @@ class ServerSettings(BaseSettings):
     gc_threshold: int = Field(
         50_000,
         ge=0,
+        le=2**31 - 1,  # the collector's counter is a C int
         description="Allocations between the garbage collector's young-generation passes (Python's default: 700); "
         "0 keeps Python's.",
     )
@@ -170,8 +173,11 @@ class ServerSettings(BaseSettings):
         # A browser's Origin is exactly scheme://host[:port], lower case, without a default port: anything else
         # would never match (the comparison is exact), silently.
         for origin in _split(value):
-            if origin == "*" or origin == (right := _origin_form(origin)):
+            if origin == "*" or origin == "null" or origin == (right := _origin_form(origin)):
                 continue
+            scheme = origin.partition("://")[0].lower() if "://" in origin else ""
+            if scheme and scheme not in ("http", "https") and origin.partition("://")[2]:
+                continue  # an app's or extension's own origin (chrome-extension://id, tauri://localhost): as written
             example = repr(right) if right else "scheme://host[:port], e.g. 'https://chat.example.com'"
             raise ValueError(f"{origin!r} is not an origin as a browser sends it: write {example} (or '*': any)")
         return value
@@ -192,6 +198,9 @@ class ServerSettings(BaseSettings):
         # Compared with the request's `Host` name: a URL, a path or a glob there would never match, silently.
         for entry in _split(value):
             name = (urlsplit(entry).hostname or "") if "://" in entry else entry.split("/", 1)[0]
+            if name.count(":") == 1:  # a port: the `Host` name is compared without one
+                name = name.partition(":")[0]
+            name = name.rstrip(".")  # and without a trailing dot
             right = "." + name.removeprefix("*.") if name.startswith("*.") else name
             if entry != "*" and (entry != right or not name or "*" in name):
                 example = repr(right) if right and "*" not in right else "'chat.example.com' or '.example.com'"

@@ -165,6 +165,11 @@ MAX_SSE_EVENT_BYTES = 16 * 2**20
 """The default bound on one server-sent event (16 MiB: far above any real chunk, which is a few hundred bytes)."""
 
 
+# What one kept `data:` line costs beyond its bytes (a bytes object's header, a list slot): counted, so that an event
+# of many short lines is bounded by the memory it holds, not only by its bytes.
+_LINE_OVERHEAD = 48
+
+
 class SSEEventTooLarge(ValueError):
     """An event-stream event (one line, or its `data:` lines together) grew past the decoder's `max_event` bytes."""
 
@@ -189,7 +194,7 @@ class SSEDecoder:
         self._pending = 0  # bytes in `_tail` that came in reads without a line break (the start is not counted)
         self._max_event = max_event
         self._data: list[bytes] = []
-        self._data_size = 0  # bytes of the `data:` lines in `_data`
+        self._data_size = 0  # what the `data:` lines in `_data` hold: their bytes and `_LINE_OVERHEAD` each
 
     def feed(self, block: bytes) -> list[bytes]:
         tail = self._tail
@@ -222,7 +227,7 @@ class SSEDecoder:
                     self._data_size = 0
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line[5:6] == b" " else line[5:])
-                self._data_size += len(line)
+                self._data_size += len(line) + _LINE_OVERHEAD
                 if self._data_size > self._max_event:
                     self._reset()
                     raise SSEEventTooLarge(self._max_event)

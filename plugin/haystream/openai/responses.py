@@ -268,13 +268,15 @@ def input_item_page(
 def _message_item(message: Mapping[str, Any]) -> dict[str, Any]:
     role = message.get("role", "user")
     content = message.get("content", "")
+    text_type = "output_text" if role == "assistant" else "input_text"  # an assistant's item is an output message
     if isinstance(content, str):
-        content = [
-            {"type": "output_text", "text": content} if role == "assistant" else {"type": "input_text", "text": content}
-        ]
+        content = [{"type": text_type, "text": content}]
     parts = []
     for part in content:
         part = dict(part)
+        if part.get("type") in ("text", "input_text", "output_text"):  # chat-style `text` parts too
+            part["type"] = text_type
+            part.setdefault("text", "")
         if part.get("type") == "output_text":
             part.setdefault("annotations", [])  # required by the SDK's `ResponseOutputText`
         elif part.get("type") == "input_image":

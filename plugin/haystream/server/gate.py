@@ -265,8 +265,14 @@ def _name_matches(name: str, allowed: frozenset[str]) -> bool:
     return any(entry.startswith(".") and (name.endswith(entry) or name == entry[1:]) for entry in allowed)
 
 
-@functools.lru_cache(maxsize=1024)  # per request otherwise (~8 µs); bounded, as Host values are the client's
 def _is_ip(name: str) -> bool:
+    # No address literal is longer (an IPv6 one with a zone is at most ~60): longer names are not cached, so that
+    # the cache holds at most 1,024 short strings whatever clients send as `Host`.
+    return len(name) <= 64 and _parses_as_ip(name)
+
+
+@functools.lru_cache(maxsize=1024)  # parsed per request otherwise (~8 µs)
+def _parses_as_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:
