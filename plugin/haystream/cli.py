@@ -110,6 +110,9 @@ def serve(
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        # haystream's access log replaces uvicorn's (whose logger the app disables): off here, uvicorn does not even
+        # build the line's arguments (a URL quoting per request).
+        "access_log": False,
         # A backstop only: the drain ends running streams itself at drain_timeout.
         "timeout_graceful_shutdown": int(settings.drain_timeout) + 5,
         "http": _http_protocol(settings.head_timeout_seconds),
