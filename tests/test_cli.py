@@ -298,7 +298,7 @@ def test_a_failed_answer_in_a_conversation_is_said_and_the_conversation_goes_on(
     assert session.stdout.count("Hello world") == 1
     for said in (
         "The answer was cut: the stream ended without [DONE]",
-        "The answer was cut: the connection broke (RemoteProtocolError)",
+        "The answer was cut: the connection to haystream was lost (RemoteProtocolError)",
         "Could not chat: Too many streams (HTTP 429)",
         "upstream failed",
     ):

@@ -476,7 +476,9 @@ def _lines_or_cut(response: Any) -> Iterator[str]:
     try:
         yield from response.iter_lines()
     except httpx.TransportError as error:
-        raise _AnswerFailed(f"The answer was cut: the connection broke ({type(error).__name__}).") from None
+        raise _AnswerFailed(
+            f"The answer was cut: the connection to haystream was lost ({type(error).__name__}): did the server stop?"
+        ) from None
 
 
 def _sse_items(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
