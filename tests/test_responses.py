@@ -309,14 +309,20 @@ def test_another_keys_response_is_not_found(upstream):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="key-aaaaaaaa", max_retries=0) as a,
             openai.OpenAI(base_url=srv.url + "/v1", api_key="key-bbbbbbbb", max_retries=0) as b,
         ):
-            mine = a.responses.create(model="fake_sync", input="x", extra_body=SYNC)
+            mine = a.responses.create(model="fake_sync", input="secret", extra_body=SYNC)
             assert a.responses.retrieve(mine.id).id == mine.id
+            assert a.responses.input_items.list(mine.id).data[0].content[0].text == "secret"
             with pytest.raises(openai.NotFoundError):
                 b.responses.retrieve(mine.id)
+            with pytest.raises(openai.NotFoundError) as refused:
+                b.responses.input_items.list(mine.id)
+            assert refused.value.body["message"] == f"Response with id '{mine.id}' not found."
             with pytest.raises(openai.NotFoundError):
                 b.responses.delete(mine.id)
             with pytest.raises(openai.NotFoundError):
                 b.responses.create(model="fake_sync", input="x", previous_response_id=mine.id, extra_body=SYNC)
+            anonymous = httpx.get(f"{srv.url}/v1/responses/{mine.id}/input_items", timeout=30)
+            assert anonymous.status_code == 401
     finally:
         srv.stop()
 
