@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -63,11 +64,16 @@ class ServeProcess(subprocess.Popen):
     log: ServeLog
 
 
-def start_serve(args: list[str], env: dict, cwd: Path | None = None) -> ServeProcess:
-    """Start `haystream serve ARGS`; returns once uvicorn reports the app started (fails if the process dies)."""
+def start_serve(args: list[str], env: dict, cwd: Path | None = None, *, prefix: Sequence[str] = ()) -> ServeProcess:
+    """Start `haystream serve ARGS` (after `prefix`, a command that runs it); returns once uvicorn reports the app
+    started (fails if the process dies)."""
     env = {"HAYSTREAM_DRAIN_GRACE_SECONDS": "0", **env}  # stop() needs no load-balancer grace (test_drain.py has it)
     process = ServeProcess(
-        [sys.executable, "-m", "haystream", "serve", *args], env=env, cwd=cwd, stderr=subprocess.PIPE, text=True
+        [*prefix, sys.executable, "-m", "haystream", "serve", *args],
+        env=env,
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     process.log = ServeLog(process.stderr)
     if not process.log.wait_for("Application startup complete"):
@@ -235,3 +241,74 @@ def test_log_level_flag_reaches_the_server(tmp_path, level, logged):
     finally:
         stop(process)  # the log ends with the process: every line it wrote is in
     assert process.log.wait_for('"GET /health HTTP/1.1" 200') is logged
+
+
+# As root, file permissions do not apply: the server runs without the capabilities that override them, as any other
+# user's server would.
+AS_AN_ORDINARY_USER = (
+    ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    if os.geteuid() == 0
+    else []
+)
+
+
+@pytest.mark.parametrize("unreadable", ["file", "folder"])
+def test_a_wrapper_the_server_may_not_read_is_named_and_the_server_starts(tmp_path, unreadable):
+    pipelines = tmp_path / "pipelines"
+    (pipelines / "secret").mkdir(parents=True)
+    (pipelines / "secret" / "pipeline_wrapper.py").write_text("raise SystemExit('never read')\n")
+    shutil.copytree(DEPLOYABLE, pipelines / "echo")
+    locked = pipelines / "secret" / "pipeline_wrapper.py" if unreadable == "file" else pipelines / "secret"
+    locked.chmod(0)
+    port = free_port()
+    env = {**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False"}
+    try:
+        process = start_serve(["--port", str(port), "--pipelines-dir", str(pipelines)], env, prefix=AS_AN_ORDINARY_USER)
+        try:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            refused = httpx.post(url, json={"model": "secret", "messages": [{"role": "user", "content": "x"}]})
+            served = httpx.post(url, json={"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+        finally:
+            stop(process)
+    finally:
+        locked.chmod(0o755)
+    assert refused.status_code == 404, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "model_not_loaded"
+    assert "pipeline_wrapper.py cannot be read (Permission denied)" in error["message"]
+    assert served.status_code == 200, served.text
+    assert "Traceback" not in "".join(process.log.lines)
+
+
+def test_a_wrappers_folder_the_server_may_not_read_is_one_line(tmp_path):
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    pipelines.chmod(0)
+    env = {**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False", "HAYSTREAM_PIPELINES_DIR": str(pipelines)}
+    try:
+        result = subprocess.run(
+            [*AS_AN_ORDINARY_USER, sys.executable, "-m", "haystream", "serve", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        pipelines.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert "Cannot read the wrappers folder" in result.stderr and "Permission denied" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_wrappers_path_that_is_a_file_is_named_as_such(tmp_path):
+    not_a_folder = tmp_path / "wrappers.py"
+    not_a_folder.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "haystream", "serve", "--port", str(free_port()), "--pipelines-dir", str(not_a_folder)],
+        env={**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False", "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "is a file, not a folder" in result.stderr

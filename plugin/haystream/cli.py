@@ -295,12 +295,18 @@ def _check_can_serve(pipelines_dir: str, host: str, port: int) -> None:
     import socket
 
     folder = Path(pipelines_dir)
+    if folder.exists() and not folder.is_dir():
+        _fail(f"The wrappers folder {pipelines_dir!r} is a file, not a folder: pass the folder that holds them.")
     if not folder.is_dir():
         _fail(
             f"No wrappers folder {pipelines_dir!r} here. Run in a project that has one, pass --pipelines-dir, "
             "or create a wrapper with `haystream new NAME`."
         )
-    if not any(path.is_dir() and not path.name.startswith((".", "_")) for path in folder.iterdir()):
+    try:
+        wrappers = [path for path in folder.iterdir() if path.is_dir() and not path.name.startswith((".", "_"))]
+    except OSError as error:
+        _fail(f"Cannot read the wrappers folder {pipelines_dir!r} ({error.strerror or error}).")
+    if not wrappers:
         err.print(f"[yellow]warning:[/yellow] {pipelines_dir!r} holds no wrapper yet: no models will be served.")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:

@@ -420,16 +420,27 @@ def create_app(settings: ServerSettings | None = None) -> logs.AccessLog:
 
 
 def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:
-    """Wrapper folders hayhooks skipped at startup, with a reason a client may see (a syntax error's place)."""
+    """Wrapper folders hayhooks skipped at startup, with a reason a client may see (a syntax error's place, or that
+    the server may not read the file)."""
     failures: dict[str, str] = {}
-    if not pipelines_dir.is_dir():
+    try:
+        folders = sorted(pipelines_dir.iterdir()) if pipelines_dir.is_dir() else []
+    except OSError as error:  # hayhooks has said why it deployed nothing; the server still starts
+        logger.warning("The wrappers folder %s cannot be listed: %s", pipelines_dir, error.strerror or error)
         return failures
-    for folder in sorted(pipelines_dir.iterdir()):
+    for folder in folders:
+        if registry.get(folder.name) is not None:
+            continue
         source = folder / "pipeline_wrapper.py"
-        if not source.is_file() or registry.get(folder.name) is not None:
+        try:
+            if not source.is_file():
+                continue
+            code = source.read_bytes()
+        except OSError as error:  # an unreadable file or folder (permissions): named, not a failed startup
+            failures[folder.name] = f"{source.name} cannot be read ({error.strerror or error})"
             continue
         try:
-            compile(source.read_bytes(), source.name, "exec")
+            compile(code, source.name, "exec")
         except SyntaxError as error:
             failures[folder.name] = f"SyntaxError: {error.msg} ({source.name}, line {error.lineno})"
             continue
