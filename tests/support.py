@@ -21,14 +21,50 @@ WRAPPERS_DIR = Path(__file__).parent / "wrappers"
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"  # one wrapper, `scenario`, for the operations tests
 
 
-def start_server(upstream: FakeUpstream, **settings) -> ServerThread:
+class TestServer(ServerThread):
+    """A `ServerThread` whose wrappers reach `upstream`: they read `FAKE_UPSTREAM_URL` at each request, and hayhooks'
+    registry is one per process, so the variable is this process's, set while the server runs. `stop()` puts back
+    what it was, so that a server started earlier (the session's) does not go on sending its requests to a fake that
+    a test module started and has stopped since: which tests failed that way depended on the order they ran in."""
+
+    __test__ = False  # not a test class, whatever pytest makes of its name
+
+    def __init__(self, app: object, upstream: FakeUpstream, previous_url: str | None) -> None:
+        super().__init__(app, lifespan="on")
+        self._upstream_url = upstream.base_url
+        self._previous_url = previous_url
+
+    def start(self) -> TestServer:
+        os.environ["FAKE_UPSTREAM_URL"] = self._upstream_url
+        try:
+            super().start()
+        except BaseException:
+            self._restore_url()
+            raise
+        return self
+
+    def stop(self) -> None:
+        running = self.loop is not None
+        super().stop()
+        if running:
+            self._restore_url()
+
+    def _restore_url(self) -> None:
+        if self._previous_url is None:
+            os.environ.pop("FAKE_UPSTREAM_URL", None)
+        else:
+            os.environ["FAKE_UPSTREAM_URL"] = self._previous_url
+
+
+def start_server(upstream: FakeUpstream, **settings) -> TestServer:
     """haystream's app (hayhooks inside) under a real uvicorn on loopback, serving tests/wrappers."""
-    os.environ["FAKE_UPSTREAM_URL"] = upstream.base_url
     settings.setdefault("pipelines_dir", str(WRAPPERS_DIR))
     settings.setdefault("gc_freeze", False)  # one process starts many servers: keep its garbage collectable
     settings.setdefault("gc_threshold", 0)  # and its collector as the test runner has it
     settings.setdefault("access_log", False)
-    return ServerThread(create_app(ServerSettings(**settings)), lifespan="on").start()
+    previous_url = os.environ.get("FAKE_UPSTREAM_URL")
+    os.environ["FAKE_UPSTREAM_URL"] = upstream.base_url  # for wrappers that read it while the app is built
+    return TestServer(create_app(ServerSettings(**settings)), upstream, previous_url).start()
 
 
 @contextlib.contextmanager

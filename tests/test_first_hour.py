@@ -255,7 +255,7 @@ def test_chained_haystreams_say_the_failure_once():
 
 @pytest.fixture(scope="module")
 def local_server(upstream):
-    # the session's fake upstream: start_server points FAKE_UPSTREAM_URL at it for every later test too
+    # the session's fake upstream: start_server points FAKE_UPSTREAM_URL at it while this server runs
     server = start_server(upstream, pipelines_dir=str(Path(__file__).parents[1] / "pipeline_wrappers"))
     yield server
     server.stop()
