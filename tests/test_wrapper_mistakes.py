@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from support import sse_events
+from support import sse_events, start_server
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -66,3 +66,41 @@ def test_a_yielded_exception_fails_the_answer_as_if_raised(http, client):
         extra = {"mode": "odd_item", "item": "error"}
         for _ in client.chat.completions.create(model="fake_sync", messages=USER, stream=True, extra_body=extra):
             pass
+
+
+WRAPPER = """
+from hayhooks import BasePipelineWrapper
+{head}
+
+class {name}(BasePipelineWrapper):
+    def setup(self) -> None:
+        {setup}
+
+    def run_chat_completion(self, model: str, messages: list[dict], body: dict) -> str:
+        return "ok"
+"""
+
+
+def test_a_wrapper_that_failed_to_load_is_told_truthfully(upstream, tmp_path):
+    folders = {
+        "wrong_class": WRAPPER.format(head="", name="ChatWrapper", setup="pass"),
+        "setup_fails": WRAPPER.format(head="", name="PipelineWrapper", setup="raise RuntimeError('key sk-XYZ bad')"),
+        "import_fails": WRAPPER.format(head="import not_installed_xyz", name="PipelineWrapper", setup="pass"),
+    }
+    for name, source in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pipeline_wrapper.py").write_text(source)
+    server = start_server(upstream, pipelines_dir=str(tmp_path))
+    try:
+        messages = {}
+        for name in folders:
+            response = httpx.post(server.url + "/v1/chat/completions", json={"model": name, "messages": USER})
+            assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_loaded"
+            messages[name] = response.json()["error"]["message"]
+    finally:
+        server.stop()
+    assert "pipeline_wrapper.py defines no class named PipelineWrapper" in messages["wrong_class"]
+    for name in ("setup_fails", "import_fails"):
+        # hayhooks logs the reason, never the traceback: the message must not promise one, nor leak the reason.
+        assert "import or setup() raised" in messages[name] and "traceback" not in messages[name]
+    assert "sk-XYZ" not in messages["setup_fails"]
