@@ -7,7 +7,11 @@ import json
 import httpx
 import openai
 import pytest
+from haystack import Pipeline
+from haystack.components.builders import ChatPromptBuilder
+from haystack.dataclasses import ChatMessage
 
+import haystream
 from support import sse_events, start_server
 
 USER = [{"role": "user", "content": "hello"}]
@@ -104,3 +108,16 @@ def test_a_wrapper_that_failed_to_load_is_told_truthfully(upstream, tmp_path):
         # hayhooks logs the reason, never the traceback: the message must not promise one, nor leak the reason.
         assert "import or setup() raised" in messages[name] and "traceback" not in messages[name]
     assert "sk-XYZ" not in messages["setup_fails"]
+
+
+@pytest.mark.parametrize("stream_function", [haystream.stream, haystream.astream])
+def test_a_pipeline_with_nothing_to_stream_is_refused_up_front(make_llm, stream_function):
+    # It ran to its end and streamed nothing: every request got an empty answer.
+    prompt_only = Pipeline()
+    prompt_only.add_component("prompt", ChatPromptBuilder(template=[ChatMessage.from_user("hi")]))
+    with pytest.raises(ValueError, match=r"no component takes a streaming_callback \(components: prompt\)"):
+        stream_function(prompt_only, {"prompt": {}})
+    with_llm = Pipeline()
+    with_llm.add_component("llm", make_llm("fake?tokens=2"))
+    with pytest.raises(ValueError, match="streaming_components is empty"):
+        stream_function(with_llm, messages=[ChatMessage.from_user("hi")], streaming_components=[])
