@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -12,7 +13,7 @@ from haystack.components.builders import ChatPromptBuilder
 from haystack.dataclasses import ChatMessage
 
 import haystream
-from support import sse_events, start_server
+from support import sse_events, start_server, unique
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -121,3 +122,19 @@ def test_a_pipeline_with_nothing_to_stream_is_refused_up_front(make_llm, stream_
     with_llm.add_component("llm", make_llm("fake?tokens=2"))
     with pytest.raises(ValueError, match="streaming_components is empty"):
         stream_function(with_llm, messages=[ChatMessage.from_user("hi")], streaming_components=[])
+
+
+async def test_a_second_task_reading_the_same_astream_is_refused(make_llm, upstream):
+    # Its channel wakes one reader: the second task waited for ever (or took the first one's chunks).
+    model = unique("fake?tokens=3&hold_after=1")
+    chunks = haystream.astream(make_llm(model), messages=[ChatMessage.from_user("hi")])
+    seen = ""
+    while seen != "t0 ":
+        seen += (await anext(chunks)).content
+    reading = asyncio.create_task(anext(chunks))
+    await asyncio.sleep(0)  # one turn: the task is now waiting on the held upstream
+    with pytest.raises(RuntimeError, match="already being read by another task"):
+        await anext(chunks)
+    upstream.wait_for_requests(1, model=model)[0].release()
+    rest = [(await reading).content] + [chunk.content async for chunk in chunks]
+    assert seen + "".join(rest) == "t0 t1 t2 "
