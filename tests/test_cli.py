@@ -80,7 +80,7 @@ def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     assert "async def run_chat_completion_async" in (tmp_path / "demo" / "pipeline_wrapper.py").read_text()
     # after the README's first install there is no pytest: the test runs with plain Python too
     plain = subprocess.run(
-        [sys.executable, str(tmp_path / "demo" / "test_pipeline_wrapper.py")],
+        [sys.executable, str(tmp_path / "demo" / "test_demo.py")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -99,6 +99,20 @@ def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = haystream("new", "../evil", "--dir", str(tmp_path))
     assert bad.returncode == 1 and "Invalid name" in bad.stderr
+
+
+def test_the_tests_of_several_scaffolds_run_in_one_pytest(tmp_path):
+    # They were all test_pipeline_wrapper.py: pytest refused the second one ("import file mismatch").
+    for name in ("support-bot", "class"):
+        assert haystream("new", name, "--dir", str(tmp_path)).returncode == 0
+    together = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False"},
+    )
+    assert together.returncode == 0 and "2 passed" in together.stdout, together.stdout + together.stderr
 
 
 def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:

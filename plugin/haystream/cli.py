@@ -224,10 +224,18 @@ def new(
     if target.exists():
         _fail(f"{target} already exists; choose another name or remove it.")
     target.mkdir(parents=True)
-    for template in ("pipeline_wrapper.py", "test_pipeline_wrapper.py"):
-        text = string.Template((TEMPLATES / f"{template}.tmpl").read_text()).substitute(name=name)
-        (target / template).write_text(text)
-    out.print(f"Created {target}/pipeline_wrapper.py and its test. Serve it with: haystream serve -d {directory}")
+    # The test's file name is the wrapper's: pytest imports test files by base name, so two scaffolds' tests named
+    # alike could not be collected in one run ("import file mismatch").
+    test_file = f"test_{name.replace('-', '_')}.py"
+    for template, file_name in (
+        ("pipeline_wrapper.py", "pipeline_wrapper.py"),
+        ("test_pipeline_wrapper.py", test_file),
+    ):
+        text = string.Template((TEMPLATES / f"{template}.tmpl").read_text()).substitute(name=name, test_file=test_file)
+        (target / file_name).write_text(text)
+    out.print(
+        f"Created {target}/pipeline_wrapper.py and its test, {test_file}. Serve it with: haystream serve -d {directory}"
+    )
 
 
 def main() -> None:
