@@ -115,6 +115,29 @@ def test_the_tests_of_several_scaffolds_run_in_one_pytest(tmp_path):
     assert together.returncode == 0 and "2 passed" in together.stdout, together.stdout + together.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "abc"], "error: Invalid value for '--port'"),
+        (["serve", "--no-such-flag"], "error: No such option: --no-such-flag"),
+        (["no-such-command"], "error: No such command 'no-such-command'."),
+        (["new"], "error: Missing argument 'name'."),
+    ],
+)
+def test_a_command_line_mistake_is_one_error_line_like_every_other_refusal(args, message):
+    # typer drew a multi-line framed box for these, and a one-line "error: ..." for everything haystream refuses.
+    refused = haystream(*args)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(message) and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--help" in refused.stderr and "╭" not in refused.stderr
+
+
+def test_no_arguments_and_help_still_print_the_help():
+    bare, asked = haystream(), haystream("--help")
+    assert bare.returncode == 2 and asked.returncode == 0
+    assert "[OPTIONS] COMMAND" in bare.stdout and "[OPTIONS] COMMAND" in asked.stdout and not bare.stderr
+
+
 def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`haystream serve` with operator mistakes in its flags or environment: it must refuse before serving."""
     (tmp_path / "wrappers").mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -240,7 +241,39 @@ def new(
 
 def main() -> None:
     """Entry point of the `haystream` script."""
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except _command_line_errors() as error:
+        message = error.format_message()  # type: ignore[attr-defined]
+        if type(error).__name__ == "NoArgsIsHelpError":  # the help (printed already when rich renders it)
+            if message:
+                out.print(message, markup=False)
+        else:
+            # A wrong flag, value or command: one line like every other refusal, not typer's framed box.
+            ctx = getattr(error, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            err.print(f"[red]error:[/red] {escape(message)}{hint}")
+        raise SystemExit(getattr(error, "exit_code", 2)) from None
+    except typer.Abort:
+        err.print("[red]error:[/red] aborted")
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _command_line_errors() -> tuple[type[Exception], ...]:
+    # typer >= 0.22 carries its own copy of click (its errors derive from `typer.TyperException`); older ones use
+    # click's.
+    kinds: list[type[Exception]] = []
+    own = getattr(typer, "TyperException", None)
+    if own is not None:
+        kinds.append(own)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        kinds.append(click.ClickException)
+    return tuple(kinds)
 
 
 # --- client helpers -------------------------------------------------------------------------------------------
