@@ -138,3 +138,85 @@ async def test_a_second_task_reading_the_same_astream_is_refused(make_llm, upstr
     upstream.wait_for_requests(1, model=model)[0].release()
     rest = [(await reading).content] + [chunk.content async for chunk in chunks]
     assert seen + "".join(rest) == "t0 t1 t2 "
+
+
+SHAPES = """
+import os
+
+from hayhooks import BasePipelineWrapper
+from haystack.dataclasses import ChatMessage
+
+import haystream
+from haystream.testing import fake_chat_generator
+
+
+def generator(body):
+    return fake_chat_generator(body["scenario"], os.environ["FAKE_UPSTREAM_URL"])
+
+
+class PipelineWrapper(BasePipelineWrapper):
+    def setup(self) -> None:
+        pass
+
+{method}
+"""
+
+METHODS = {
+    # The natural way to write an async streaming wrapper: it was a 500 ("object async_generator can't be used in
+    # 'await' expression").
+    "async_generator": """
+    async def run_chat_completion_async(self, model, messages, body):
+        history = [ChatMessage.from_openai_dict_format(m) for m in messages]
+        async for chunk in haystream.astream(generator(body), messages=history):
+            yield chunk
+""",
+    # A plain function handing back an async stream (nothing blocks): it was a 500 too.
+    "returns_astream": """
+    def run_chat_completion_async(self, model, messages, body):
+        history = [ChatMessage.from_openai_dict_format(m) for m in messages]
+        return haystream.astream(generator(body), messages=history)
+""",
+    # `async def` under the sync name: its coroutine was answered as an empty reply.
+    "async_def_sync_name": """
+    async def run_chat_completion(self, model, messages, body):
+        history = [ChatMessage.from_openai_dict_format(m) for m in messages]
+        result = await generator(body).run_async(messages=history)
+        return result["replies"][0].text
+""",
+}
+
+
+def test_every_natural_shape_of_a_chat_method_answers(upstream, tmp_path):
+    for name, method in METHODS.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pipeline_wrapper.py").write_text(SHAPES.format(method=method))
+    server = start_server(upstream, pipelines_dir=str(tmp_path))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        for name in METHODS:
+            body = {"scenario": "fake?tokens=3"}
+            answer = client.chat.completions.create(model=name, messages=USER, extra_body=body)
+            assert answer.choices[0].message.content == "t0 t1 t2 ", name
+            chunks = client.chat.completions.create(model=name, messages=USER, stream=True, extra_body=body)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 t2 ", name
+    finally:
+        server.stop()
+
+
+def test_a_plain_function_named_async_answers_and_is_named_in_the_log(upstream, tmp_path, caplog):
+    method = """
+    def run_chat_completion_async(self, model, messages, body):
+        return "ran on the loop"
+"""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "pipeline_wrapper.py").write_text(SHAPES.format(method=method))
+    server = start_server(upstream, pipelines_dir=str(tmp_path))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        for _ in range(2):
+            answer = client.chat.completions.create(model="plain", messages=USER)
+            assert answer.choices[0].message.content == "ran on the loop"
+    finally:
+        server.stop()
+    warnings = [r.getMessage() for r in caplog.records if "is a plain function" in r.getMessage()]
+    assert len(warnings) == 1 and "PipelineWrapper.run_chat_completion_async" in warnings[0], warnings
