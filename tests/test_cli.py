@@ -99,6 +99,10 @@ def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = haystream("new", "../evil", "--dir", str(tmp_path))
     assert bad.returncode == 1 and "Invalid name" in bad.stderr
+    (tmp_path / "a_file").write_text("")
+    on_a_file = haystream("new", "demo", "--dir", str(tmp_path / "a_file"))
+    assert on_a_file.returncode == 1 and "Traceback" not in on_a_file.stderr
+    assert on_a_file.stderr.startswith(f"error: Cannot create {tmp_path / 'a_file' / 'demo'}: Not a directory.")
 
 
 def test_the_tests_of_several_scaffolds_run_in_one_pytest(tmp_path):

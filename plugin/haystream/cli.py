@@ -224,7 +224,10 @@ def new(
     target = directory / name
     if target.exists():
         _fail(f"{target} already exists; choose another name or remove it.")
-    target.mkdir(parents=True)
+    try:
+        target.mkdir(parents=True)
+    except OSError as error:  # --dir is a file, or a folder this user may not write to
+        _fail(f"Cannot create {target}: {error.strerror or error}.")
     # The test's file name is the wrapper's: pytest imports test files by base name, so two scaffolds' tests named
     # alike could not be collected in one run ("import file mismatch").
     test_file = f"test_{name.replace('-', '_')}.py"
