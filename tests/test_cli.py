@@ -80,7 +80,7 @@ def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     assert "async def run_chat_completion_async" in (tmp_path / "demo" / "pipeline_wrapper.py").read_text()
     # after the README's first install there is no pytest: the test runs with plain Python too
     plain = subprocess.run(
-        [sys.executable, str(tmp_path / "demo" / "test_pipeline_wrapper.py")],
+        [sys.executable, str(tmp_path / "demo" / "test_demo.py")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -99,6 +99,47 @@ def test_new_scaffolds_a_wrapper_that_passes_its_own_test(tmp_path):
     assert again.returncode == 1 and "already exists" in again.stderr
     bad = haystream("new", "../evil", "--dir", str(tmp_path))
     assert bad.returncode == 1 and "Invalid name" in bad.stderr
+    (tmp_path / "a_file").write_text("")
+    on_a_file = haystream("new", "demo", "--dir", str(tmp_path / "a_file"))
+    assert on_a_file.returncode == 1 and "Traceback" not in on_a_file.stderr
+    assert on_a_file.stderr.startswith(f"error: Cannot create {tmp_path / 'a_file' / 'demo'}: Not a directory.")
+
+
+def test_the_tests_of_several_scaffolds_run_in_one_pytest(tmp_path):
+    # They were all test_pipeline_wrapper.py: pytest refused the second one ("import file mismatch").
+    for name in ("support-bot", "class"):
+        assert haystream("new", name, "--dir", str(tmp_path)).returncode == 0
+    together = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False"},
+    )
+    assert together.returncode == 0 and "2 passed" in together.stdout, together.stdout + together.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "abc"], "error: Invalid value for '--port'"),
+        (["serve", "--no-such-flag"], "error: No such option: --no-such-flag"),
+        (["no-such-command"], "error: No such command 'no-such-command'."),
+        (["new"], "error: Missing argument 'name'."),
+    ],
+)
+def test_a_command_line_mistake_is_one_error_line_like_every_other_refusal(args, message):
+    # typer drew a multi-line framed box for these, and a one-line "error: ..." for everything haystream refuses.
+    refused = haystream(*args)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(message) and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--help" in refused.stderr and "╭" not in refused.stderr
+
+
+def test_no_arguments_and_help_still_print_the_help():
+    bare, asked = haystream(), haystream("--help")
+    assert bare.returncode == 2 and asked.returncode == 0
+    assert "[OPTIONS] COMMAND" in bare.stdout and "[OPTIONS] COMMAND" in asked.stdout and not bare.stderr
 
 
 def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:

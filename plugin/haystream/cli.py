@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -223,16 +224,59 @@ def new(
     target = directory / name
     if target.exists():
         _fail(f"{target} already exists; choose another name or remove it.")
-    target.mkdir(parents=True)
-    for template in ("pipeline_wrapper.py", "test_pipeline_wrapper.py"):
-        text = string.Template((TEMPLATES / f"{template}.tmpl").read_text()).substitute(name=name)
-        (target / template).write_text(text)
-    out.print(f"Created {target}/pipeline_wrapper.py and its test. Serve it with: haystream serve -d {directory}")
+    try:
+        target.mkdir(parents=True)
+    except OSError as error:  # --dir is a file, or a folder this user may not write to
+        _fail(f"Cannot create {target}: {error.strerror or error}.")
+    # The test's file name is the wrapper's: pytest imports test files by base name, so two scaffolds' tests named
+    # alike could not be collected in one run ("import file mismatch").
+    test_file = f"test_{name.replace('-', '_')}.py"
+    for template, file_name in (
+        ("pipeline_wrapper.py", "pipeline_wrapper.py"),
+        ("test_pipeline_wrapper.py", test_file),
+    ):
+        text = string.Template((TEMPLATES / f"{template}.tmpl").read_text()).substitute(name=name, test_file=test_file)
+        (target / file_name).write_text(text)
+    out.print(
+        f"Created {target}/pipeline_wrapper.py and its test, {test_file}. Serve it with: haystream serve -d {directory}"
+    )
 
 
 def main() -> None:
     """Entry point of the `haystream` script."""
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except _command_line_errors() as error:
+        message = error.format_message()  # type: ignore[attr-defined]
+        if type(error).__name__ == "NoArgsIsHelpError":  # the help (printed already when rich renders it)
+            if message:
+                out.print(message, markup=False)
+        else:
+            # A wrong flag, value or command: one line like every other refusal, not typer's framed box.
+            ctx = getattr(error, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            err.print(f"[red]error:[/red] {escape(message)}{hint}")
+        raise SystemExit(getattr(error, "exit_code", 2)) from None
+    except typer.Abort:
+        err.print("[red]error:[/red] aborted")
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _command_line_errors() -> tuple[type[Exception], ...]:
+    # typer >= 0.22 carries its own copy of click (its errors derive from `typer.TyperException`); older ones use
+    # click's.
+    kinds: list[type[Exception]] = []
+    own = getattr(typer, "TyperException", None)
+    if own is not None:
+        kinds.append(own)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        kinds.append(click.ClickException)
+    return tuple(kinds)
 
 
 # --- client helpers -------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """From what wrappers yield to OpenAI `delta` objects.
 
-Wrappers yield `str`, Haystack `StreamingChunk`s, hayhooks `PipelineEvent`s, Open WebUI event dicts
-(`{"event": {...}}`) or ready OpenAI chunk dicts (`{"choices": [...]}`). `DeltaMapper` turns each into zero or more
-deltas (`{"content": ...}`, `{"reasoning_content": ...}`, `{"tool_calls": [...]}`) or events, and keeps what the end
-of the response needs: one finish reason, summed usage, and tool calls that turned out to be for the client.
+Wrappers yield `str`, Haystack `StreamingChunk`s or `ChatMessage`s, hayhooks `PipelineEvent`s, Open WebUI event dicts
+(`{"event": {...}}`) or ready OpenAI chunk dicts (`{"choices": [...]}`); `None` is nothing, anything else is the
+wrapper's mistake and fails the response with a message naming it (never a silently empty answer). `DeltaMapper`
+turns each into zero or more deltas (`{"content": ...}`, `{"reasoning_content": ...}`, `{"tool_calls": [...]}`) or
+events, and keeps what the end of the response needs: one finish reason, summed usage, and tool calls that turned
+out to be for the client.
 
 Tool calls are held back until it is clear who they are for: an Agent's own calls are followed by their results
 (`tool_call_result` chunks) and are never sent as client-side `tool_calls` (a client such as Open WebUI would try to
@@ -12,17 +14,15 @@ execute them); calls that end the run unanswered are the client's and are sent b
 
 from __future__ import annotations
 
-import logging
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from haystack.dataclasses import StreamingChunk
+from haystack.dataclasses import ChatMessage, StreamingChunk
 
 from haystream.openai.protocol import Delta, ToolCallDelta
 from haystream.streaming.accumulate import ToolCallAccumulator, UsageAccumulator
 from haystream.streaming.message import TOOL_CALL_RESULTS
-
-logger = logging.getLogger(__name__)
 
 OPENAI_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 
@@ -61,7 +61,6 @@ class DeltaMapper:
         self._finish_reason: str | None = None
         self._pending = ToolCallAccumulator()  # calls not yet known to be the client's
         self._usage = UsageAccumulator()
-        self._warned_types: set[type] = set()
 
     def feed(self, item: Any) -> list[Delta | Event | ToolCallStarted | ToolActivity]:
         """The deltas (and events) that one item amounts to, in order."""
@@ -71,15 +70,18 @@ class DeltaMapper:
             return [{"content": item}] if item else []
         if isinstance(item, dict):
             return self._dict(item)
+        if isinstance(item, ChatMessage):
+            return self._message(item)
         if callable(getattr(item, "to_event_dict", None)):
             # hayhooks' PipelineEvent and its subclasses (OpenWebUIEvent, ...), and anything shaped like them: the
             # duck typing hayhooks' own OpenAI router uses.
             event = item.to_event_dict()
             return [Event(str(event.get("type", "")), _plain(event.get("data")))]
-        if type(item) not in self._warned_types:
-            self._warned_types.add(type(item))
-            logger.warning("Ignoring an item of type %s yielded by a wrapper", type(item).__name__)
-        return []
+        if item is None:
+            return []
+        if isinstance(item, BaseException):
+            raise item  # yielded rather than raised: the wrapper's failure all the same
+        raise TypeError(f"the wrapper gave {_describe(item)}; {_SUPPORTED}")
 
     def finish(self) -> tuple[list[Delta], str, dict[str, int]]:
         """At the end: client-facing tool-call deltas still pending, the finish reason, and the usage."""
@@ -123,14 +125,33 @@ class DeltaMapper:
         self._pending.discard(origin.id, origin.tool_name)
         return [ToolActivity(origin.id, origin.tool_name, origin.arguments, str(result.result), bool(result.error))]
 
+    def _message(self, message: ChatMessage) -> list[Delta | Event | ToolCallStarted | ToolActivity]:
+        # A whole reply (`result["llm"]["replies"][0]`): its text, reasoning and tool calls, as one chunk's.
+        out: list[Delta | Event | ToolCallStarted | ToolActivity] = []
+        if message.text:
+            out.append({"content": message.text})
+        if message.reasoning is not None and message.reasoning.reasoning_text:
+            out.append({"reasoning_content": message.reasoning.reasoning_text})
+        for call in message.tool_calls:
+            arguments = json.dumps(call.arguments)
+            pending, named = self._pending.add(len(self._pending.calls), call.id, call.tool_name, arguments)
+            if named:
+                out.append(ToolCallStarted(pending.id, pending.name))
+        return out
+
     def _dict(self, item: dict[str, Any]) -> list[Delta | Event | ToolCallStarted | ToolActivity]:
         if "event" in item and isinstance(item["event"], dict):
             event = item["event"]
             return [Event(str(event.get("type", "")), event.get("data"))]
         if "type" in item and "data" in item and "choices" not in item:
             return [Event(str(item["type"]), item["data"])]
+        choices = item.get("choices")
+        if choices is None and "usage" not in item:
+            raise TypeError(f"the wrapper gave {_describe(item)}; {_SUPPORTED}")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)):
+            raise TypeError("the wrapper gave an OpenAI chunk dict whose choices are not dicts")
         out: list[Delta | Event | ToolCallStarted | ToolActivity] = []
-        for choice in item.get("choices") or ():
+        for choice in choices or ():
             delta = choice.get("delta") or choice.get("message") or {}
             if delta.get("content"):
                 out.append({"content": delta["content"]})
@@ -158,6 +179,16 @@ class DeltaMapper:
                 deltas.append({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
         self._pending.clear()
         return deltas
+
+
+_SUPPORTED = "haystream sends str, StreamingChunk, ChatMessage, OpenAI chunk dicts and events"
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, dict):
+        keys = ", ".join(repr(key) for key in list(item)[:5])
+        return f"a dict with keys [{keys}], neither an OpenAI chunk nor an event (a Pipeline.run result?)"
+    return f"an item of type {type(item).__name__}"
 
 
 def _plain(data: Any) -> Any:

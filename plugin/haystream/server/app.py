@@ -8,6 +8,7 @@ included, to hayhooks. Editing hayhooks' nested route list would be fragile; sta
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import gc
@@ -440,12 +441,36 @@ def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:
             failures[folder.name] = f"{source.name} cannot be read ({error.strerror or error})"
             continue
         try:
-            compile(code, source.name, "exec")
+            tree = ast.parse(code, source.name)
         except SyntaxError as error:
             failures[folder.name] = f"SyntaxError: {error.msg} ({source.name}, line {error.lineno})"
             continue
-        failures[folder.name] = "it raised while loading; the server log has the traceback"
+        except ValueError as error:  # null bytes
+            failures[folder.name] = f"{source.name} is not Python source ({error})"
+            continue
+        if not _binds_name(tree, "PipelineWrapper"):
+            failures[folder.name] = f"{source.name} defines no class named PipelineWrapper"
+            continue
+        # hayhooks logs why (its 'Skipping pipeline directory' warning) but not the traceback; the reason may hold a
+        # secret (a key in setup()'s error), so the client is pointed at the log rather than told.
+        failures[folder.name] = (
+            "its import or setup() raised; the server log's 'Skipping pipeline directory' line says why"
+        )
     return failures
+
+
+def _binds_name(tree: ast.Module, name: str) -> bool:
+    """Whether a module's top level defines, assigns or imports `name` (or star-imports, which may)."""
+    for node in ast.walk(tree):  # nested places too (under `if`/`try`): a false "yes" only loses the detail
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return True
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id == name:
+            return True
+        if isinstance(node, ast.Import | ast.ImportFrom) and any(
+            alias.name == "*" or (alias.asname or alias.name.split(".")[0]) == name for alias in node.names
+        ):
+            return True
+    return False
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})

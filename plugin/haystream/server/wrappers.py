@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import inspect
+import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -25,8 +27,11 @@ from haystream.streaming import use_event_loop
 from haystream.streaming.producer import iterate_in_thread, producer_executor
 from haystream.streaming.stream import AsyncChunkStream, ChunkStream
 
+logger = logging.getLogger("haystream.server")
+
 # Whether a wrapper method takes `headers`: hayhooks inspects the signature (~1.2 ms); once per method is enough.
 _takes_headers: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_warned_blocking: set[str] = set()  # `*_async` methods that are plain functions, said once each
 
 
 def is_chat_wrapper(wrapper: Any) -> bool:
@@ -48,7 +53,7 @@ async def open_items(
         method = wrapper.run_chat_completion_async
         if _accepts_headers(method):
             kwargs["headers"] = headers
-        return as_async_items(await method(**kwargs), buffer_size)
+        return as_async_items(await _call_async(method, kwargs), buffer_size)
     if _implements_sync(wrapper):
         method = wrapper.run_chat_completion
         if _accepts_headers(method):
@@ -58,7 +63,10 @@ async def open_items(
         # loop too, so that components are only ever driven from one loop.
         use_event_loop(loop)
         call = functools.partial(contextvars.copy_context().run, functools.partial(method, **kwargs))
-        return as_async_items(await loop.run_in_executor(producer_executor(), call), buffer_size)
+        result = await loop.run_in_executor(producer_executor(), call)
+        if inspect.isawaitable(result):  # an `async def run_chat_completion`: its coroutine runs on the loop
+            result = await result
+        return as_async_items(result, buffer_size)
     raise OpenAIError(501, f"Pipeline '{model}' does not implement chat completions.", code="chat_not_implemented")
 
 
@@ -87,7 +95,7 @@ async def open_response_items(
             method = wrapper.run_response_async
             if _accepts_headers(method):
                 kwargs["headers"] = headers
-            return as_async_items(await method(**kwargs), buffer_size)
+            return as_async_items(await _call_async(method, kwargs), buffer_size)
         method = wrapper.run_response
         if _accepts_headers(method):
             kwargs["headers"] = headers
@@ -106,6 +114,24 @@ def as_async_items(result: Any, buffer_size: int) -> AsyncIterator[Any]:
     if _is_sync_iterable(result):
         return iterate_in_thread(lambda sink: drain(result, sink), buffer_size=buffer_size)
     return _single(result)
+
+
+async def _call_async(method: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Call a wrapper's `*_async` method: a coroutine function (awaited) or an async generator function (`async
+    def` with `yield`, whose generator is the answer; awaiting it was a TypeError)."""
+    result = method(**kwargs)
+    if inspect.isawaitable(result):
+        return await result
+    if not hasattr(result, "__aiter__"):
+        name = f"{type(getattr(method, '__self__', method)).__module__}.{getattr(method, '__qualname__', method)}"
+        if name not in _warned_blocking:
+            _warned_blocking.add(name)
+            logger.warning(
+                "%s is a plain function: it ran on the event loop, holding up every other request while it ran. "
+                "Make it `async def`, or name it without `_async` to run it in a thread.",
+                name,
+            )
+    return result
 
 
 def _accepts_headers(method: Any) -> bool:

@@ -179,6 +179,7 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
         self._buffer_size = buffer_size
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False  # an __anext__ is waiting
 
     def __aiter__(self) -> AsyncChunkStream:
         return self
@@ -186,8 +187,13 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
     async def __anext__(self) -> StreamingChunk:
         if self._finished or self._failed:
             raise StopAsyncIteration
+        if self._reading:
+            # Its channel wakes one reader: a second task would wait for ever (or steal chunks), as a generator's
+            # "already running" error says.
+            raise RuntimeError("This stream is already being read by another task; a stream has one consumer.")
         if self._channel is None:
             self._start()
+        self._reading = True
         try:
             item = await self._next_item()
         except asyncio.CancelledError:
@@ -196,6 +202,8 @@ class AsyncChunkStream(_Outcome, AsyncIterator[StreamingChunk]):
         except Exception as error:  # the run's error, raised once; the stream is over
             self._failed = error
             raise
+        finally:
+            self._reading = False
         if item is END:
             self._finished = True
             raise StopAsyncIteration

@@ -237,13 +237,21 @@ def _supports_async(component: Any) -> bool:
 def _select_streamed(
     pipeline: PipelineBase, capable: list[str], streaming_components: StreamingComponents
 ) -> tuple[str, ...]:
+    if isinstance(streaming_components, str) and streaming_components != "all":
+        raise ValueError(f"streaming_components must be None, 'all' or a list of names, not {streaming_components!r}")
+    if not capable:
+        # It would run to its end and stream nothing: a wrapper would answer every request with an empty reply.
+        names = ", ".join(sorted(pipeline.graph.nodes)) or "none"
+        raise ValueError(
+            f"Nothing in this pipeline can stream: no component takes a streaming_callback (components: {names})."
+        )
     if streaming_components is None:
         return _final_components(pipeline, capable)
     if streaming_components == "all":
         return tuple(capable)
-    if isinstance(streaming_components, str):
-        raise ValueError(f"streaming_components must be None, 'all' or a list of names, not {streaming_components!r}")
     requested = list(streaming_components)
+    if not requested:
+        raise ValueError("streaming_components is empty: nothing would stream (None streams the final generator).")
     unknown = sorted(set(requested) - set(pipeline.graph.nodes))
     if unknown:
         raise ValueError(f"Unknown components in streaming_components: {unknown}")

@@ -45,6 +45,12 @@ class PipelineWrapper(BasePipelineWrapper):
         if mode == "string":
             result = pipeline(scenario).run({"llm": {"messages": history}})
             return result["llm"]["replies"][0].text
+        if mode == "message":  # a first-day wrapper: the reply itself, not its text
+            return pipeline(scenario).run({"llm": {"messages": history}})["llm"]["replies"][0]
+        if mode == "run_result":  # a first-day mistake: the whole Pipeline.run result
+            return pipeline(scenario).run({"llm": {"messages": history}})
+        if mode == "odd_item":  # text, then an item haystream cannot send (picked by `item`)
+            return iter(["before ", {"bytes": b"raw", "error": ValueError("yielded, not raised")}[body["item"]]])
         if mode == "events":
             return self._with_events(scenario, history)
         if mode == "whoami":
