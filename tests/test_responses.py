@@ -535,6 +535,11 @@ def test_length_cut_is_an_incomplete_response(client):
         # Wrappers get the body as sent: the JSON type must already be right.
         ({"model": "fake_async", "input": "x", "temperature": "0.5"}, "temperature"),
         ({"model": "fake_async", "input": "x", "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        # Nothing to answer: wrappers were handed no messages at all (rag_chat failed with a 500).
+        ({"model": "fake_async"}, "input"),
+        ({"model": "fake_async", "input": ""}, "input"),
+        ({"model": "fake_async", "input": [], "instructions": "be brief"}, "input"),
+        ({"model": "fake_async", "input": [{"type": "reasoning", "summary": []}]}, "input"),
     ],
 )
 def test_bad_requests_are_400_envelopes(server, body, param):

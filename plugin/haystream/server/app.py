@@ -302,6 +302,14 @@ class HaystreamApp:
             )
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         conversation = await self.responses.conversation(request, caller.key_id)
+        if not conversation:
+            # Chat completions refuse an empty `messages` the same way: a wrapper given none failed (a 500).
+            raise OpenAIError(
+                400,
+                "The request has nothing to answer: send an input (text or message items) or a previous_response_id.",
+                param="input",
+                code="invalid_request",
+            )
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
         messages = system + conversation
         chat_body = wrapper_body(request, body, messages)
