@@ -271,6 +271,24 @@ def test_background_resume_after_dropped_connection(client, server):
     assert client.responses.retrieve(response_id).output_text == full
 
 
+def test_resuming_after_an_event_not_yet_sent_gets_only_later_events(client, server, upstream):
+    # Held after its first token: the run's log cannot reach event 8 before the release. A resume after it got every
+    # event from the log's current end on (sequence numbers 2, 3, ...) instead of only those after 8.
+    scenario = unique("fake?tokens=5&hold_after=1")
+    created = client.responses.create(
+        model="fake_async", input="hello", background=True, extra_body={"scenario": scenario}
+    )
+    record = upstream.wait_for_requests(1, model=scenario)[0]
+    url = f"{server.url}/v1/responses/{created.id}?stream=true&starting_after=8"
+    with httpx.stream("GET", url, timeout=30) as response:
+        assert response.status_code == 200
+        record.release()  # the replay is following the log
+        pairs = sse(response.read().decode())
+    numbers = [data["sequence_number"] for _, data in pairs]
+    assert numbers and min(numbers) == 9, numbers
+    assert pairs[-1][0] == "response.completed"
+
+
 def held_scenario() -> str:
     """A long stream held after its first token, named uniquely: the shared fake may still see an earlier test's."""
     return unique("fake?tokens=2000&hold_after=1")

@@ -80,9 +80,12 @@ class EventLog:
 
     async def follow(self, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         """The events with `sequence_number > after`, in batches, then the live ones until the log ends."""
-        position = next((i for i, event in enumerate(self.events) if event["sequence_number"] > after), None)
-        position = len(self.events) if position is None else position
+        position = 0
         while True:
+            # Past the events up to `after`, also those that arrive later: a client resuming after an event this log
+            # has yet to reach got every event from the current one on.
+            while position < len(self.events) and self.events[position]["sequence_number"] <= after:
+                position += 1
             if position < len(self.events):
                 batch = self.events[position:]
                 position += len(batch)
