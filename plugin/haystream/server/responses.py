@@ -277,6 +277,9 @@ class ResponsesEndpoint:
             after = int(params.get("starting_after", ["-1"])[0])
         except ValueError:
             raise OpenAIError(400, "starting_after must be an integer.", param="starting_after") from None
+        # Within what a Redis stream id holds (a larger one was an error event saying the store was unavailable):
+        # below -1 is from the start, and no response has 2**62 events.
+        after = min(max(after, -1), _LAST_SEQUENCE)
         local = self._runs.get(id)
         events = local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
         await run_until_disconnect(self._stream(send, events), receive)
@@ -419,6 +422,9 @@ def _stop(run: asyncio.Task[None]) -> None:
     stores the cancelled response and ends its log."""
     if not run.cancelling():
         run.cancel()
+
+
+_LAST_SEQUENCE = 2**62
 
 
 def _query_param(params: dict[str, list[str]], name: str, default: str) -> str:
