@@ -35,6 +35,7 @@ from haystream.server.asgi import (
     send_json,
 )
 from haystream.server.auth import KeyCheck, check_deploy_request, unauthorized
+from haystream.server.logs import printable
 from haystream.settings import ServerSettings
 
 logger = logging.getLogger("haystream.server")
@@ -147,7 +148,7 @@ class Gate:
             )
             check_deploy_request(path, _json_or_none(raw))
         except ClientDisconnected:
-            logger.info("client left before its request was read: %s", scope["path"])
+            logger.info("client left before its request was read: %s", printable(scope["path"]))
             return
         except OpenAIError as error:
             await self._refuse(scope, send, error)
@@ -165,7 +166,7 @@ class Gate:
             )
             check_text_json(raw)
         except ClientDisconnected:
-            logger.info("client left before its request was read: %s", scope["path"])
+            logger.info("client left before its request was read: %s", printable(scope["path"]))
             return
         except OpenAIError as error:
             await self._refuse(scope, send, error)
