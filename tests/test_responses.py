@@ -553,6 +553,12 @@ def test_length_cut_is_an_incomplete_response(client):
         # Wrappers get the body as sent: the JSON type must already be right.
         ({"model": "fake_async", "input": "x", "temperature": "0.5"}, "temperature"),
         ({"model": "fake_async", "input": "x", "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        # A `tool` message has no call id (results are function_call_output items): the generator failed, a 500.
+        ({"model": "fake_async", "input": [{"role": "tool", "content": "x"}]}, "input.0.role"),
+        (
+            {"model": "fake_async", "input": [{"role": "user", "content": "x"}, {"role": "function", "content": "y"}]},
+            "input.1.role",
+        ),
         # Nothing to answer: wrappers were handed no messages at all (rag_chat failed with a 500).
         ({"model": "fake_async"}, "input"),
         ({"model": "fake_async", "input": ""}, "input"),
