@@ -111,6 +111,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.cycle is not previous and self.scope["http_version"] == "1.0":
             close_delimited(self.cycle)
 
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (`Transfer-Encoding` with `Content-Length`, two lengths, a bad method):
+        the OpenAI error envelope, as for the refusals above, not uvicorn's plain text."""
+        self._in_head = False
+        self._disarm_head_deadline()
+        self.transport.write(_refusal(b"400 Bad Request", msg.encode("ascii", "replace").replace(b'"', b"'")))
+        self.transport.close()
+
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
         self._head_deadline = self.loop.call_later(self._head_timeout, self._head_too_slow)
