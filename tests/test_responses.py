@@ -646,6 +646,16 @@ def test_a_chat_wrapper_gets_tool_choice_and_format_in_the_chat_shape(client):
     assert response.reasoning is not None and response.reasoning.effort == "low"
 
 
+def test_a_chat_wrapper_gets_max_tokens_only_from_the_checked_max_output_tokens(server, client):
+    # Not a Responses field: a client's own `max_tokens` reached the wrapper past HAYSTREAM_MAX_TOKENS, or as a string
+    # (local_chat hands it to llama.cpp).
+    body = {"model": "fake_async", "input": "x", "mode": "echo_body", "max_completion_tokens": 10**9}
+    for extra, expected in (({"max_tokens": 10**9}, None), ({"max_tokens": "abc", "max_output_tokens": 5}, 5)):
+        response = httpx.post(server.url + "/v1/responses", json={**body, **extra}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert orjson.loads(response.json()["output"][0]["content"][0]["text"])["max_tokens"] == expected
+
+
 def test_a_second_cancel_while_the_first_unwinds_leaves_the_response_cancelled(server, client, upstream):
     # The wrapper's clean-up streams a held scenario: the run is still unwinding the first cancel when the second
     # arrives. A second cancellation used to interrupt that unwinding, so neither the cancelled response nor its

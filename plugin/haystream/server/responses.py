@@ -441,6 +441,10 @@ def wrapper_body(request: ResponsesRequest, body: dict[str, Any], messages: list
     `response_format` (from `text.format`) and `max_tokens`, so that wrappers written for chat completions work
     unchanged."""
     chat = {**body, "messages": messages, "stream": True}
+    # The chat limits exist in the Responses body only as `max_output_tokens`, checked against HAYSTREAM_MAX_TOKENS:
+    # a client's own `max_tokens` reached the wrapper unchecked (any size past the cap, or a string: a 500).
+    chat.pop("max_tokens", None)
+    chat.pop("max_completion_tokens", None)
     if request.tools:
         chat["tools"] = chat_tools(request.tools)
     if "tool_choice" in body:
