@@ -101,6 +101,22 @@ def test_rag_chat_streams_the_answer_and_sends_sources_only_to_open_webui(exampl
     assert content_of(webui) == "rag0 rag1 "
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+def test_rag_chat_searches_for_the_users_latest_text_and_refuses_a_turn_without_any(examples):
+    # A last turn without text (an image) failed the run in the BM25 retriever: a 500 for the client's turn.
+    url = examples.url + "/v1/chat/completions"
+    question = {"role": "user", "content": "What is the default port of hayhooks?"}
+    follow_up = {"role": "user", "content": [IMAGE]}
+    answered = httpx.post(url, json={"model": "rag_chat", "messages": [question, follow_up]}, timeout=60)
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["choices"][0]["message"]["content"] == "rag0 rag1 "
+    refused = httpx.post(url, json={"model": "rag_chat", "messages": [follow_up]}, timeout=60)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "messages"
+
+
 def test_agent_tools_answers_with_the_real_tool_and_shows_activity_as_status(examples):
     plain = stream_events(examples, "agent_tools", "What is 6*7?")
     assert content_of(plain) == "result=42 ok0 "

@@ -136,3 +136,17 @@ def test_the_access_log_has_one_line_per_request_with_status_duration_and_reques
     (streamed,) = (r for r in access if r["method"] == "POST")
     assert streamed["request_id"] == "a-1" and streamed["duration_ms"] > 0
     assert "uvicorn.access" not in " ".join(lines)
+
+
+def test_a_path_cannot_forge_access_log_lines_or_send_terminal_escapes(upstream, capfd):
+    # The path is percent-decoded: `%0A` started a line of the client's own in the text log (no key needed), `%1B`
+    # wrote a terminal escape sequence. uvicorn's access log, which this one replaces, quoted the path.
+    running = start_server(upstream, pipelines_dir=str(OPS_WRAPPERS), api_keys="metrics-key", access_log=True)
+    try:
+        forged = httpx.get(running.url + "/x%0A2026-01-01 00:00:00 | INFO     | FORGED%1B[31m", timeout=30)
+        assert forged.status_code == 401
+    finally:
+        running.stop()
+    err = capfd.readouterr().err
+    assert not [line for line in err.splitlines() if line.startswith("2026-01-01") or "\x1b[31m" in line], err
+    assert '"GET /x\\n2026-01-01 00:00:00 | INFO     | FORGED\\x1b[31m HTTP/1.1" 401' in err

@@ -232,3 +232,30 @@ async def test_a_store_call_that_is_cancelled_at_any_turn_raises_cancelled():
     finally:
         await store.close()
         redis.close()
+
+
+@pytest.mark.parametrize("use_redis", [False, True], ids=["memory", "redis"])
+def test_a_resume_past_the_last_event_of_a_finished_response_ends_at_once(upstream, use_redis):
+    """A client that already had every event (it resumes after the terminal one, or later) got pings until the
+    record expired from Redis (an hour), where the memory store ended at once; a `starting_after` past 2**64 was an
+    error event saying the store was unavailable."""
+    redis = RedisServer().start() if use_redis else None
+    try:
+        settings = {"redis_url": redis.url} if redis else {}
+        with (
+            serving(upstream, **settings) as server,
+            # Pings come every 15 s (the default): a follower that waits for nothing fails on this read timeout.
+            httpx.Client(base_url=server.url, timeout=10) as client,
+        ):
+            created = client.post("/v1/responses", json=ask(background=True)).json()
+            replay = client.get(f"/v1/responses/{created['id']}?stream=true")  # follows it to its end
+            last = [line for line in replay.text.splitlines() if line.startswith("data: ")][-1]
+            completed = json.loads(last[len("data: ") :])
+            assert completed["type"] == "response.completed"
+            for after in (completed["sequence_number"], completed["sequence_number"] + 5, 10**30):
+                resumed = client.get(f"/v1/responses/{created['id']}?stream=true&starting_after={after}")
+                assert resumed.status_code == 200
+                assert not [line for line in resumed.text.splitlines() if line.strip()]  # no event, error or ping
+    finally:
+        if redis is not None:
+            redis.close()

@@ -271,6 +271,24 @@ def test_background_resume_after_dropped_connection(client, server):
     assert client.responses.retrieve(response_id).output_text == full
 
 
+def test_resuming_after_an_event_not_yet_sent_gets_only_later_events(client, server, upstream):
+    # Held after its first token: the run's log cannot reach event 8 before the release. A resume after it got every
+    # event from the log's current end on (sequence numbers 2, 3, ...) instead of only those after 8.
+    scenario = unique("fake?tokens=5&hold_after=1")
+    created = client.responses.create(
+        model="fake_async", input="hello", background=True, extra_body={"scenario": scenario}
+    )
+    record = upstream.wait_for_requests(1, model=scenario)[0]
+    url = f"{server.url}/v1/responses/{created.id}?stream=true&starting_after=8"
+    with httpx.stream("GET", url, timeout=30) as response:
+        assert response.status_code == 200
+        record.release()  # the replay is following the log
+        pairs = sse(response.read().decode())
+    numbers = [data["sequence_number"] for _, data in pairs]
+    assert numbers and min(numbers) == 9, numbers
+    assert pairs[-1][0] == "response.completed"
+
+
 def held_scenario() -> str:
     """A long stream held after its first token, named uniquely: the shared fake may still see an earlier test's."""
     return unique("fake?tokens=2000&hold_after=1")
@@ -535,6 +553,17 @@ def test_length_cut_is_an_incomplete_response(client):
         # Wrappers get the body as sent: the JSON type must already be right.
         ({"model": "fake_async", "input": "x", "temperature": "0.5"}, "temperature"),
         ({"model": "fake_async", "input": "x", "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        # A `tool` message has no call id (results are function_call_output items): the generator failed, a 500.
+        ({"model": "fake_async", "input": [{"role": "tool", "content": "x"}]}, "input.0.role"),
+        (
+            {"model": "fake_async", "input": [{"role": "user", "content": "x"}, {"role": "function", "content": "y"}]},
+            "input.1.role",
+        ),
+        # Nothing to answer: wrappers were handed no messages at all (rag_chat failed with a 500).
+        ({"model": "fake_async"}, "input"),
+        ({"model": "fake_async", "input": ""}, "input"),
+        ({"model": "fake_async", "input": [], "instructions": "be brief"}, "input"),
+        ({"model": "fake_async", "input": [{"type": "reasoning", "summary": []}]}, "input"),
     ],
 )
 def test_bad_requests_are_400_envelopes(server, body, param):
@@ -615,6 +644,16 @@ def test_a_chat_wrapper_gets_tool_choice_and_format_in_the_chat_shape(client):
     assert response.text is not None and response.text.format is not None
     assert response.text.format.type == "json_schema"
     assert response.reasoning is not None and response.reasoning.effort == "low"
+
+
+def test_a_chat_wrapper_gets_max_tokens_only_from_the_checked_max_output_tokens(server, client):
+    # Not a Responses field: a client's own `max_tokens` reached the wrapper past HAYSTREAM_MAX_TOKENS, or as a string
+    # (local_chat hands it to llama.cpp).
+    body = {"model": "fake_async", "input": "x", "mode": "echo_body", "max_completion_tokens": 10**9}
+    for extra, expected in (({"max_tokens": 10**9}, None), ({"max_tokens": "abc", "max_output_tokens": 5}, 5)):
+        response = httpx.post(server.url + "/v1/responses", json={**body, **extra}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert orjson.loads(response.json()["output"][0]["content"][0]["text"])["max_tokens"] == expected
 
 
 def test_a_second_cancel_while_the_first_unwinds_leaves_the_response_cancelled(server, client, upstream):

@@ -917,6 +917,40 @@ def test_an_endless_request_head_is_refused_without_a_key(tmp_path, workers):
         assert body.status_code != 431
 
 
+def test_an_http_1_0_client_gets_a_stream_without_the_chunked_coding_it_does_not_know():
+    """uvicorn's httptools protocol sent a stream (no length known) with `Transfer-Encoding: chunked` to HTTP/1.0
+    clients too, which read the chunk sizes as part of the stream (RFC 9112 §6.1): it now ends with the connection."""
+    body = b'{"model": "probe", "stream": true, "mode": "headers", "messages": [{"role": "user", "content": "hi"}]}'
+    head = b"POST /v1/chat/completions HTTP/%s\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n"
+    with cli_server(1) as port:
+        answers = {}
+        for version in (b"1.0", b"1.1"):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(head % (version, KEY.encode(), len(body)) + b"Connection: close\r\n\r\n" + body)
+                answers[version] = b"".join(iter(lambda: sock.recv(65536), b""))  # until the server closes
+    headers, _, stream = answers[b"1.0"].partition(b"\r\n\r\n")
+    assert headers.startswith(b"HTTP/1.1 200") and b"text/event-stream" in headers
+    assert b"transfer-encoding" not in headers.lower()
+    assert stream.startswith(b"data: {") and stream.endswith(b"data: [DONE]\n\n"), stream[-100:]
+    assert b"transfer-encoding: chunked" in answers[b"1.1"].lower()  # HTTP/1.1 clients still get chunks
+
+
+def test_a_request_the_parser_refuses_gets_the_error_envelope():
+    """uvicorn answered a request httptools cannot parse with plain text ("Invalid HTTP request received.")."""
+    smuggled = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n"
+    )
+    with cli_server(1) as port:
+        for request in (smuggled, b"BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(request)
+                answer = b"".join(iter(lambda: sock.recv(65536), b""))
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, answer
+            assert set(orjson.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
 def test_the_head_bounds_cost_no_memory_per_connection():
     """The bounded protocol's state lives in slots: as instance attributes, four more than uvicorn's own turned each
     connection's key-sharing `__dict__` (288 bytes) into a 1,584-byte dict of its own."""

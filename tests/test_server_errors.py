@@ -380,3 +380,15 @@ def test_the_message_cap_is_the_operators(upstream):
         assert_envelope(http.post("/v1/chat/completions", json=three), 400, "array_above_max_length")
         two = {**three, "messages": USER * 2}
         assert http.post("/v1/chat/completions", json=two).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api_only/run", "/api_only/run/"])
+def test_an_unpaired_surrogate_on_a_run_route_is_a_400_not_a_500(http, path):
+    # hayhooks' JSON parser took "\ud800" into a str that no encoder accepts: echoing it back (or sending it
+    # upstream) failed with a plain-text 500 and a traceback. The OpenAI routes already refused it with a 400.
+    headers = {"content-type": "application/json"}
+    lone = http.post(path, content=b'{"text": "a\\ud800"}', headers=headers)
+    assert_envelope(lone, 400, "invalid_json")
+    # A pair written as escapes, and an escaped backslash before "ud800", are text: hayhooks still answers them.
+    paired = http.post("/api_only/run", content=b'{"text": "\\ud83d\\ude00 \\\\ud800"}', headers=headers)
+    assert paired.status_code == 200 and paired.json()["result"] == "\U0001f600 \\UD800"

@@ -13,12 +13,13 @@ from hayhooks import BasePipelineWrapper
 from haystack import Document, Pipeline
 from haystack.components.builders import ChatPromptBuilder
 from haystack.components.retrievers.in_memory import InMemoryBM25Retriever
-from haystack.dataclasses import ChatMessage
+from haystack.dataclasses import ChatMessage, ChatRole
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 
 import haystream
 from haystream import openwebui
 from haystream.local import chat_generator_from_env
+from haystream.openai import OpenAIError
 
 DOCS = Path(__file__).parent / "docs"
 
@@ -45,8 +46,11 @@ class PipelineWrapper(BasePipelineWrapper):
         self.pipeline.connect("prompt.prompt", "llm.messages")
 
     async def run_chat_completion_async(self, model: str, messages: list[dict], body: dict) -> AsyncIterator:
-        question = haystream.chat_messages(messages)[-1].text or ""
-        return self._answer(question)
+        # The user's latest text: a last turn without any (an image, a tool result) searches for the question before.
+        asked = [m.text for m in haystream.chat_messages(messages) if m.is_from(ChatRole.USER) and m.text]
+        if not asked:  # BM25 needs a query: without one the retriever failed the run (a 500 for the client's turn)
+            raise OpenAIError(400, "rag_chat answers a question in text; the messages have none.", param="messages")
+        return self._answer(asked[-1])
 
     async def _answer(self, question: str) -> AsyncIterator[Any]:
         yield openwebui.status("Searching the documents…")

@@ -172,6 +172,14 @@ def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         where = f"input.{position}"
         if kind == "message":
             role = _string(item, "role", where, default="user")
+            if role not in _MESSAGE_ROLES:
+                # A `tool` message has no call id here (results are `function_call_output` items): it failed the
+                # wrapper's generator, a 500.
+                raise OpenAIError(
+                    400,
+                    f"{where}.role: expected one of {', '.join(sorted(_MESSAGE_ROLES))}; got {role[:50]!r}.",
+                    param=f"{where}.role",
+                )
             messages.append({"role": role, "content": _chat_content(item.get("content", ""), f"{where}.content")})
         elif kind == "function_call":
             call = {
@@ -198,6 +206,9 @@ def input_messages(input: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     chat_messages(messages)  # 400 now for what Haystack cannot represent, not a pipeline failure later
     return messages
 
+
+# The roles of a Responses message item (OpenAI's); tool results are `function_call_output` items.
+_MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
 
 # Id prefixes of the input items a client sent without an id (OpenAI's for messages, calls and reasoning).
 _ITEM_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}

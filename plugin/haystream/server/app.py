@@ -134,11 +134,11 @@ class HaystreamApp:
             await send_error(send, error)
         except ClientDisconnected:
             # The client left, or the gate stopped the body at its size or time limit (and answers 413/408 itself).
-            logger.debug("request body not read to its end (client left or body limit): %s", path)
+            logger.debug("request body not read to its end (client left or body limit): %s", logs.printable(path))
         except Exception:
             # A fault nobody foresaw (a bug): logged with its traceback, and the client gets the OpenAI envelope, not
             # uvicorn's plain-text 500. If the response had started, uvicorn closes the connection when we return.
-            logger.exception("unexpected error answering %s %s", scope["method"], path[:256])
+            logger.exception("unexpected error answering %s %s", scope["method"], logs.printable(path[:256]))
             with contextlib.suppress(Exception):
                 await send_error(send, INTERNAL_ERROR)
 
@@ -303,6 +303,14 @@ class HaystreamApp:
             )
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         conversation = await self.responses.conversation(request, caller.key_id)
+        if not conversation:
+            # Chat completions refuse an empty `messages` the same way: a wrapper given none failed (a 500).
+            raise OpenAIError(
+                400,
+                "The request has nothing to answer: send an input (text or message items) or a previous_response_id.",
+                param="input",
+                code="invalid_request",
+            )
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
         messages = system + conversation
         chat_body = wrapper_body(request, body, messages)

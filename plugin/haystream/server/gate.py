@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from haystream.server.asgi import (
     send_json,
 )
 from haystream.server.auth import KeyCheck, check_deploy_request, unauthorized
+from haystream.server.logs import printable
 from haystream.settings import ServerSettings
 
 logger = logging.getLogger("haystream.server")
@@ -44,6 +46,7 @@ DOCS_PATHS = frozenset({"/docs", "/redoc", "/openapi.json"})
 CALLER_KEY = "haystream.caller"  # where the gate leaves the identified `Caller` in the scope
 _SLASHES = re.compile(r"//+")
 _RUN_ROUTE = re.compile(r"/[^/]+/run")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a high or low UTF-16 surrogate
 _PRIVATE_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
 
 
@@ -113,12 +116,15 @@ class Gate:
             await self._refuse(scope, send, error, before_body=True)
             return
         scope[CALLER_KEY] = caller
-        if not self.settings.forward_auth_headers and any(_RUN_ROUTE.fullmatch(route) for route in routes):
+        is_run = any(_RUN_ROUTE.fullmatch(route) for route in routes)
+        if not self.settings.forward_auth_headers and is_run:
             scope["headers"] = without_private_headers(scope)  # hayhooks hands them to run_api wrappers
         if not is_http:
             await self.app(scope, receive, send)
         elif is_deploy:
             await self._deploy(scope, receive, send, min(exact, key=len))
+        elif is_run and _is_json(scope):
+            await self._run(scope, receive, send)
         else:
             await self._forward(scope, receive, send)
 
@@ -142,7 +148,25 @@ class Gate:
             )
             check_deploy_request(path, _json_or_none(raw))
         except ClientDisconnected:
-            logger.info("client left before its request was read: %s", scope["path"])
+            logger.info("client left before its request was read: %s", printable(scope["path"]))
+            return
+        except OpenAIError as error:
+            await self._refuse(scope, send, error)
+            return
+        await self.app(scope, replay_body(raw, receive), send)
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """hayhooks' `/{name}/run` with a JSON body: read whole (hayhooks parses it whole anyway) and refused if it is
+        not text. Python's `json` takes an unpaired UTF-16 surrogate escape (`"\\ud800"`) into a `str` that no
+        encoder accepts: the wrapper's result, or its upstream request, then failed with a 500 and a traceback (the
+        OpenAI routes refuse it with a 400 already)."""
+        try:
+            raw = await read_body(
+                scope, receive, self.settings.max_body_bytes, timeout=self.settings.body_timeout_seconds
+            )
+            check_text_json(raw)
+        except ClientDisconnected:
+            logger.info("client left before its request was read: %s", printable(scope["path"]))
             return
         except OpenAIError as error:
             await self._refuse(scope, send, error)
@@ -287,6 +311,29 @@ def _normalise(path: str) -> str:
 def without_private_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The request's headers without credentials (Authorization, Cookie): what wrappers get by default."""
     return [(name, value) for name, value in scope.get("headers", ()) if name not in _PRIVATE_HEADERS]
+
+
+def _is_json(scope: Scope) -> bool:
+    content_type = (header(scope, b"content-type") or b"application/json").split(b";", 1)[0].strip().lower()
+    return content_type.endswith(b"json")
+
+
+def check_text_json(raw: bytes) -> None:
+    """Refuse (400) a JSON body whose strings hold an unpaired UTF-16 surrogate escape (`\\ud800` alone): no text
+    encoding can carry it. Only a body with a surrogate escape is parsed here; a malformed one is left to the route."""
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return
+    try:
+        json.dumps(json.loads(raw), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise OpenAIError(
+            400,
+            "The request body holds an unpaired UTF-16 surrogate escape (such as \\ud800 without its pair), "
+            "which is not text; send valid Unicode.",
+            code="invalid_json",
+        ) from None
+    except (ValueError, RecursionError):
+        return  # not JSON, or nested too deep: the route answers it as before
 
 
 def _json_or_none(raw: bytes) -> Any:

@@ -24,6 +24,12 @@ ACCESS_LOGGER = logging.getLogger("haystream.access")
 _ACCESS_FIELDS = ("client", "method", "path", "status", "duration_ms")
 
 
+def printable(text: str) -> str:
+    """`text` (a request path) as a log line may show it: control characters escaped. A path is percent-decoded, so a
+    client without a key wrote `%0A` to start a forged log line, or `%1B[...` for a terminal escape sequence."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, request id, exception."""
 
@@ -125,7 +131,7 @@ class AccessLog:
                 '%s - "%s %s HTTP/%s" %s %.1f ms%s',
                 where,
                 method,
-                path,
+                printable(path),  # the JSON field below keeps it as sent: JSON escapes it
                 scope.get("http_version", "1.1"),
                 status or "-",
                 duration_ms,

@@ -17,6 +17,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from haystream.server.asgi import Message
+
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_SECONDS = 30.0
 
@@ -32,6 +34,34 @@ def _refusal(status: bytes, message: bytes) -> bytes:
 
 _TOO_LARGE = _refusal(b"431 Request Header Fields Too Large", b"Request headers too large.")
 _TOO_SLOW = _refusal(b"408 Request Timeout", b"The request headers took too long to arrive.")
+
+
+_UNTIL_CLOSE = 1 << 62  # "no length": what a close-delimited body may still send
+
+
+def close_delimited(cycle: Any) -> None:
+    """Send a response of unknown length (a stream) to an HTTP/1.0 client as bytes until the connection closes.
+
+    uvicorn's httptools protocol sent such a response with `Transfer-Encoding: chunked` to HTTP/1.0 clients too, which
+    do not know that coding (RFC 9112 §6.1): they read the chunk sizes as part of the stream. An HTTP/1.0 connection is
+    closed after its response anyway, and that close ends the body.
+    """
+    send = cycle.send
+    until_close = False
+
+    async def without_chunked_coding(message: Message) -> None:
+        nonlocal until_close
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            if not any(name.lower() in (b"content-length", b"transfer-encoding") for name, _ in headers):
+                until_close = True
+                cycle.chunked_encoding = False
+                cycle.expected_content_length = _UNTIL_CLOSE
+        elif until_close and message["type"] == "http.response.body" and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))  # uvicorn checks a body ends at its length
+        await send(message)
+
+    cycle.send = without_chunked_coding
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -76,7 +106,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_head_deadline()
+        previous = self.cycle
         super().on_headers_complete()
+        if self.cycle is not previous and self.scope["http_version"] == "1.0":
+            close_delimited(self.cycle)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (`Transfer-Encoding` with `Content-Length`, two lengths, a bad method):
+        the OpenAI error envelope, as for the refusals above, not uvicorn's plain text."""
+        self._in_head = False
+        self._disarm_head_deadline()
+        self.transport.write(_refusal(b"400 Bad Request", msg.encode("ascii", "replace").replace(b'"', b"'")))
+        self.transport.close()
 
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()

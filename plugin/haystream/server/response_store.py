@@ -80,9 +80,12 @@ class EventLog:
 
     async def follow(self, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         """The events with `sequence_number > after`, in batches, then the live ones until the log ends."""
-        position = next((i for i, event in enumerate(self.events) if event["sequence_number"] > after), None)
-        position = len(self.events) if position is None else position
+        position = 0
         while True:
+            # Past the events up to `after`, also those that arrive later: a client resuming after an event this log
+            # has yet to reach got every event from the current one on.
+            while position < len(self.events) and self.events[position]["sequence_number"] <= after:
+                position += 1
             if position < len(self.events):
                 batch = self.events[position:]
                 position += len(batch)
@@ -294,6 +297,9 @@ class RedisStore:
         cursor = f"0-{after + 1}" if after >= 0 else "0-0"
         loop = asyncio.get_running_loop()
         quiet_until = loop.time() + idle
+        with self._reachable():
+            if await self._ended_within(log, after):
+                return
         while True:
             wait = quiet_until - loop.time()
             if self._block_limit is not None:
@@ -302,6 +308,8 @@ class RedisStore:
                 found: Any = await self._redis.xread({log: cursor}, block=max(1, int(wait * 1000)), count=512)
                 if not found and not await self._redis.exists(log, self._key(id)):
                     return  # deleted or expired while we waited
+                if not found and await self._ended_within(log, after):
+                    return  # it ended with an event at or before `after`: nothing more will come
             if not found:
                 if loop.time() >= quiet_until:
                     yield None
@@ -367,6 +375,15 @@ class RedisStore:
 
     def _key(self, id: str) -> str:
         return f"{self._prefix}{id}"
+
+    async def _ended_within(self, log: str, after: int) -> bool:
+        """Whether the log's last event is terminal and numbered `after` or less: a follower past it waited for events
+        that never come (pings until the log expired) where the memory store ends at once."""
+        last: Any = await self._redis.xrevrange(log, count=1)
+        if not last:
+            return False
+        event = orjson.loads(last[0][1][b"e"])
+        return bool(event["type"] in TERMINAL_EVENTS and event["sequence_number"] <= after)
 
     def _log(self, id: str) -> str:
         return f"{self._prefix}{id}:events"

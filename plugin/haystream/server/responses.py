@@ -277,6 +277,9 @@ class ResponsesEndpoint:
             after = int(params.get("starting_after", ["-1"])[0])
         except ValueError:
             raise OpenAIError(400, "starting_after must be an integer.", param="starting_after") from None
+        # Within what a Redis stream id holds (a larger one was an error event saying the store was unavailable):
+        # below -1 is from the start, and no response has 2**62 events.
+        after = min(max(after, -1), _LAST_SEQUENCE)
         local = self._runs.get(id)
         events = local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
         await run_until_disconnect(self._stream(send, events), receive)
@@ -421,6 +424,9 @@ def _stop(run: asyncio.Task[None]) -> None:
         run.cancel()
 
 
+_LAST_SEQUENCE = 2**62
+
+
 def _query_param(params: dict[str, list[str]], name: str, default: str) -> str:
     values = params.get(name)
     return values[-1] if values else default
@@ -435,6 +441,10 @@ def wrapper_body(request: ResponsesRequest, body: dict[str, Any], messages: list
     `response_format` (from `text.format`) and `max_tokens`, so that wrappers written for chat completions work
     unchanged."""
     chat = {**body, "messages": messages, "stream": True}
+    # The chat limits exist in the Responses body only as `max_output_tokens`, checked against HAYSTREAM_MAX_TOKENS:
+    # a client's own `max_tokens` reached the wrapper unchecked (any size past the cap, or a string: a 500).
+    chat.pop("max_tokens", None)
+    chat.pop("max_completion_tokens", None)
     if request.tools:
         chat["tools"] = chat_tools(request.tools)
     if "tool_choice" in body:
