@@ -40,6 +40,14 @@ def test_unknown_model_is_404(http, client):
         client.chat.completions.create(model="nope", messages=USER)
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+def test_an_unknown_models_long_name_is_cut_in_the_404(http, route):
+    name = "m" * 1_000_000  # a client's, up to the body's size (a path's is capped by its route)
+    error = assert_envelope(http.post(route, json={"model": name, "messages": USER, "input": "hi"}), 404)
+    assert error["code"] == "model_not_found"
+    assert len(error["message"]) < 300 and error["message"].startswith("The model 'mmm")
+
+
 def test_wrapper_without_chat_method_is_404(http):
     error = assert_envelope(http.post("/v1/chat/completions", json={"model": "api_only", "messages": USER}), 404)
     assert "does not implement chat completions" in error["message"]

@@ -177,7 +177,7 @@ class HaystreamApp:
     async def _model(self, send: Send, name: str) -> None:
         """`GET /v1/models/{id}` (the SDK's `models.retrieve`): one entry of the list, or 404."""
         if not is_chat_wrapper(self.registry.get(name)):
-            raise OpenAIError(404, f"The model '{name[:256]}' does not exist.", param="model", code="model_not_found")
+            raise _model_not_found(name)
         await send_json(send, 200, self._model_entry(name))
 
     def _model_entry(self, name: str) -> dict[str, Any]:
@@ -218,9 +218,7 @@ class HaystreamApp:
                 code="model_not_loaded",
             )
         if wrapper is None:
-            raise OpenAIError(
-                404, f"The model '{request.model}' does not exist.", param="model", code="model_not_found"
-            )
+            raise _model_not_found(request.model)
         if not is_chat_wrapper(wrapper):
             raise OpenAIError(
                 404,
@@ -298,9 +296,7 @@ class HaystreamApp:
             )
         wrapper = self.registry.get(request.model)
         if wrapper is None or not is_responses_wrapper(wrapper):
-            raise OpenAIError(
-                404, f"The model '{request.model}' does not exist.", param="model", code="model_not_found"
-            )
+            raise _model_not_found(request.model)
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         conversation = await self.responses.conversation(request, caller.key_id)
         if not conversation:
@@ -426,6 +422,16 @@ def create_app(settings: ServerSettings | None = None) -> logs.AccessLog:
         draining=lambda: app.drain.draining,
     )
     return logs.AccessLog(gate)
+
+
+def _model_not_found(name: str) -> OpenAIError:
+    """The 404 for a model this server does not have; a long name is cut (it comes from the client, up to the whole
+    body's size)."""
+    shown = name if len(name) <= _NAME_SHOWN else name[:_NAME_SHOWN] + "…"
+    return OpenAIError(404, f"The model '{shown}' does not exist.", param="model", code="model_not_found")
+
+
+_NAME_SHOWN = 256
 
 
 def _load_failures(pipelines_dir: Path, registry: Any) -> dict[str, str]:
