@@ -712,3 +712,25 @@ def test_the_memory_store_is_bounded_by_size_too(upstream):
             assert client.responses.retrieve(small.id).status == "completed"
     finally:
         server.stop()
+
+
+def test_a_running_background_response_is_not_dropped_to_make_room(upstream):
+    # The memory store keeps `responses_max_stored` records, dropping the oldest: a background response still
+    # running was dropped too, and its GET and cancel answered 404 while the run went on.
+    server = start_server(upstream, responses_max_stored=2)
+    try:
+        with sdk(server) as client:
+            scenario = held_scenario()
+            running = client.responses.create(
+                model="fake_async", input="hi", background=True, extra_body={"scenario": scenario}
+            )
+            record = upstream.wait_for_requests(1, model=scenario)[0]
+            finished = [client.responses.create(model="fake_sync", input="hi", extra_body=SYNC) for _ in range(3)]
+            assert client.responses.retrieve(running.id).status == "in_progress"
+            with pytest.raises(openai.NotFoundError):  # the bound still holds, on the finished ones
+                client.responses.retrieve(finished[0].id)
+            assert client.responses.retrieve(finished[-1].id).status == "completed"
+            assert client.responses.cancel(running.id).status == "cancelled"
+            assert record.wait().client_hung_up
+    finally:
+        server.stop()

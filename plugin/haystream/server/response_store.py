@@ -134,6 +134,10 @@ class ResponseStore(Protocol):
         """Release connections."""
 
 
+RUNNING_STATUSES = frozenset({"queued", "in_progress"})
+"""A stored response's `status` while its run goes on."""
+
+
 @dataclass
 class _MemoryEntry:
     expires: float
@@ -166,10 +170,16 @@ class MemoryStore:
         self._records[id] = _MemoryEntry(now + self.ttl, record, log, size)
         self._bytes += size
         while len(self._records) > 1:  # the newest stays, however large
-            oldest = next(iter(self._records.values()))
-            if len(self._records) <= self.max_stored and self._bytes <= self.max_bytes and oldest.expires > now:
-                break
-            self._forget(next(iter(self._records)))
+            oldest_id, oldest = next(iter(self._records.items()))
+            if len(self._records) <= self.max_stored and self._bytes <= self.max_bytes:
+                if oldest.expires > now:
+                    break
+                self._forget(oldest_id)  # expired
+                continue
+            victim = self._oldest_finished(id)
+            if victim is None:
+                break  # only running responses are left (at most HAYSTREAM_MAX_STREAMS of them), and the newest
+            self._forget(victim)
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         entry = self._live(id)
@@ -200,6 +210,14 @@ class MemoryStore:
     async def close(self) -> None:
         self._records.clear()
         self._bytes = 0
+
+    def _oldest_finished(self, newest: str) -> str | None:
+        # A running background response is not dropped to make room: its GET and cancel would answer 404 while it
+        # goes on running (and it would come back, stored again, when it ends).
+        for id, entry in self._records.items():
+            if id != newest and entry.record.response.get("status") not in RUNNING_STATUSES:
+                return id
+        return None
 
     def _live(self, id: str) -> _MemoryEntry | None:
         entry = self._records.get(id)

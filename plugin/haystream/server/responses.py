@@ -34,7 +34,14 @@ from haystream.openwebui.activity import ClientStyle
 from haystream.server.asgi import Receive, Send, run_until_disconnect, send_error, send_json
 from haystream.server.chat import aclose, client_deltas, failure_error
 from haystream.server.limits import Admission
-from haystream.server.response_store import Batch, EventLog, ResponseStore, StoredResponse, StoreUnavailable
+from haystream.server.response_store import (
+    RUNNING_STATUSES,
+    Batch,
+    EventLog,
+    ResponseStore,
+    StoredResponse,
+    StoreUnavailable,
+)
 
 logger = logging.getLogger("haystream.server")
 
@@ -326,7 +333,7 @@ class ResponsesEndpoint:
             raise _not_found(id)
         if not record.response.get("background"):
             raise OpenAIError(400, "Only background responses can be cancelled.", code="invalid_request")
-        if record.response["status"] in ("queued", "in_progress"):
+        if record.response["status"] in RUNNING_STATUSES:
             local = self._runs.get(id)
             if local is not None:
                 _stop(local[1])
