@@ -195,6 +195,29 @@ def test_wrapper_exception_is_500_without_traceback(http):
     assert "request id" in error["message"]
 
 
+@pytest.mark.parametrize("generator", ["haystack", "haystream"])
+def test_an_upstream_refusal_is_a_500_the_sdk_does_not_retry(server, upstream, generator):
+    # Each retry would run the pipeline again, and the upstream would refuse it again: the SDK retries a 500 twice
+    # unless the answer says `x-should-retry: false`.
+    scenario = unique("fake?status=400")
+    with (
+        openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=2) as sdk,
+        pytest.raises(openai.InternalServerError) as caught,
+    ):
+        sdk.chat.completions.create(
+            model="fake_async", messages=USER, extra_body={"scenario": scenario, "generator": generator}
+        )
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len([record for record in upstream.records if record.model == scenario]) == 1
+
+
+def test_a_failure_that_may_pass_leaves_retrying_to_the_client(http):
+    body = {"model": "fake_async", "messages": USER, "scenario": unique("fake?status=503")}
+    response = http.post("/v1/chat/completions", json=body)
+    assert_envelope(response, 503, "pipeline_error")
+    assert "x-should-retry" not in response.headers
+
+
 def test_request_id_is_echoed_only_when_it_is_a_plain_token(http):
     body = {"model": "fake_sync", "messages": USER, "mode": "fail_early"}
     plain = http.post("/v1/chat/completions", json=body, headers={"X-Request-ID": "abc-123"})

@@ -2,7 +2,13 @@
 
 from haystream.openai.completion import CompletionBuilder
 from haystream.openai.deltas import DeltaMapper, Event, ToolActivity, ToolCallStarted
-from haystream.openai.errors import OpenAIError, classify_failure, describe_failure, status_for_failure
+from haystream.openai.errors import (
+    OpenAIError,
+    classify_failure,
+    describe_failure,
+    refused_upstream,
+    status_for_failure,
+)
 from haystream.openai.frames import DONE, PING, ChunkFramer, data_frame
 from haystream.openai.messages import chat_messages
 from haystream.openai.request import UTF8_BOM, ChatCompletionRequest, loads_json_body, parse_chat_request
@@ -25,5 +31,6 @@ __all__ = [
     "describe_failure",
     "loads_json_body",
     "parse_chat_request",
+    "refused_upstream",
     "status_for_failure",
 ]

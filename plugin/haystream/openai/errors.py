@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import orjson
 
@@ -103,17 +103,32 @@ def classify_failure(error: BaseException) -> tuple[int, str]:
     """HTTP status and error code for a failed run: a prompt longer than the model's context is the client's
     mistake (400 `context_length_exceeded`, as OpenAI answers); an upstream rate limit stays 429 and an unavailable
     upstream (or busy local model) 503; everything else is a 500 `pipeline_error`."""
-    current: BaseException | None = error
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _causes(error):
         if getattr(current, "code", None) == "context_length_exceeded" or _CONTEXT_EXCEEDED.search(str(current)[:500]):
             return 400, "context_length_exceeded"
         status = getattr(current, "status_code", None)
         if status in (429, 503):
             return int(status), "pipeline_error"
-        current = current.__cause__ or current.__context__
     return 500, "pipeline_error"
+
+
+def refused_upstream(error: BaseException) -> bool:
+    """Whether a run failed because an upstream refused its request outright (400, 401, 403, 404, 422): the same
+    request fails the same way again, so a client should not retry it (`x-should-retry: false`)."""
+    return any(getattr(current, "status_code", None) in _REFUSALS for current in _causes(error))
+
+
+_REFUSALS = frozenset({400, 401, 403, 404, 422})
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the exceptions it was raised from or while handling, outermost first (cycles cut)."""
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 # llama.cpp: "Requested tokens (N) exceed context window of M"; OpenAI-compatible servers: "maximum context length".

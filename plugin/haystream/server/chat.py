@@ -23,6 +23,7 @@ from haystream.openai import (
     classify_failure,
     data_frame,
     describe_failure,
+    refused_upstream,
 )
 from haystream.openai.protocol import Delta
 from haystream.openwebui import activity
@@ -46,7 +47,10 @@ def failure_error(error: BaseException, request_id: str, secrets: Sequence[str] 
     # Behind another haystream, the upstream's message already starts with this prefix: say it once.
     description = describe_failure(error, secrets=secrets).replace(_FAILED, "")
     message = f"{_FAILED}{description} (request id {request_id})"
-    return OpenAIError(status, message, type="server_error" if status >= 500 else None, code=code)
+    # An upstream's outright refusal would come back on every retry, and each retry runs the pipeline again: the
+    # OpenAI SDKs retry a 5xx twice unless told not to.
+    headers = {"x-should-retry": "false"} if status >= 500 and refused_upstream(error) else None
+    return OpenAIError(status, message, type="server_error" if status >= 500 else None, code=code, headers=headers)
 
 
 class ChatResponse:
