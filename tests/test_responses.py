@@ -734,3 +734,22 @@ def test_a_running_background_response_is_not_dropped_to_make_room(upstream):
             assert record.wait().client_hung_up
     finally:
         server.stop()
+
+
+def test_a_head_request_for_a_running_responses_events_answers_at_once(client, server, upstream):
+    # No body goes out for a HEAD: following the run's events held the connection until the run ended.
+    scenario = held_scenario()
+    running = client.responses.create(
+        model="fake_async", input="hi", background=True, extra_body={"scenario": scenario}
+    )
+    record = upstream.wait_for_requests(1, model=scenario)[0]
+    try:
+        # One connection: its next request is answered only once the HEAD's response has ended on the server.
+        with httpx.Client(base_url=server.url, timeout=10, limits=httpx.Limits(max_connections=1)) as one:
+            response = one.head(f"/v1/responses/{running.id}", params={"stream": "true"})
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert one.get(f"/v1/responses/{running.id}").json()["status"] == "in_progress"  # the run goes on
+    finally:
+        client.responses.cancel(running.id)
+    assert record.wait().client_hung_up

@@ -348,7 +348,8 @@ class HaystreamApp:
             await self.responses.delete(id, caller.key_id, send)
         else:
             _require_method(scope, "GET", "HEAD", also=("DELETE",))
-            await self.responses.retrieve(id, caller.key_id, scope.get("query_string", b""), receive, send)
+            query = scope.get("query_string", b"")
+            await self.responses.retrieve(id, caller.key_id, query, receive, send, head=scope["method"] == "HEAD")
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Items answering an Open WebUI background task without running the pipeline."""

@@ -263,8 +263,11 @@ class ResponsesEndpoint:
             if left:
                 logger.info("response %s: client disconnected; the run was cancelled", run.id)
 
-    async def retrieve(self, id: str, key_id: str, query: bytes, receive: Receive, send: Send) -> None:
-        """`GET /v1/responses/{id}`: the response object, or (`stream=true`) its events after `starting_after`."""
+    async def retrieve(
+        self, id: str, key_id: str, query: bytes, receive: Receive, send: Send, *, head: bool = False
+    ) -> None:
+        """`GET /v1/responses/{id}`: the response object, or (`stream=true`) its events after `starting_after`;
+        `head`: only the headers (a `HEAD` request)."""
         params = parse_qs(query.decode("latin-1"))
         record = await self.store.get(id, key_id)
         if record is None:
@@ -287,6 +290,10 @@ class ResponsesEndpoint:
         # Within what a Redis stream id holds (a larger one was an error event saying the store was unavailable):
         # below -1 is from the start, and no response has 2**62 events.
         after = min(max(after, -1), _LAST_SEQUENCE)
+        if head:  # no body to send, so nothing to wait for: following the run would hold the connection to its end
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         local = self._runs.get(id)
         events = local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
         await run_until_disconnect(self._stream(send, events), receive)
