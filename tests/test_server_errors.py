@@ -413,6 +413,24 @@ def test_the_message_cap_is_the_operators(upstream):
         assert http.post("/v1/chat/completions", json=two).status_code == 200
 
 
+def test_content_parts_are_capped_in_all_messages_together(upstream):
+    # 40,000 one-word parts fit in a 4 MiB body; through a Haystack Pipeline they held the event loop for ~4 s.
+    def parts(n: int) -> list[dict]:
+        return [{"type": "text", "text": "w"}] * n
+
+    with serving(upstream, max_content_parts=4) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        three_and_two = [{"role": "user", "content": parts(3)}, {"role": "user", "content": parts(2)}]
+        chat = {"model": "fake_async", "mode": "string", "messages": three_and_two}
+        error = assert_envelope(http.post("/v1/chat/completions", json=chat), 400, "array_above_max_length")
+        assert error["param"] == "messages" and "at most 4" in error["message"] and "got 5" in error["message"]
+        responses = {"model": "fake_async", "mode": "string", "input": three_and_two}
+        error = assert_envelope(http.post("/v1/responses", json=responses), 400, "array_above_max_length")
+        assert error["param"] == "input"
+        two_and_two = [{"role": "user", "content": parts(2)}, {"role": "user", "content": parts(2)}]
+        assert http.post("/v1/chat/completions", json={**chat, "messages": two_and_two}).status_code == 200
+        assert http.post("/v1/responses", json={**responses, "input": two_and_two}).status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/api_only/run", "/api_only/run/"])
 def test_an_unpaired_surrogate_on_a_run_route_is_a_400_not_a_500(http, path):
     # hayhooks' JSON parser took "\ud800" into a str that no encoder accepts: echoing it back (or sending it

@@ -94,6 +94,9 @@ class ServerSettings(BaseSettings):
     max_messages: int = Field(
         2048, ge=1, description="Most chat messages, or Responses input items, a request may carry (400 above)."
     )
+    max_content_parts: int = Field(
+        4096, ge=1, description="Most content parts (text, images, ...) all messages of a request may carry together."
+    )
     max_tokens: int = Field(32768, ge=1, description="Largest max_tokens / max_completion_tokens a client may ask.")
     responses_ttl_seconds: float = Field(
         3600.0, gt=0, description="How long stored Responses (and their event logs, for resuming) are kept."

@@ -155,13 +155,15 @@ class ChatCompletionRequest(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-def parse_chat_request(raw: bytes, max_messages: int | None = None) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+def parse_chat_request(
+    raw: bytes, max_messages: int | None = None, max_content_parts: int | None = None
+) -> tuple[ChatCompletionRequest, dict[str, Any]]:
     """Parse and validate a request body; returns the model and the full body as a dict.
 
-    :raises OpenAIError: 400 for malformed JSON, more than `max_messages` messages, or a body that does not fit the
-        schema.
+    :raises OpenAIError: 400 for malformed JSON, more than `max_messages` messages or `max_content_parts` content
+        parts in all, or a body that does not fit the schema.
     """
-    request, body = parse_body(raw, ChatCompletionRequest, {"messages": max_messages})
+    request, body = parse_body(raw, ChatCompletionRequest, {"messages": max_messages}, {"messages": max_content_parts})
     # Every wrapper may hand the messages to Haystack: one it cannot represent is the client's mistake (400), not a
     # failure of the pipeline (500).
     chat_messages(body["messages"])
@@ -193,10 +195,14 @@ def loads_json_body(raw: bytes) -> Any:
 
 
 def parse_body(
-    raw: bytes, model: type[RequestT], max_lengths: Mapping[str, int | None] | None = None
+    raw: bytes,
+    model: type[RequestT],
+    max_lengths: Mapping[str, int | None] | None = None,
+    max_parts: Mapping[str, int | None] | None = None,
 ) -> tuple[RequestT, dict[str, Any]]:
     """A JSON object body validated by `model`; returns the model and the body as a dict. `max_lengths` bounds
-    top-level arrays, checked before the (per-item, costly) validation.
+    top-level arrays, and `max_parts` the `content` parts of their items together, both checked before the
+    (per-item, costly) validation.
 
     :raises OpenAIError: 400 for malformed JSON, an array over its bound, or a body that does not fit the schema,
         naming the first bad field.
@@ -211,6 +217,22 @@ def parse_body(
                 400,
                 f"Invalid '{field}': array too long. Expected an array with maximum length {limit}, but got an array "
                 f"with length {len(items)} instead.",
+                param=field,
+                code="array_above_max_length",
+            )
+    for field, limit in (max_parts or {}).items():
+        items = body.get(field)
+        if limit is None or not isinstance(items, list):
+            continue
+        # A message's content may be a list of parts, each converted and copied on its way to the model (~100 µs a
+        # part through a Haystack Pipeline): 40,000 one-word parts fit in a 4 MiB body.
+        parts = sum(
+            len(item["content"]) for item in items if isinstance(item, dict) and isinstance(item.get("content"), list)
+        )
+        if parts > limit:
+            raise OpenAIError(
+                400,
+                f"Invalid '{field}': too many content parts. Expected at most {limit} in all, but got {parts} instead.",
                 param=field,
                 code="array_above_max_length",
             )

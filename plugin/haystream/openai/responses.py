@@ -147,13 +147,15 @@ class ArgumentsDoneEvent(ResponseEvent):
     arguments: str
 
 
-def parse_responses_request(raw: bytes, max_input_items: int | None = None) -> tuple[ResponsesRequest, dict[str, Any]]:
+def parse_responses_request(
+    raw: bytes, max_input_items: int | None = None, max_content_parts: int | None = None
+) -> tuple[ResponsesRequest, dict[str, Any]]:
     """Parse and validate a Responses body.
 
-    :raises OpenAIError: 400 for malformed JSON, more than `max_input_items` input items, or a body that does not fit
-        the schema.
+    :raises OpenAIError: 400 for malformed JSON, more than `max_input_items` input items or `max_content_parts`
+        content parts in all, or a body that does not fit the schema.
     """
-    request, body = parse_body(raw, ResponsesRequest, {"input": max_input_items})
+    request, body = parse_body(raw, ResponsesRequest, {"input": max_input_items}, {"input": max_content_parts})
     if request.background and not request.store:
         raise OpenAIError(400, "background responses need store=true.", param="store", code="invalid_request")
     return request, body

@@ -197,7 +197,7 @@ class HaystreamApp:
         self.drain.check()  # 503 while shutting down
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         check_json_body(scope, raw)
-        request, body = parse_chat_request(raw, self.settings.max_messages)
+        request, body = parse_chat_request(raw, self.settings.max_messages, self.settings.max_content_parts)
         for field, asked_tokens in (
             ("max_tokens", request.max_tokens),
             ("max_completion_tokens", request.max_completion_tokens),
@@ -285,7 +285,7 @@ class HaystreamApp:
         _require_method(scope, "POST")
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         check_json_body(scope, raw)
-        request, body = parse_responses_request(raw, self.settings.max_messages)
+        request, body = parse_responses_request(raw, self.settings.max_messages, self.settings.max_content_parts)
         if (request.max_output_tokens or 0) > self.settings.max_tokens:
             raise OpenAIError(
                 400,
