@@ -220,3 +220,19 @@ def test_a_plain_function_named_async_answers_and_is_named_in_the_log(upstream, 
         server.stop()
     warnings = [r.getMessage() for r in caplog.records if "is a plain function" in r.getMessage()]
     assert len(warnings) == 1 and "PipelineWrapper.run_chat_completion_async" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_that_names_no_function_is_an_error_not_a_call_named_empty(http, stream):
+    # It reached the client as `"name": ""`, a call no client can run.
+    body = {"model": "fake_sync", "messages": USER, "mode": "nameless_call", "stream": stream}
+    response = http.post("/v1/chat/completions", json=body)
+    if stream:
+        events = sse_events(response.text.splitlines())
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert all('"tool_calls"' not in event for event in events)
+    else:
+        assert response.status_code == 500
+        error = response.json()["error"]
+    assert "tool call call_x names no function" in error["message"]

@@ -168,9 +168,12 @@ class DeltaMapper:
     def _release_pending(self) -> list[Delta]:
         deltas: list[Delta] = []
         for position, call in enumerate(self._pending):
+            call_id = call.id or f"call_{position}"
+            if not call.name:  # OpenAI's calls always name their function: a client could only fail to run it
+                raise ValueError(f"the model's tool call {call_id} names no function")
             first: ToolCallDelta = {
                 "index": position,
-                "id": call.id or f"call_{position}",
+                "id": call_id,
                 "type": "function",
                 "function": {"name": call.name, "arguments": ""},
             }

@@ -97,10 +97,10 @@ class ChatResponse:
                 for delta in self._client_deltas(item):
                     if not isinstance(delta, Event):
                         builder.add(delta)
+            tool_deltas, finish_reason, usage = self._mapper.finish()
         except Exception as error:
             await send_error(send, failure_error(error, self._request_id, self._secrets), headers=self._id_header())
             return
-        tool_deltas, finish_reason, usage = self._mapper.finish()
         for delta in tool_deltas:
             builder.add(delta)
         framer = self._framer

@@ -10,7 +10,7 @@ from typing import Any
 
 from hayhooks import BasePipelineWrapper, streaming_generator
 from haystack import Pipeline
-from haystack.dataclasses import ChatMessage
+from haystack.dataclasses import ChatMessage, StreamingChunk, ToolCallDelta
 
 import haystream
 from haystream import openwebui
@@ -51,6 +51,9 @@ class PipelineWrapper(BasePipelineWrapper):
             return pipeline(scenario).run({"llm": {"messages": history}})
         if mode == "odd_item":  # text, then an item haystream cannot send (picked by `item`)
             return iter(["before ", {"bytes": b"raw", "error": ValueError("yielded, not raised")}[body["item"]]])
+        if mode == "nameless_call":  # a generator whose tool call never names its function
+            call = ToolCallDelta(index=0, id="call_x", arguments='{"a": 1}')
+            return iter([StreamingChunk(content="", index=0, tool_calls=[call]), StreamingChunk(content="")])
         if mode == "events":
             return self._with_events(scenario, history)
         if mode == "whoami":
