@@ -142,29 +142,24 @@ class Gate:
 
     async def _deploy(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         """Deploy requests are read whole and checked (names, paths) before hayhooks sees them."""
-        try:
-            raw = await read_body(
-                scope, receive, self.settings.max_body_bytes, timeout=self.settings.body_timeout_seconds
-            )
-            check_deploy_request(path, _json_or_none(raw))
-        except ClientDisconnected:
-            logger.info("client left before its request was read: %s", printable(scope["path"]))
-            return
-        except OpenAIError as error:
-            await self._refuse(scope, send, error)
-            return
-        await self.app(scope, replay_body(raw, receive), send)
+        await self._checked_whole(scope, receive, send, lambda raw: check_deploy_request(path, _json_or_none(raw)))
 
     async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
         """hayhooks' `/{name}/run` with a JSON body: read whole (hayhooks parses it whole anyway) and refused if it is
         not text. Python's `json` takes an unpaired UTF-16 surrogate escape (`"\\ud800"`) into a `str` that no
         encoder accepts: the wrapper's result, or its upstream request, then failed with a 500 and a traceback (the
         OpenAI routes refuse it with a 400 already)."""
+        await self._checked_whole(scope, receive, send, check_text_json)
+
+    async def _checked_whole(
+        self, scope: Scope, receive: Receive, send: Send, check: Callable[[bytes], object]
+    ) -> None:
+        """Read the body whole and `check` it (an `OpenAIError` refuses the request), then pass the request on."""
         try:
             raw = await read_body(
                 scope, receive, self.settings.max_body_bytes, timeout=self.settings.body_timeout_seconds
             )
-            check_text_json(raw)
+            check(raw)
         except ClientDisconnected:
             logger.info("client left before its request was read: %s", printable(scope["path"]))
             return
