@@ -104,6 +104,7 @@ def test_a_worker_whose_event_loop_is_blocked_is_killed_and_replaced(tmp_path):
         assert process.log.wait_for("Application startup complete", count=2)
         started = set(_worker_pids(process.log.lines))
         assert len(started) == 2
+        sockets = sorted(_listening_sockets(port))
 
         def ask_the_hanging_wrapper() -> None:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
@@ -123,6 +124,8 @@ def test_a_worker_whose_event_loop_is_blocked_is_killed_and_replaced(tmp_path):
         assert process.log.wait_for("Application startup complete", count=3)  # the replacement serves
         replacement = set(_worker_pids(process.log.lines)) - started
         assert len(replacement) == 1
+        # It took over the killed worker's socket (the supervisor kept it, and the connections in its queue).
+        assert sorted(_listening_sockets(port)) == sockets
         for _ in range(6):  # fresh connections land on either worker: every one is answered
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                 answer = client.post("/v1/chat/completions", json=_chat("pid", stream=False))
@@ -133,6 +136,51 @@ def test_a_worker_whose_event_loop_is_blocked_is_killed_and_replaced(tmp_path):
     log = "".join(process.log.lines)
     assert log.count("sent no heartbeat") == 1, log  # the healthy worker was never taken for a hung one
     assert process.returncode == 0, log
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux only")
+def test_each_worker_listens_on_a_socket_of_its_own_and_a_burst_reaches_both(tmp_path):
+    """With one socket shared by the workers, the worker that woke first accepted every waiting connection: a burst
+    of 200 streams split 154/46. Each worker has its own SO_REUSEPORT socket now, and the kernel spreads them."""
+    port = free_port()
+    env = {**os.environ, "HAYSTACK_TELEMETRY_ENABLED": "False", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process = start_serve(["--port", str(port), "--pipelines-dir", str(WORKER_WRAPPERS), "--workers", "2"], env)
+    try:
+        assert process.log.wait_for("Application startup complete", count=2)
+        workers = set(_worker_pids(process.log.lines))
+        assert len(_listening_sockets(port)) == 2
+        # Connections opened together, each answered on its own: the kernel hashes each to one socket, so 64 of them
+        # all reaching one worker would take odds of 2**-63.
+        clients = [httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) for _ in range(64)]
+        try:
+            answers: list[int] = []
+            threads = [
+                threading.Thread(target=lambda c=client: answers.append(_served_by(c)), daemon=True)
+                for client in clients
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            for client in clients:
+                client.close()
+        assert len(answers) == 64 and set(answers) == workers
+    finally:
+        stop(process)
+
+
+def _served_by(client: httpx.Client) -> int:
+    answer = client.post("/v1/chat/completions", json=_chat("pid", stream=False))
+    assert answer.status_code == 200
+    return int(answer.json()["choices"][0]["message"]["content"])
+
+
+def _listening_sockets(port: int) -> list[int]:
+    """The inodes of the sockets listening on 127.0.0.1:`port` (from /proc/net/tcp)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    local = f"0100007F:{port:04X}"
+    return [int(fields[9]) for fields in map(str.split, lines) if fields[1] == local and fields[3] == "0A"]
 
 
 def _chat(model: str, *, stream: bool = True) -> dict[str, object]:
