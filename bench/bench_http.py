@@ -201,6 +201,8 @@ async def run_row(
     url = endpoint(row, fake.url or "", server)
     fake_pids = procs.process_tree(fake.pid)
     server_pids = procs.process_tree(server.pid) if server is not None else []
+    # Several workers: the processes under the supervisor, each loaded by the connections the kernel gave it.
+    worker_pids = [pid for pid in server_pids if procs.is_spawned_worker(pid)] if row.workers > 1 else []
     if server is not None:
         port = int((server.url or "").rsplit(":", 1)[1])
         backlog = procs.listen_backlog(port)
@@ -230,6 +232,7 @@ async def run_row(
 
         drops_before = procs.listen_drops()
         server_before, fake_before = procs.usage(server_pids), procs.usage(fake_pids)
+        workers_before = [procs.usage([pid]).cpu for pid in worker_pids]
         client_before = time.process_time()
         bursts: list[Burst] = []
         for _ in range(scenario.rounds):
@@ -247,6 +250,7 @@ async def run_row(
         done = Burst([r for b in bursts for r in b.results], sum(b.wall for b in bursts))
         client_cpu = time.process_time() - client_before
         server_after, fake_after = procs.usage(server_pids), procs.usage(fake_pids)
+        worker_cpu = [procs.usage([pid]).cpu - before for pid, before in zip(worker_pids, workers_before, strict=True)]
         drops_after = procs.listen_drops()
         result = report.Result(
             row=row.key,
@@ -265,6 +269,7 @@ async def run_row(
             threads_peak=peak["threads"] if server_pids else None,
             listen_drops=None if drops_before is None or drops_after is None else drops_after - drops_before,
             burst_ttft_p99s=[p for b in bursts if (p := report.percentile(b.ttfts, 99)) is not None],
+            worker_cpu_shares=[cpu / sum(worker_cpu) for cpu in worker_cpu] if sum(worker_cpu) > 0 else None,
         )
         results.append(result)
         print(f"  {row.key:<22} {scenario.key:<6} {result.progress()}", flush=True)

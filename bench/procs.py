@@ -190,6 +190,14 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def is_spawned_worker(pid: int) -> bool:
+    """Whether `pid` is a worker that multiprocessing spawned (not its resource tracker, nor the supervisor)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Usage:
     """Summed over a set of processes: CPU seconds (user + system), resident bytes, threads."""

@@ -66,6 +66,8 @@ class Result:
     # Each burst's own TTFT p99. Bursts of one row differ by up to 2x on this machine, and a pooled p99 is set by the
     # worst of them, so the table's p99 is their median.
     burst_ttft_p99s: list[float] = field(default_factory=list)
+    # With several workers: each worker's share of the workers' CPU during the bursts (how evenly they were loaded).
+    worker_cpu_shares: list[float] | None = None
 
     @property
     def ttft_p99(self) -> float | None:
@@ -127,6 +129,7 @@ class Result:
             "threads_before": self.threads_before,
             "threads_peak": self.threads_peak,
             "listen_drops": self.listen_drops,
+            "worker_cpu_shares": self.worker_cpu_shares,
             "errors": dict(self.errors.most_common(5)),
             # Distributions for plots, as percentiles 0..100 (the raw per-stream values would be megabytes).
             "ttft_percentiles_ms": [_to_ms(percentile(ttfts, q)) for q in range(101)] if ttfts else [],
@@ -135,8 +138,11 @@ class Result:
 
     def progress(self) -> str:
         cpu = self.per_chunk_us(self.server_cpu)
-        return f"{self.completed}/{self.streams} complete in {self.burst.wall:.1f}s" + (
-            "" if cpu is None else f", server {cpu:.0f} µs/chunk"
+        shares = "" if not self.worker_cpu_shares else "/".join(f"{share:.0%}" for share in self.worker_cpu_shares)
+        return (
+            f"{self.completed}/{self.streams} complete in {self.burst.wall:.1f}s"
+            + ("" if cpu is None else f", server {cpu:.0f} µs/chunk")
+            + (f", workers' CPU {shares}" if shares else "")
         )
 
 

@@ -70,8 +70,8 @@ def listening_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]
 
     On Linux (a TCP address): one socket per worker, each bound to the address with SO_REUSEPORT, and the kernel
     spreads new connections evenly over them. On one shared socket the worker whose loop wakes first accepts every
-    connection that waits: bursts of 200 streams split 154/46 and 121/79 over two workers here, and the busier one
-    set the tail latency. Elsewhere, and for a Unix socket or an inherited descriptor, the workers share one socket
+    connection that waits: under the bench's 200 paced streams two workers did 73%/27% of the work, and the busier
+    one set the tail latency. Elsewhere, and for a Unix socket or an inherited descriptor, the workers share one socket
     (the same object `count` times).
 
     Startup fails (exit code 3, as uvicorn's) when the address cannot be bound. `haystream serve` checked it with a
