@@ -142,6 +142,15 @@ def test_no_arguments_and_help_still_print_the_help():
     assert "[OPTIONS] COMMAND" in bare.stdout and "[OPTIONS] COMMAND" in asked.stdout and not bare.stderr
 
 
+def test_the_help_states_the_limits_the_settings_enforce():
+    # `serve --help` said "64 at most" while 1024 workers were accepted; `new --help` named the sync `stream`.
+    from haystream.settings import ServerSettings
+
+    (most,) = [rule.le for rule in ServerSettings.model_fields["workers"].metadata if hasattr(rule, "le")]
+    assert f"{most} at most" in haystream("serve", "--help").stdout
+    assert "haystream.astream" in haystream("new", "--help").stdout
+
+
 def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`haystream serve` with operator mistakes in its flags or environment: it must refuse before serving."""
     (tmp_path / "wrappers").mkdir(exist_ok=True)
