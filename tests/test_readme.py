@@ -49,3 +49,48 @@ def test_the_openai_sdk_example_streams_from_a_server(server, upstream):
     # This server listens elsewhere and serves the test wrappers instead of the examples.
     code = code.replace("http://127.0.0.1:1416", server.url).replace('"local_chat"', '"fake_async"')
     assert run(code, upstream).startswith("t0 t1 t2 ")
+
+
+def configuration_rows() -> dict[str, list[str]]:
+    """The README's configuration table: variable → its first cells (variable, flag, default)."""
+    rows = {}
+    for line in README.read_text().splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:4]]  # the meaning may hold a `|` of its own
+        for name in re.findall(r"`(HAYSTREAM_[A-Z_]+)`", cells[0]) if line.startswith("| `") else ():
+            rows[name] = cells
+    return rows
+
+
+def test_every_setting_is_in_the_configuration_table_with_its_true_default():
+    from haystream.settings import LocalModelSettings, ServerSettings, StreamingSettings
+
+    rows = configuration_rows()
+    fields = {
+        f"HAYSTREAM_{name.upper()}": field
+        for settings in (ServerSettings, StreamingSettings, LocalModelSettings)
+        for name, field in settings.model_fields.items()
+    }
+    # Documented, not settings: the CLI client's own variables.
+    assert set(rows) - set(fields) == {"HAYSTREAM_URL", "HAYSTREAM_API_KEY"}
+    for name, field in fields.items():
+        documented = rows[name][2].strip("`").replace(",", "")
+        default = field.default
+        if default is None or default == "":
+            assert documented == "(none)" or not documented[0].isdigit(), (name, documented)
+        elif isinstance(default, bool):
+            assert documented == str(default).lower(), (name, documented)
+        elif isinstance(default, int | float):
+            assert float(documented) == default, (name, documented, default)
+        else:
+            assert documented == default, (name, documented, default)
+
+
+def test_every_serve_flag_is_in_the_configuration_table():
+    import typer.main
+
+    from haystream.cli import app
+
+    serve = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    documented = {flag for cells in configuration_rows().values() for flag in re.findall(r"`(-[-a-z]+)`", cells[1])}
+    flags = {opt for param in serve.params for opt in param.opts if opt != "--help"}
+    assert flags - {"--url", "--api-key"} <= documented, flags - documented
