@@ -142,6 +142,15 @@ def test_no_arguments_and_help_still_print_the_help():
     assert "[OPTIONS] COMMAND" in bare.stdout and "[OPTIONS] COMMAND" in asked.stdout and not bare.stderr
 
 
+def test_the_help_states_the_limits_the_settings_enforce():
+    # `serve --help` said "64 at most" while 1024 workers were accepted; `new --help` named the sync `stream`.
+    from haystream.settings import ServerSettings
+
+    (most,) = [rule.le for rule in ServerSettings.model_fields["workers"].metadata if hasattr(rule, "le")]
+    assert f"{most} at most" in haystream("serve", "--help").stdout
+    assert "haystream.astream" in haystream("new", "--help").stdout
+
+
 def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`haystream serve` with operator mistakes in its flags or environment: it must refuse before serving."""
     (tmp_path / "wrappers").mkdir(exist_ok=True)
@@ -166,6 +175,17 @@ def serve_refused(tmp_path, *args: str, **env: str) -> subprocess.CompletedProce
         ((), {"HAYSTREAM_ENABLE_DOCS": "maybe"}, "HAYSTREAM_ENABLE_DOCS='maybe': Input should be a valid boolean"),
         ((), {"HAYSTREAM_DRAIN_TIMEOUT": "inf"}, "HAYSTREAM_DRAIN_TIMEOUT='inf': Input should be a finite number"),
         ((), {"HAYSTREAM_KEEPALIVE_SECONDS": "0"}, "HAYSTREAM_KEEPALIVE_SECONDS='0': Input should be greater than 0"),
+        # finite but absurd durations: a drain grace of 1e300 s never ends
+        ((), {"HAYSTREAM_DRAIN_GRACE_SECONDS": "1e300"}, "HAYSTREAM_DRAIN_GRACE_SECONDS='1e300': Input should be less"),
+        (
+            (),
+            {"HAYSTREAM_DRAIN_TIMEOUT": "86401"},
+            "HAYSTREAM_DRAIN_TIMEOUT='86401': Input should be less than or equal",
+        ),
+        ((), {"HAYSTREAM_SEND_TIMEOUT_SECONDS": "1e12"}, "HAYSTREAM_SEND_TIMEOUT_SECONDS='1e12': Input should be less"),
+        ((), {"HAYSTREAM_WORKER_TIMEOUT": "1e300"}, "HAYSTREAM_WORKER_TIMEOUT='1e300': Input should be less than"),
+        ((), {"HAYSTREAM_RESPONSES_TTL_SECONDS": "1e300"}, "less than or equal to 2592000"),
+        ((), {"HAYSTREAM_LOCAL_QUEUE_TIMEOUT": "1e300"}, "HAYSTREAM_LOCAL_QUEUE_TIMEOUT='1e300': Input should be less"),
         ((), {"HAYSTREAM_LOG_LEVEL": "verbose"}, "HAYSTREAM_LOG_LEVEL='verbose': should be one of critical, error"),
         (("--log-level", "loud"), {}, "--log-level='loud': should be one of critical, error, warning, info, debug"),
         ((), {"HAYSTREAM_LOG_FORMAT": "xml"}, "HAYSTREAM_LOG_FORMAT='xml': Input should be 'text' or 'json'"),
@@ -204,6 +224,24 @@ def test_serve_names_the_bad_setting_and_what_it_accepts(tmp_path, args, env, ex
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.startswith("error: refusing to start: ") and expected in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+
+
+def test_every_duration_setting_has_a_documented_maximum():
+    """A duration without an upper bound takes 1e300; each one's bound is the one the README states (a day, or 30 days
+    for stored responses), and a day itself is accepted."""
+    from pathlib import Path
+
+    from haystream.settings import LocalModelSettings, ServerSettings, StreamingSettings
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for settings in (ServerSettings, StreamingSettings, LocalModelSettings):
+        for name, field in settings.model_fields.items():
+            if field.annotation is not float:
+                continue
+            (most,) = [rule.le for rule in field.metadata if hasattr(rule, "le")]
+            row = next(line for line in readme.splitlines() if line.startswith(f"| `HAYSTREAM_{name.upper()}` |"))
+            assert f"{most:,}" in row, (name, most, row)
+            assert settings(**{name: most}), name
 
 
 def test_serve_does_not_echo_secrets_it_refuses(tmp_path):

@@ -243,6 +243,20 @@ def test_haystreams_routes_answer_under_the_root_path(rooted, prefix):
     assert_envelope(httpx.post(rooted.url + prefix + "/v1/chat/completions", json=too_many), 401)
 
 
+def test_slash_variants_of_the_openai_routes_are_behind_the_gate_and_never_redirect(locked, open_server):
+    """`/v1/chat/completions/` reached hayhooks' router, whose 307 named whatever `Host` the client sent (any, with
+    keys set): now it is served as the route, behind the gate like every spelling of it."""
+    body = {"model": "probe", "messages": USER, "mode": "headers"}
+    evil = {"Host": "evil.example"}
+    for path in ("/v1/chat/completions/", "//v1/chat/completions", "/v1//chat/completions", "/v1/models/"):
+        assert_envelope(httpx.post(locked.url + path, json=body, headers=evil), 401)
+        answered = httpx.post(locked.url + path, json=body, headers={**AUTH, **evil})
+        if path.endswith("models/"):
+            answered = httpx.get(locked.url + path, headers={**AUTH, **evil})
+        assert answered.status_code == 200 and "location" not in answered.headers, (path, answered.text)
+        assert_envelope(httpx.post(open_server.url + path, json=body, headers=evil), 400, "host_not_allowed")
+
+
 def test_docs_and_draw_are_off_by_default(open_server):
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/draw/probe", "//docs", "/DOCS/"):
         assert_envelope(httpx.get(open_server.url + path), 404, "not_found")

@@ -52,6 +52,34 @@ def test_a_model_is_retrieved_by_id(client, server):
     assert httpx.get(server.url + "/models/fake_async").json()["id"] == "fake_async"
 
 
+def test_a_base_url_with_a_trailing_slash_and_routes_with_one_are_served(server):
+    """Open WebUI joins each `OPENAI_API_BASE_URLS` entry as `f"{url}/chat/completions"`, so a base URL written with a
+    trailing slash asks for `/v1//chat/completions` (and `/v1//models`): they were 404s. `/v1/chat/completions/` got
+    hayhooks' 307 with a Location built from the client's `Host`. Each is now the route it spells."""
+    with openai.OpenAI(base_url=server.url + "/v1//", api_key="unused", max_retries=0) as sdk:
+        assert {"fake_async", "fake_sync"} <= {model.id for model in sdk.models.list()}
+        assert sdk.models.retrieve("fake_sync").id == "fake_sync"
+        stream = sdk.chat.completions.create(
+            model="fake_async", messages=USER, stream=True, extra_body={"scenario": "fake?tokens=3"}
+        )
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == text(3)
+    body = {"model": "fake_sync", "messages": USER, "scenario": "fake?tokens=2"}
+    for path in (
+        "/v1/chat/completions/",
+        "//v1/chat/completions",
+        "/chat/completions//",
+        "/openwebui/v1//chat/completions",
+    ):
+        answered = httpx.post(server.url + path, json=body)
+        assert answered.status_code == 200 and "location" not in answered.headers, (path, answered.status_code)
+        assert answered.json()["choices"][0]["message"]["content"] == text(2), path
+    for path in ("/v1/models/", "//models", "/v1//models/fake_sync/"):
+        listed = httpx.get(server.url + path)
+        assert listed.status_code == 200 and listed.json()["object"] in ("list", "model"), path
+    created = httpx.post(server.url + "/v1/responses/", json={"model": "fake_sync", "input": "hi", "store": False})
+    assert created.status_code == 200 and created.json()["object"] == "response"
+
+
 @pytest.mark.parametrize(("model", "mode"), WRAPPER_MODES)
 def test_streamed_text_equals_upstream_text(client, model, mode):
     stream = client.chat.completions.create(

@@ -57,7 +57,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface (env HAYSTREAM_HOST, default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env HAYSTREAM_PORT, default 1416).")] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes, 64 at most (env HAYSTREAM_WORKERS, default 1).")
+        int | None, typer.Option(help="Worker processes, 1024 at most (env HAYSTREAM_WORKERS, default 1).")
     ] = None,
     log_level: Annotated[
         str | None,
@@ -218,7 +218,7 @@ def new(
     name: Annotated[str, typer.Argument(help="Wrapper name: letters, digits, '_' and '-'.")],
     directory: Annotated[Path, typer.Option("--dir", help="Where wrappers live.")] = Path("pipeline_wrappers"),
 ) -> None:
-    """Scaffold DIR/NAME/pipeline_wrapper.py (using haystream.stream) and a test for it."""
+    """Scaffold DIR/NAME/pipeline_wrapper.py (an async wrapper using haystream.astream) and a test for it."""
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", name):
         _fail(f"Invalid name {name!r}: use letters, digits, '_' and '-'.")
     target = directory / name

@@ -18,6 +18,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 _CONFIG = SettingsConfigDict(env_prefix="HAYSTREAM_", extra="ignore", allow_inf_nan=False)
 _SECRET_FIELDS = ("api_keys", "deploy_keys", "redis_url")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# Finite is not enough: 1e300 seconds is a drain grace that never ends, a timeout that never fires (and an overflow in
+# whatever converts it to an int). Every duration is at most a day; stored responses at most 30 days, as OpenAI's.
+MAX_SECONDS = 86_400
+MAX_TTL_SECONDS = 30 * 86_400
 
 
 class StreamingSettings(BaseSettings):
@@ -37,7 +41,9 @@ class LocalModelSettings(BaseSettings):
     model_config = _CONFIG
 
     local_model: str | None = Field(None, description="A GGUF file of your own instead of the bundled SmolLM2.")
-    local_queue_timeout: float = Field(60.0, gt=0, description="Seconds a request waits for the model's turn.")
+    local_queue_timeout: float = Field(
+        60.0, gt=0, le=MAX_SECONDS, description="Seconds a request waits for the model's turn."
+    )
 
 
 class ServerSettings(BaseSettings):
@@ -56,6 +62,7 @@ class ServerSettings(BaseSettings):
     worker_timeout: float = Field(
         30.0,
         ge=0,
+        le=MAX_SECONDS,
         description="With several workers: a worker whose event loop is blocked this long is killed and replaced "
         "(0: never).",
     )
@@ -82,14 +89,19 @@ class ServerSettings(BaseSettings):
         False, description="Hand the caller's Authorization and Cookie headers to wrappers."
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body, any route.")
-    body_timeout_seconds: float = Field(30.0, gt=0, description="Time a client has to send its whole request body.")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, le=MAX_SECONDS, description="Time a client has to send its whole request body."
+    )
     head_timeout_seconds: float = Field(
-        30.0, gt=0, description="Time a client has to send a request's line and headers (408 after it)."
+        30.0, gt=0, le=MAX_SECONDS, description="Time a client has to send a request's line and headers (408 after it)."
     )
     max_streams: int = Field(1024, ge=1, description="Chat requests running at once; more get 429.")
     max_streams_per_key: int = Field(256, ge=1, description="Chat requests running at once per API key.")
     send_timeout_seconds: float = Field(
-        60.0, gt=0, description="A client that reads nothing for this long is dropped and its run cancelled."
+        60.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="A client that reads nothing for this long is dropped and its run cancelled.",
     )
     max_messages: int = Field(
         2048, ge=1, description="Most chat messages, or Responses input items, a request may carry (400 above)."
@@ -99,7 +111,10 @@ class ServerSettings(BaseSettings):
     )
     max_tokens: int = Field(32768, ge=1, description="Largest max_tokens / max_completion_tokens a client may ask.")
     responses_ttl_seconds: float = Field(
-        3600.0, gt=0, description="How long stored Responses (and their event logs, for resuming) are kept."
+        3600.0,
+        gt=0,
+        le=MAX_TTL_SECONDS,
+        description="How long stored Responses (and their event logs, for resuming) are kept.",
     )
     responses_max_stored: int = Field(
         1000, ge=1, description="Stored Responses kept in memory at most (oldest dropped first); Redis uses the TTL."
@@ -114,7 +129,9 @@ class ServerSettings(BaseSettings):
         None,
         description="Keep stored and background Responses in Redis (shared by replicas), e.g. redis://host:6379/0.",
     )
-    keepalive_seconds: float = Field(15.0, gt=0, description="Idle time after which a `: ping` comment is sent.")
+    keepalive_seconds: float = Field(
+        15.0, gt=0, le=MAX_SECONDS, description="Idle time after which a `: ping` comment is sent."
+    )
     stream_buffer: int = Field(64, ge=1, description="Chunks a producer may run ahead of a slow client.")
     log_level: str = Field("info", description="Uvicorn log level.")
     access_log: bool = Field(True, description="One log line per HTTP request (at the `info` level).")
@@ -132,10 +149,16 @@ class ServerSettings(BaseSettings):
         "text", description="haystream's log lines as text or as one JSON object per line (with the request id)."
     )
     drain_grace_seconds: float = Field(
-        5.0, ge=0, description="After SIGTERM, how long the server keeps listening (new chat requests get 503)."
+        5.0,
+        ge=0,
+        le=MAX_SECONDS,
+        description="After SIGTERM, how long the server keeps listening (new chat requests get 503).",
     )
     drain_timeout: float = Field(
-        30.0, gt=0, description="After SIGTERM, how long running streams may take before they end with an error."
+        30.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="After SIGTERM, how long running streams may take before they end with an error.",
     )
     openwebui_tasks: Literal["heuristic", "wrapper", "pipeline"] = Field(
         "heuristic",

@@ -72,6 +72,7 @@ RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
 RESPONSE_PATH = re.compile(r"/(?:v1/)?responses/([A-Za-z0-9_-]{1,128})(?:/(cancel|input_items))?")
 METRICS_PATH = "/metrics"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SLASHES = re.compile(r"//+")
 
 
 class HaystreamApp:
@@ -533,8 +534,13 @@ def _chat_route(for_openwebui: bool) -> str:
 
 
 def _route_path(scope: Scope, root_path: str = "") -> str:
-    """The path to route on: without the server's root path, then without hayhooks' (as Starlette's router does)."""
-    path = scope["path"]
+    """The path to route on: repeated slashes collapsed and trailing ones dropped, then without the server's root
+    path and hayhooks' (as Starlette's router does).
+
+    Open WebUI (`OPENAI_API_BASE_URLS`: `f"{url}/chat/completions"`) and clients that format URLs themselves join a
+    base URL written with a trailing slash into `.../v1//chat/completions`; `/v1/chat/completions/` would reach
+    hayhooks' router, whose 307 names the `Host` the client sent. Each is served as the route it spells."""
+    path = _SLASHES.sub("/", scope["path"]).rstrip("/") or "/"
     for root in (scope.get("root_path", ""), root_path):
         if root and path.startswith(root + "/"):
             path = path[len(root) :]
