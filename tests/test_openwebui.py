@@ -153,6 +153,20 @@ def test_task_detection_leaves_chat_turns_alone():
     assert emoji is not None and heuristic_answer(emoji) == "💬"
 
 
+def test_a_chat_turn_with_an_attached_json_file_runs_the_pipeline(server, upstream):
+    # Open WebUI's RAG template also starts with `### Task:`, and its `### Output:` is prose; the attached file's
+    # `{"title": ...}` further on was taken for a title task's output shape: the turn got `{"title": ...}`.
+    recorded_body = recorded("chat_rag_json_file.json")["body"]
+    assert '{"title": "Quarterly report"' in recorded_body["messages"][-1]["content"]
+    assert detect_task(recorded_body["messages"]) is None
+    scenario = unique("fake?tokens=2")
+    payloads = stream(
+        server.url + "/openwebui/v1/chat/completions", {**recorded_body, "model": "fake_async", "scenario": scenario}
+    )
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if "choices" in p) == "t0 t1 "
+    assert upstream.wait_for_requests(1, model=scenario)[0].body["messages"][-1] == recorded_body["messages"][-1]
+
+
 def test_event_helpers_shapes():
     assert openwebui.status("Searching", done=True) == {
         "event": {"type": "status", "data": {"description": "Searching", "done": True, "hidden": False}}

@@ -23,6 +23,7 @@ KNOWN_TASKS = ("title", "tags", "follow_ups", "queries", "autocomplete", "emoji"
 # repeated markers cannot hold the event loop (a backtracking regex over the whole prompt did, for seconds).
 _TEMPLATE_SCAN = 16_384  # the task template's instructions and output format sit near the start
 _HISTORY_SCAN = 65_536  # how much of the chat history a title or query is taken from
+_OUTPUT_SHAPE_WITHIN = 80  # where the JSON shape starts after `### Output:` in every task template (≤ 42 chars)
 _KEY = re.compile(r'\{\s{0,20}"(\w{1,32})"')
 _TURN = re.compile(r"(USER|ASSISTANT):\s?(.*)")
 _LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "hi", "hello", "hey", "please"})
@@ -95,11 +96,15 @@ def _title(task: Task) -> str:
 
 
 def _output_kind(template: str) -> str | None:
-    """The task named by the first JSON key after the template's `### Output:` marker."""
+    """The task named by the JSON key that the template's `### Output:` line asks for."""
     at = template.find("Output:")
     while at >= 0:
         if template[max(0, at - 8) : at].rstrip().endswith("###"):
-            brace = template.find("{", at)
+            # The JSON shape follows the marker at once ("JSON format: {", "Strictly return in JSON format:\n{").
+            # Open WebUI's RAG template has an `### Output:` of prose instead, then the user's files: the first
+            # brace found further on belongs to an attached document (a JSON file starting `{"title": ...`) and
+            # made that chat turn a title task, answered without running the pipeline.
+            brace = template.find("{", at, at + _OUTPUT_SHAPE_WITHIN)
             key = _KEY.match(template, brace) if brace >= 0 else None  # anchored at one position: constant work
             return _KEY_TO_TASK.get(key.group(1)) if key else None
         at = template.find("Output:", at + 7)
