@@ -167,6 +167,22 @@ def test_a_chat_turn_with_an_attached_json_file_runs_the_pipeline(server, upstre
     assert upstream.wait_for_requests(1, model=scenario)[0].body["messages"][-1] == recorded_body["messages"][-1]
 
 
+def test_tool_blocks_shown_to_open_webui_do_not_reach_the_model_on_the_next_turn(server, upstream):
+    # Open WebUI sends an answer back as it showed it: the agent's tool block came back as markup in the history.
+    agent = unique('fake?tool=multiply&args={"a": 6, "b": 7}&tokens=1&text=ok')
+    first = stream(server.url + "/openwebui/v1/chat/completions", {**MIXED, "mode": "agent", "scenario": agent})
+    shown = "".join(p["choices"][0]["delta"].get("content", "") for p in first if "choices" in p)
+    assert '<details type="tool_calls"' in shown and shown.rstrip().endswith("result=42 ok0")
+    scenario = unique("fake?tokens=1")
+    history = [*USER, {"role": "assistant", "content": shown.strip()}, {"role": "user", "content": "And times two?"}]
+    stream(
+        server.url + "/openwebui/v1/chat/completions",
+        {"model": "fake_async", "messages": history, "scenario": scenario},
+    )
+    sent = upstream.wait_for_requests(1, model=scenario)[0].body["messages"]
+    assert [m["content"] for m in sent] == ["hello", "result=42 ok0", "And times two?"]
+
+
 def test_event_helpers_shapes():
     assert openwebui.status("Searching", done=True) == {
         "event": {"type": "status", "data": {"description": "Searching", "done": True, "hidden": False}}

@@ -29,7 +29,7 @@ from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
 from haystream.openai.responses import input_items, parse_responses_request
-from haystream.openwebui.activity import ClientStyle, client_style
+from haystream.openwebui.activity import ClientStyle, client_style, without_tool_blocks
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server import logs, metrics, tracing
 from haystream.server.asgi import (
@@ -231,6 +231,9 @@ class HaystreamApp:
         task = detect_task(body["messages"]) if self.settings.openwebui_tasks != "pipeline" else None
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         secrets_ = self.settings.secrets
+        style = self._client_style(scope, for_openwebui)
+        if style.tool_style == "details":  # its history holds the tool blocks it was shown: not for the model
+            body["messages"] = without_tool_blocks(body["messages"])
 
         async def respond(send: Send) -> None:
             try:
@@ -258,7 +261,7 @@ class HaystreamApp:
                 keepalive_seconds=self.settings.keepalive_seconds,
                 send_timeout_seconds=self.settings.send_timeout_seconds,
                 secrets=secrets_,
-                style=self._client_style(scope, for_openwebui),
+                style=style,
             )
             await response.send(send)
 
