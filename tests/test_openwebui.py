@@ -20,6 +20,7 @@ TASKS = {
     "task_tags.json": ("tags", {"tags": ["General"]}),
     "task_follow_ups.json": ("follow_ups", {"follow_ups": []}),
     "task_queries.json": ("queries", {"queries": ["And how long does it need to set?"]}),
+    "task_autocomplete.json": ("autocomplete", {"text": ""}),
 }
 
 

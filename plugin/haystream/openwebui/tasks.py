@@ -56,9 +56,7 @@ def detect_task(messages: list[dict[str, Any]]) -> Task | None:
     prompt = _text(messages[-1].get("content"))
     if not prompt[:1000].lstrip().startswith(TASK_PREFIX):
         return None
-    kind = _output_kind(prompt[:_TEMPLATE_SCAN])
-    if kind is None and "emoji" in " ".join(prompt[:1000].strip().splitlines()[:2]).lower():
-        kind = "emoji"
+    kind = _output_kind(prompt[:_TEMPLATE_SCAN]) or _named_kind(prompt[:1000])
     if kind is None:
         return None
     return Task(kind=kind, history=_history(prompt))
@@ -93,6 +91,17 @@ def _title(task: Task) -> str:
         words.pop(0)
     title = " ".join(words[:7]).strip(" ,.!?;:")
     return (title[:1].upper() + title[1:])[:60] or "New Chat"
+
+
+def _named_kind(head: str) -> str | None:
+    """The task its first lines name, for templates without a JSON `### Output:` line: the emoji one, and
+    autocompletion, whose JSON shape sits under `### **Output Rules**:` (its `#### Output:` ends the prompt)."""
+    task_line = " ".join(head.strip().splitlines()[:2]).lower()
+    if "emoji" in task_line:
+        return "emoji"
+    if "autocompletion" in task_line:
+        return "autocomplete"
+    return None
 
 
 def _output_kind(template: str) -> str | None:
