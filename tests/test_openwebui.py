@@ -114,6 +114,20 @@ def test_background_tasks_get_a_fast_answer_without_running_the_pipeline(server,
     assert not [r for r in upstream.records if r.model == scenario]  # the wrapper's pipeline never ran
 
 
+@pytest.mark.parametrize("fixture", sorted(TASKS))
+def test_background_tasks_through_a_responses_connection_do_not_run_the_pipeline(server, upstream, fixture):
+    # Open WebUI's connection set to the Responses API sends its tasks to {base}/responses, at the same time as the
+    # chat turn: each one ran the wrapper's pipeline (an agent, a RAG search) and its prose became the title.
+    scenario = unique()
+    messages = recorded(fixture)["body"]["messages"]
+    body = {"model": "fake_async", "input": messages, "stream": False, "store": False, "scenario": scenario}
+    response = httpx.post(server.url + "/openwebui/v1/responses", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    _, expected = TASKS[fixture]
+    assert json.loads(response.json()["output"][0]["content"][0]["text"]) == expected
+    assert not [r for r in upstream.records if r.model == scenario]  # the wrapper's pipeline never ran
+
+
 def test_streamed_task_request_is_answered_as_sse(server, upstream):
     scenario = unique()
     payloads = stream(

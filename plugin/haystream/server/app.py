@@ -315,8 +315,12 @@ class HaystreamApp:
         chat_body = wrapper_body(request, body, messages)
         wrapper_items = request.input if isinstance(request.input, list) else messages[-1:]
         headers = self._wrapper_headers(scope)
+        # Open WebUI sends its background tasks (title, tags, follow-ups) through a Responses connection too.
+        task = detect_task(messages) if self.settings.openwebui_tasks != "pipeline" else None
 
         async def items() -> AsyncIterator[Any]:
+            if task is not None:
+                return await self._task_items(task, wrapper, chat_body)
             return await open_response_items(
                 wrapper,
                 model=request.model,
