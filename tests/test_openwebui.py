@@ -196,6 +196,13 @@ def test_tool_blocks_shown_to_open_webui_do_not_reach_the_model_on_the_next_turn
     )
     sent = upstream.wait_for_requests(1, model=scenario)[0].body["messages"]
     assert [m["content"] for m in sent] == ["hello", "result=42 ok0", "And times two?"]
+    # The same history from a connection set to the Responses API: the answer as an `output_text` part.
+    scenario = unique("fake?tokens=1")
+    answer = {"role": "assistant", "content": [{"type": "output_text", "text": shown.strip()}]}
+    body = {"model": "fake_async", "input": [*USER, answer, history[-1]], "store": False, "scenario": scenario}
+    assert httpx.post(server.url + "/openwebui/v1/responses", json=body, timeout=30).status_code == 200
+    sent = upstream.wait_for_requests(1, model=scenario)[0].body["messages"]
+    assert [m["content"] for m in sent] == ["hello", "result=42 ok0", "And times two?"]
 
 
 def test_event_helpers_shapes():

@@ -68,12 +68,23 @@ def without_tool_blocks(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     are (the same objects); the scan is linear in the content (str.find only)."""
     cleaned = messages
     for at, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
         content = message.get("content")
-        if message.get("role") == "assistant" and isinstance(content, str) and _BLOCK_START in content:
-            if cleaned is messages:
-                cleaned = list(messages)
-            cleaned[at] = {**message, "content": _strip_blocks(content)}
+        if isinstance(content, str) and _BLOCK_START in content:
+            content = _strip_blocks(content)
+        elif isinstance(content, list) and any(_has_block(part) for part in content):  # text parts (Responses)
+            content = [{**part, "text": _strip_blocks(part["text"])} if _has_block(part) else part for part in content]
+        else:
+            continue
+        if cleaned is messages:
+            cleaned = list(messages)
+        cleaned[at] = {**message, "content": content}
     return cleaned
+
+
+def _has_block(part: Any) -> bool:
+    return isinstance(part, dict) and isinstance(part.get("text"), str) and _BLOCK_START in part["text"]
 
 
 def _strip_blocks(text: str) -> str:

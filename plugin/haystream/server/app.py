@@ -312,6 +312,9 @@ class HaystreamApp:
             )
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
         messages = system + conversation
+        style = self._client_style(scope, for_openwebui)
+        if style.tool_style == "details":  # its history holds the tool blocks it was shown: not for the model
+            messages = without_tool_blocks(messages)
         chat_body = wrapper_body(request, body, messages)
         wrapper_items = request.input if isinstance(request.input, list) else messages[-1:]
         headers = self._wrapper_headers(scope)
@@ -337,7 +340,7 @@ class HaystreamApp:
             conversation=conversation,
             input_items=input_items(request.input),
             request_id=_request_id(header(scope, b"x-request-id")),
-            style=self._client_style(scope, for_openwebui),
+            style=style,
             secrets=self.settings.secrets,
         )
         admission = self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS)
