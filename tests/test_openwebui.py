@@ -128,6 +128,25 @@ def test_background_tasks_through_a_responses_connection_do_not_run_the_pipeline
     assert not [r for r in upstream.records if r.model == scenario]  # the wrapper's pipeline never ran
 
 
+@pytest.mark.parametrize(
+    ("first", "title"),
+    [
+        ("Hello there, how do I bake bread?", "How do I bake bread"),  # was "There, how do I bake bread"
+        ("hello there", "Hello there"),  # was "There"
+        ("Hey all! What is the capital of France?", "What is the capital of France"),
+        ("ok so what now", "What now"),
+    ],
+)
+def test_title_task_starts_at_the_question_not_in_the_greeting(server, first, title):
+    body = recorded("task_title.json")["body"]
+    prompt = body["messages"][-1]["content"]
+    start = prompt.index("<chat_history>")
+    prompt = prompt[:start] + f"<chat_history>\nUSER: {first}\n</chat_history>"
+    body = {**body, "model": "fake_async", "messages": [{"role": "user", "content": prompt}]}
+    response = httpx.post(server.url + "/openwebui/v1/chat/completions", json=body, timeout=30)
+    assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"title": title}
+
+
 def test_streamed_task_request_is_answered_as_sse(server, upstream):
     scenario = unique()
     payloads = stream(

@@ -26,7 +26,9 @@ _HISTORY_SCAN = 65_536  # how much of the chat history a title or query is taken
 _OUTPUT_SHAPE_WITHIN = 80  # where the JSON shape starts after `### Output:` in every task template (≤ 42 chars)
 _KEY = re.compile(r'\{\s{0,20}"(\w{1,32})"')
 _TURN = re.compile(r"(USER|ASSISTANT):\s?(.*)")
-_LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "hi", "hello", "hey", "please"})
+_GREETINGS = frozenset({"hi", "hello", "hey"})
+_GREETED = frozenset({"there", "all", "everyone", "folks"})
+_LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "please", *_GREETINGS})
 _KEY_TO_TASK = {
     "title": "title",
     "tags": "tags",
@@ -86,10 +88,13 @@ def answer_as_text(answer: Any) -> str:
 def _title(task: Task) -> str:
     # The first thing the user asked, trimmed: what a person would call the chat, and never invented.
     source = task.user_texts[0] if task.user_texts else (task.history[0][1] if task.history else "")
-    words = source.split("\n", 1)[0].split()
+    said = source.split("\n", 1)[0].split()
+    words = list(said)
     while words and words[0].strip(",.!?;:").lower() in _LEADING_FILLER:
-        words.pop(0)
-    title = " ".join(words[:7]).strip(" ,.!?;:")
+        greeting = words.pop(0).strip(",.!?;:").lower() in _GREETINGS
+        if greeting and words and words[0].strip(",.!?;:").lower() in _GREETED:
+            words.pop(0)  # "Hello there, how do I …": the title starts at the question, not at "There"
+    title = " ".join((words or said)[:7]).strip(" ,.!?;:")  # only a greeting: the greeting is the title
     return (title[:1].upper() + title[1:])[:60] or "New Chat"
 
 
