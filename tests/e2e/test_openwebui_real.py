@@ -121,3 +121,62 @@ def test_chat_through_a_responses_connection_streams(openwebui, webui_token):
     deltas = [event["delta"] for event in events if event.get("type") == "response.output_text.delta"]
     assert len(deltas) > 1 and "".join(deltas).strip()  # streamed, token by token
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
+
+
+def test_a_chat_with_an_attached_json_file_gets_the_pipelines_answer(openwebui, webui_token, upstream):
+    """Open WebUI's RAG template also starts with `### Task:`: the file's `{"title": ...` made it a title task."""
+    headers = {"Authorization": f"Bearer {webui_token}"}
+    # Retrieval bypassed: the whole file goes into the prompt, and no embedding model is needed offline.
+    bypass = {"BYPASS_EMBEDDING_AND_RETRIEVAL": True}
+    assert httpx.post(openwebui + "/api/v1/retrieval/config/update", json=bypass, headers=headers).status_code == 200
+    try:
+        text = _ask_about_file(openwebui, headers, "report.json", {"title": "Quarterly report", "revenue": "12 M EUR"})
+    finally:
+        restore = {"BYPASS_EMBEDDING_AND_RETRIEVAL": False}
+        httpx.post(openwebui + "/api/v1/retrieval/config/update", json=restore, headers=headers, timeout=60)
+    assert text == "t0 t1 t2 t3 "  # the pipeline's answer, not {"title": "New Chat"}
+    prompt = upstream.records[-1].body["messages"][-1]["content"]
+    assert "Quarterly report" in prompt and "What was the revenue?" in prompt
+
+
+def _ask_about_file(openwebui: str, headers: dict, name: str, content: dict) -> str:
+    upload = httpx.post(
+        openwebui + "/api/v1/files/",
+        headers=headers,
+        params={"process": "true", "process_in_background": "false"},
+        files={"file": (name, json.dumps(content).encode(), "application/json")},
+        timeout=120,
+    )
+    assert upload.status_code == 200, upload.text
+    file = upload.json()
+    body = {
+        "model": "openai_chat",
+        "messages": [{"role": "user", "content": "What was the revenue?"}],
+        "files": [{"type": "file", "id": file["id"], "file": file}],
+        "stream": True,
+    }
+    with httpx.stream("POST", openwebui + "/api/chat/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith('data: {"id"')]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+
+def test_autocompletion_is_answered_without_the_pipeline(openwebui, webui_token, upstream):
+    headers = {"Authorization": f"Bearer {webui_token}"}
+    config = httpx.get(openwebui + "/api/v1/tasks/config", headers=headers, timeout=60).json()
+    update = httpx.post(
+        openwebui + "/api/v1/tasks/config/update",
+        json={**config, "ENABLE_AUTOCOMPLETE_GENERATION": True},
+        headers=headers,
+        timeout=60,
+    )
+    assert update.status_code == 200, update.text
+    before = len(upstream.records)
+    body = {"model": "openai_chat", "prompt": "The capital of France is", "type": "General", "messages": []}
+    try:
+        response = httpx.post(openwebui + "/api/v1/tasks/auto/completions", json=body, headers=headers, timeout=120)
+    finally:
+        httpx.post(openwebui + "/api/v1/tasks/config/update", json=config, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"text": ""}
+    assert len(upstream.records) == before  # no pipeline run for a pause in typing
