@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -103,7 +105,34 @@ def _appears(locator) -> bool:
 
 def test_chat_through_a_responses_connection_streams(openwebui, webui_token):
     """The connection's API type set to "Responses": Open WebUI posts {base}/responses and streams its events."""
+    with responses_connection(openwebui, webui_token):
+        lines = chat_lines(openwebui, webui_token, "local_chat", "Say hello.")
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    types = [event.get("type") for event in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed", types
+    deltas = [event["delta"] for event in events if event.get("type") == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas).strip()  # streamed, token by token
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+
+
+def test_title_through_a_responses_connection_is_answered_without_the_pipeline(openwebui, webui_token, upstream):
+    """Open WebUI sends its background tasks to {base}/responses too: each one ran the pipeline."""
     headers = {"Authorization": f"Bearer {webui_token}"}
+    body = {"model": "openai_chat", "messages": [{"role": "user", "content": "How do I make a vegan flan?"}]}
+    before = len(upstream.records)
+    with responses_connection(openwebui, webui_token):
+        httpx.get(openwebui + "/api/models", headers=headers, timeout=60)  # the task route finds only listed models
+        response = httpx.post(openwebui + "/api/v1/tasks/title/completions", json=body, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text
+    title = json.loads(response.json()["choices"][0]["message"]["content"])  # Open WebUI's chat shape, from Responses
+    assert title == {"title": "How do I make a vegan flan"}  # not the pipeline's prose
+    assert len(upstream.records) == before  # the pipeline never ran
+
+
+@contextlib.contextmanager
+def responses_connection(openwebui: str, token: str) -> Iterator[None]:
+    """Open WebUI's connection to haystream with its API type set to "Responses", for the time of a block."""
+    headers = {"Authorization": f"Bearer {token}"}
     config = httpx.get(openwebui + "/openai/config", headers=headers, timeout=60).json()
     original = {key: config[key] for key in ("ENABLE_OPENAI_API", "OPENAI_API_BASE_URLS", "OPENAI_API_KEYS")}
     original["OPENAI_API_CONFIGS"] = config.get("OPENAI_API_CONFIGS") or {}
@@ -112,15 +141,9 @@ def test_chat_through_a_responses_connection_streams(openwebui, webui_token):
     update = httpx.post(openwebui + "/openai/config/update", json=responses, headers=headers, timeout=60)
     assert update.status_code == 200, update.text
     try:
-        lines = chat_lines(openwebui, webui_token, "local_chat", "Say hello.")
+        yield
     finally:
         httpx.post(openwebui + "/openai/config/update", json=original, headers=headers, timeout=60)
-    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    types = [event.get("type") for event in events]
-    assert types[0] == "response.created" and types[-1] == "response.completed", types
-    deltas = [event["delta"] for event in events if event.get("type") == "response.output_text.delta"]
-    assert len(deltas) > 1 and "".join(deltas).strip()  # streamed, token by token
-    assert [event["sequence_number"] for event in events] == list(range(len(events)))
 
 
 def test_a_chat_with_an_attached_json_file_gets_the_pipelines_answer(openwebui, webui_token, upstream):
