@@ -20,6 +20,7 @@ TASKS = {
     "task_tags.json": ("tags", {"tags": ["General"]}),
     "task_follow_ups.json": ("follow_ups", {"follow_ups": []}),
     "task_queries.json": ("queries", {"queries": ["And how long does it need to set?"]}),
+    "task_autocomplete.json": ("autocomplete", {"text": ""}),
 }
 
 
@@ -113,6 +114,39 @@ def test_background_tasks_get_a_fast_answer_without_running_the_pipeline(server,
     assert not [r for r in upstream.records if r.model == scenario]  # the wrapper's pipeline never ran
 
 
+@pytest.mark.parametrize("fixture", sorted(TASKS))
+def test_background_tasks_through_a_responses_connection_do_not_run_the_pipeline(server, upstream, fixture):
+    # Open WebUI's connection set to the Responses API sends its tasks to {base}/responses, at the same time as the
+    # chat turn: each one ran the wrapper's pipeline (an agent, a RAG search) and its prose became the title.
+    scenario = unique()
+    messages = recorded(fixture)["body"]["messages"]
+    body = {"model": "fake_async", "input": messages, "stream": False, "store": False, "scenario": scenario}
+    response = httpx.post(server.url + "/openwebui/v1/responses", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    _, expected = TASKS[fixture]
+    assert json.loads(response.json()["output"][0]["content"][0]["text"]) == expected
+    assert not [r for r in upstream.records if r.model == scenario]  # the wrapper's pipeline never ran
+
+
+@pytest.mark.parametrize(
+    ("first", "title"),
+    [
+        ("Hello there, how do I bake bread?", "How do I bake bread"),  # was "There, how do I bake bread"
+        ("hello there", "Hello there"),  # was "There"
+        ("Hey all! What is the capital of France?", "What is the capital of France"),
+        ("ok so what now", "What now"),
+    ],
+)
+def test_title_task_starts_at_the_question_not_in_the_greeting(server, first, title):
+    body = recorded("task_title.json")["body"]
+    prompt = body["messages"][-1]["content"]
+    start = prompt.index("<chat_history>")
+    prompt = prompt[:start] + f"<chat_history>\nUSER: {first}\n</chat_history>"
+    body = {**body, "model": "fake_async", "messages": [{"role": "user", "content": prompt}]}
+    response = httpx.post(server.url + "/openwebui/v1/chat/completions", json=body, timeout=30)
+    assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"title": title}
+
+
 def test_streamed_task_request_is_answered_as_sse(server, upstream):
     scenario = unique()
     payloads = stream(
@@ -151,6 +185,43 @@ def test_task_detection_leaves_chat_turns_alone():
     assert detect_task([{"role": "user", "content": "### Task: but not a template"}]) is None
     emoji = detect_task([{"role": "user", "content": "### Task:\nReply with a relevant emoji for the chat.\n"}])
     assert emoji is not None and heuristic_answer(emoji) == "💬"
+
+
+def test_a_chat_turn_with_an_attached_json_file_runs_the_pipeline(server, upstream):
+    # Open WebUI's RAG template also starts with `### Task:`, and its `### Output:` is prose; the attached file's
+    # `{"title": ...}` further on was taken for a title task's output shape: the turn got `{"title": ...}`.
+    recorded_body = recorded("chat_rag_json_file.json")["body"]
+    assert '{"title": "Quarterly report"' in recorded_body["messages"][-1]["content"]
+    assert detect_task(recorded_body["messages"]) is None
+    scenario = unique("fake?tokens=2")
+    payloads = stream(
+        server.url + "/openwebui/v1/chat/completions", {**recorded_body, "model": "fake_async", "scenario": scenario}
+    )
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if "choices" in p) == "t0 t1 "
+    assert upstream.wait_for_requests(1, model=scenario)[0].body["messages"][-1] == recorded_body["messages"][-1]
+
+
+def test_tool_blocks_shown_to_open_webui_do_not_reach_the_model_on_the_next_turn(server, upstream):
+    # Open WebUI sends an answer back as it showed it: the agent's tool block came back as markup in the history.
+    agent = unique('fake?tool=multiply&args={"a": 6, "b": 7}&tokens=1&text=ok')
+    first = stream(server.url + "/openwebui/v1/chat/completions", {**MIXED, "mode": "agent", "scenario": agent})
+    shown = "".join(p["choices"][0]["delta"].get("content", "") for p in first if "choices" in p)
+    assert '<details type="tool_calls"' in shown and shown.rstrip().endswith("result=42 ok0")
+    scenario = unique("fake?tokens=1")
+    history = [*USER, {"role": "assistant", "content": shown.strip()}, {"role": "user", "content": "And times two?"}]
+    stream(
+        server.url + "/openwebui/v1/chat/completions",
+        {"model": "fake_async", "messages": history, "scenario": scenario},
+    )
+    sent = upstream.wait_for_requests(1, model=scenario)[0].body["messages"]
+    assert [m["content"] for m in sent] == ["hello", "result=42 ok0", "And times two?"]
+    # The same history from a connection set to the Responses API: the answer as an `output_text` part.
+    scenario = unique("fake?tokens=1")
+    answer = {"role": "assistant", "content": [{"type": "output_text", "text": shown.strip()}]}
+    body = {"model": "fake_async", "input": [*USER, answer, history[-1]], "store": False, "scenario": scenario}
+    assert httpx.post(server.url + "/openwebui/v1/responses", json=body, timeout=30).status_code == 200
+    sent = upstream.wait_for_requests(1, model=scenario)[0].body["messages"]
+    assert [m["content"] for m in sent] == ["hello", "result=42 ok0", "And times two?"]
 
 
 def test_event_helpers_shapes():

@@ -60,7 +60,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float) -> N
 def haystream_url(upstream, tmp_path_factory) -> str:
     """`haystream serve` with example wrappers (agent_tools talks to the fake upstream's tool scenario)."""
     pipelines = tmp_path_factory.mktemp("e2e-wrappers")
-    for name in ("agent_tools", "local_chat", "rag_chat"):
+    for name in ("agent_tools", "local_chat", "openai_chat", "rag_chat"):
         shutil.copytree(REPO / "pipeline_wrappers" / name, pipelines / name)
     shutil.copytree(Path(__file__).parent / "wrappers" / "failing", pipelines / "failing")
     port = free_port()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -103,7 +105,34 @@ def _appears(locator) -> bool:
 
 def test_chat_through_a_responses_connection_streams(openwebui, webui_token):
     """The connection's API type set to "Responses": Open WebUI posts {base}/responses and streams its events."""
+    with responses_connection(openwebui, webui_token):
+        lines = chat_lines(openwebui, webui_token, "local_chat", "Say hello.")
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    types = [event.get("type") for event in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed", types
+    deltas = [event["delta"] for event in events if event.get("type") == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas).strip()  # streamed, token by token
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+
+
+def test_title_through_a_responses_connection_is_answered_without_the_pipeline(openwebui, webui_token, upstream):
+    """Open WebUI sends its background tasks to {base}/responses too: each one ran the pipeline."""
     headers = {"Authorization": f"Bearer {webui_token}"}
+    body = {"model": "openai_chat", "messages": [{"role": "user", "content": "How do I make a vegan flan?"}]}
+    before = len(upstream.records)
+    with responses_connection(openwebui, webui_token):
+        httpx.get(openwebui + "/api/models", headers=headers, timeout=60)  # the task route finds only listed models
+        response = httpx.post(openwebui + "/api/v1/tasks/title/completions", json=body, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text
+    title = json.loads(response.json()["choices"][0]["message"]["content"])  # Open WebUI's chat shape, from Responses
+    assert title == {"title": "How do I make a vegan flan"}  # not the pipeline's prose
+    assert len(upstream.records) == before  # the pipeline never ran
+
+
+@contextlib.contextmanager
+def responses_connection(openwebui: str, token: str) -> Iterator[None]:
+    """Open WebUI's connection to haystream with its API type set to "Responses", for the time of a block."""
+    headers = {"Authorization": f"Bearer {token}"}
     config = httpx.get(openwebui + "/openai/config", headers=headers, timeout=60).json()
     original = {key: config[key] for key in ("ENABLE_OPENAI_API", "OPENAI_API_BASE_URLS", "OPENAI_API_KEYS")}
     original["OPENAI_API_CONFIGS"] = config.get("OPENAI_API_CONFIGS") or {}
@@ -112,12 +141,65 @@ def test_chat_through_a_responses_connection_streams(openwebui, webui_token):
     update = httpx.post(openwebui + "/openai/config/update", json=responses, headers=headers, timeout=60)
     assert update.status_code == 200, update.text
     try:
-        lines = chat_lines(openwebui, webui_token, "local_chat", "Say hello.")
+        yield
     finally:
         httpx.post(openwebui + "/openai/config/update", json=original, headers=headers, timeout=60)
-    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    types = [event.get("type") for event in events]
-    assert types[0] == "response.created" and types[-1] == "response.completed", types
-    deltas = [event["delta"] for event in events if event.get("type") == "response.output_text.delta"]
-    assert len(deltas) > 1 and "".join(deltas).strip()  # streamed, token by token
-    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+
+
+def test_a_chat_with_an_attached_json_file_gets_the_pipelines_answer(openwebui, webui_token, upstream):
+    """Open WebUI's RAG template also starts with `### Task:`: the file's `{"title": ...` made it a title task."""
+    headers = {"Authorization": f"Bearer {webui_token}"}
+    # Retrieval bypassed: the whole file goes into the prompt, and no embedding model is needed offline.
+    bypass = {"BYPASS_EMBEDDING_AND_RETRIEVAL": True}
+    assert httpx.post(openwebui + "/api/v1/retrieval/config/update", json=bypass, headers=headers).status_code == 200
+    try:
+        text = _ask_about_file(openwebui, headers, "report.json", {"title": "Quarterly report", "revenue": "12 M EUR"})
+    finally:
+        restore = {"BYPASS_EMBEDDING_AND_RETRIEVAL": False}
+        httpx.post(openwebui + "/api/v1/retrieval/config/update", json=restore, headers=headers, timeout=60)
+    assert text == "t0 t1 t2 t3 "  # the pipeline's answer, not {"title": "New Chat"}
+    prompt = upstream.records[-1].body["messages"][-1]["content"]
+    assert "Quarterly report" in prompt and "What was the revenue?" in prompt
+
+
+def _ask_about_file(openwebui: str, headers: dict, name: str, content: dict) -> str:
+    upload = httpx.post(
+        openwebui + "/api/v1/files/",
+        headers=headers,
+        params={"process": "true", "process_in_background": "false"},
+        files={"file": (name, json.dumps(content).encode(), "application/json")},
+        timeout=120,
+    )
+    assert upload.status_code == 200, upload.text
+    file = upload.json()
+    body = {
+        "model": "openai_chat",
+        "messages": [{"role": "user", "content": "What was the revenue?"}],
+        "files": [{"type": "file", "id": file["id"], "file": file}],
+        "stream": True,
+    }
+    with httpx.stream("POST", openwebui + "/api/chat/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith('data: {"id"')]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+
+def test_autocompletion_is_answered_without_the_pipeline(openwebui, webui_token, upstream):
+    headers = {"Authorization": f"Bearer {webui_token}"}
+    config = httpx.get(openwebui + "/api/v1/tasks/config", headers=headers, timeout=60).json()
+    update = httpx.post(
+        openwebui + "/api/v1/tasks/config/update",
+        json={**config, "ENABLE_AUTOCOMPLETE_GENERATION": True},
+        headers=headers,
+        timeout=60,
+    )
+    assert update.status_code == 200, update.text
+    before = len(upstream.records)
+    body = {"model": "openai_chat", "prompt": "The capital of France is", "type": "General", "messages": []}
+    try:
+        response = httpx.post(openwebui + "/api/v1/tasks/auto/completions", json=body, headers=headers, timeout=120)
+    finally:
+        httpx.post(openwebui + "/api/v1/tasks/config/update", json=config, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"text": ""}
+    assert len(upstream.records) == before  # no pipeline run for a pause in typing

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from haystream.openai.deltas import Event, ToolActivity, ToolCallStarted
 from haystream.openai.protocol import Delta
@@ -14,6 +14,8 @@ from haystream.openwebui.events import tool_call_block
 
 ToolStyle = Literal["details", "text", "none"]
 _ASKED = (b"1", b"true", b"yes")
+_BLOCK_START = '<details type="tool_calls"'  # how `tool_call_block` starts
+_BLOCK_END = "</details>"  # its attributes and summary are HTML-escaped: the first one after the start ends it
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,44 @@ def render(record: ToolCallStarted | ToolActivity, style: ClientStyle) -> list[D
     verb = "failed" if record.error else "done"
     shown.append(Event("status", {"description": f"{record.name} {verb}", "done": True, "hidden": False}))
     return shown
+
+
+def without_tool_blocks(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation without the tool blocks shown to Open WebUI in earlier answers.
+
+    Open WebUI sends an answer back as it was shown, so the next turn's model read the block's markup (and could
+    imitate it) where an OpenAI connection's history holds no such text: the agent's tool calls ran inside the
+    pipeline and are not part of the chat. The answer's own text stays. Messages without a block are kept as they
+    are (the same objects); the scan is linear in the content (str.find only)."""
+    cleaned = messages
+    for at, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        if isinstance(content, str) and _BLOCK_START in content:
+            content = _strip_blocks(content)
+        elif isinstance(content, list) and any(_has_block(part) for part in content):  # text parts (Responses)
+            content = [{**part, "text": _strip_blocks(part["text"])} if _has_block(part) else part for part in content]
+        else:
+            continue
+        if cleaned is messages:
+            cleaned = list(messages)
+        cleaned[at] = {**message, "content": content}
+    return cleaned
+
+
+def _has_block(part: Any) -> bool:
+    return isinstance(part, dict) and isinstance(part.get("text"), str) and _BLOCK_START in part["text"]
+
+
+def _strip_blocks(text: str) -> str:
+    kept: list[str] = []
+    position = 0
+    while (start := text.find(_BLOCK_START, position)) >= 0:
+        end = text.find(_BLOCK_END, start)
+        if end < 0:
+            break
+        kept.append(text[position:start])
+        position = end + len(_BLOCK_END)
+    kept.append(text[position:])
+    return "".join(kept).strip()

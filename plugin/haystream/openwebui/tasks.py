@@ -23,9 +23,12 @@ KNOWN_TASKS = ("title", "tags", "follow_ups", "queries", "autocomplete", "emoji"
 # repeated markers cannot hold the event loop (a backtracking regex over the whole prompt did, for seconds).
 _TEMPLATE_SCAN = 16_384  # the task template's instructions and output format sit near the start
 _HISTORY_SCAN = 65_536  # how much of the chat history a title or query is taken from
+_OUTPUT_SHAPE_WITHIN = 80  # where the JSON shape starts after `### Output:` in every task template (≤ 42 chars)
 _KEY = re.compile(r'\{\s{0,20}"(\w{1,32})"')
 _TURN = re.compile(r"(USER|ASSISTANT):\s?(.*)")
-_LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "hi", "hello", "hey", "please"})
+_GREETINGS = frozenset({"hi", "hello", "hey"})
+_GREETED = frozenset({"there", "all", "everyone", "folks"})
+_LEADING_FILLER = frozenset({"and", "so", "but", "also", "then", "ok", "okay", "well", "please", *_GREETINGS})
 _KEY_TO_TASK = {
     "title": "title",
     "tags": "tags",
@@ -55,9 +58,7 @@ def detect_task(messages: list[dict[str, Any]]) -> Task | None:
     prompt = _text(messages[-1].get("content"))
     if not prompt[:1000].lstrip().startswith(TASK_PREFIX):
         return None
-    kind = _output_kind(prompt[:_TEMPLATE_SCAN])
-    if kind is None and "emoji" in " ".join(prompt[:1000].strip().splitlines()[:2]).lower():
-        kind = "emoji"
+    kind = _output_kind(prompt[:_TEMPLATE_SCAN]) or _named_kind(prompt[:1000])
     if kind is None:
         return None
     return Task(kind=kind, history=_history(prompt))
@@ -87,19 +88,37 @@ def answer_as_text(answer: Any) -> str:
 def _title(task: Task) -> str:
     # The first thing the user asked, trimmed: what a person would call the chat, and never invented.
     source = task.user_texts[0] if task.user_texts else (task.history[0][1] if task.history else "")
-    words = source.split("\n", 1)[0].split()
+    said = source.split("\n", 1)[0].split()
+    words = list(said)
     while words and words[0].strip(",.!?;:").lower() in _LEADING_FILLER:
-        words.pop(0)
-    title = " ".join(words[:7]).strip(" ,.!?;:")
+        greeting = words.pop(0).strip(",.!?;:").lower() in _GREETINGS
+        if greeting and words and words[0].strip(",.!?;:").lower() in _GREETED:
+            words.pop(0)  # "Hello there, how do I …": the title starts at the question, not at "There"
+    title = " ".join((words or said)[:7]).strip(" ,.!?;:")  # only a greeting: the greeting is the title
     return (title[:1].upper() + title[1:])[:60] or "New Chat"
 
 
+def _named_kind(head: str) -> str | None:
+    """The task its first lines name, for templates without a JSON `### Output:` line: the emoji one, and
+    autocompletion, whose JSON shape sits under `### **Output Rules**:` (its `#### Output:` ends the prompt)."""
+    task_line = " ".join(head.strip().splitlines()[:2]).lower()
+    if "emoji" in task_line:
+        return "emoji"
+    if "autocompletion" in task_line:
+        return "autocomplete"
+    return None
+
+
 def _output_kind(template: str) -> str | None:
-    """The task named by the first JSON key after the template's `### Output:` marker."""
+    """The task named by the JSON key that the template's `### Output:` line asks for."""
     at = template.find("Output:")
     while at >= 0:
         if template[max(0, at - 8) : at].rstrip().endswith("###"):
-            brace = template.find("{", at)
+            # The JSON shape follows the marker at once ("JSON format: {", "Strictly return in JSON format:\n{").
+            # Open WebUI's RAG template has an `### Output:` of prose instead, then the user's files: the first
+            # brace found further on belongs to an attached document (a JSON file starting `{"title": ...`) and
+            # made that chat turn a title task, answered without running the pipeline.
+            brace = template.find("{", at, at + _OUTPUT_SHAPE_WITHIN)
             key = _KEY.match(template, brace) if brace >= 0 else None  # anchored at one position: constant work
             return _KEY_TO_TASK.get(key.group(1)) if key else None
         at = template.find("Output:", at + 7)

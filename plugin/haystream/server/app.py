@@ -29,7 +29,7 @@ from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
 from haystream.openai.responses import input_items, parse_responses_request
-from haystream.openwebui.activity import ClientStyle, client_style
+from haystream.openwebui.activity import ClientStyle, client_style, without_tool_blocks
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server import logs, metrics, tracing
 from haystream.server.asgi import (
@@ -232,6 +232,9 @@ class HaystreamApp:
         task = detect_task(body["messages"]) if self.settings.openwebui_tasks != "pipeline" else None
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         secrets_ = self.settings.secrets
+        style = self._client_style(scope, for_openwebui)
+        if style.tool_style == "details":  # its history holds the tool blocks it was shown: not for the model
+            body["messages"] = without_tool_blocks(body["messages"])
 
         async def respond(send: Send) -> None:
             try:
@@ -259,7 +262,7 @@ class HaystreamApp:
                 keepalive_seconds=self.settings.keepalive_seconds,
                 send_timeout_seconds=self.settings.send_timeout_seconds,
                 secrets=secrets_,
-                style=self._client_style(scope, for_openwebui),
+                style=style,
             )
             await response.send(send)
 
@@ -310,11 +313,18 @@ class HaystreamApp:
             )
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
         messages = system + conversation
+        style = self._client_style(scope, for_openwebui)
+        if style.tool_style == "details":  # its history holds the tool blocks it was shown: not for the model
+            messages = without_tool_blocks(messages)
         chat_body = wrapper_body(request, body, messages)
         wrapper_items = request.input if isinstance(request.input, list) else messages[-1:]
         headers = self._wrapper_headers(scope)
+        # Open WebUI sends its background tasks (title, tags, follow-ups) through a Responses connection too.
+        task = detect_task(messages) if self.settings.openwebui_tasks != "pipeline" else None
 
         async def items() -> AsyncIterator[Any]:
+            if task is not None:
+                return await self._task_items(task, wrapper, chat_body)
             return await open_response_items(
                 wrapper,
                 model=request.model,
@@ -331,7 +341,7 @@ class HaystreamApp:
             conversation=conversation,
             input_items=input_items(request.input),
             request_id=_request_id(header(scope, b"x-request-id")),
-            style=self._client_style(scope, for_openwebui),
+            style=style,
             secrets=self.settings.secrets,
         )
         admission = self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS)
