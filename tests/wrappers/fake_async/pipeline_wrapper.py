@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import weakref
 from collections.abc import AsyncIterator
-from functools import cache
 from typing import Any
 
 from hayhooks import BasePipelineWrapper, async_streaming_generator
@@ -24,25 +24,41 @@ from haystream.testing import fake_chat_generator
 
 def llm(scenario: str, generator: str = "haystack") -> OpenAIChatGenerator:
     # `generator: "haystream"` in the body picks haystream's OpenAIChatGenerator instead of Haystack's.
-    return _llm(scenario, generator, os.environ["FAKE_UPSTREAM_URL"])
+    return _cached("llm", scenario, generator, lambda: _new_llm(scenario, generator))
 
 
 def pipeline(scenario: str, generator: str = "haystack") -> Pipeline:
-    return _pipeline(scenario, generator, os.environ["FAKE_UPSTREAM_URL"])
+    return _cached("pipeline", scenario, generator, lambda: _new_pipeline(scenario, generator))
 
 
-# Cached per fake upstream too: some test modules start a fake of their own, and a generator made for a fake that
-# has stopped would fail to connect in a later module's server.
-@cache
-def _llm(scenario: str, generator: str, upstream: str) -> OpenAIChatGenerator:
+# Generators are cached per event loop and per fake upstream. Several test servers share this process, each on a
+# loop of its own, and Haystack's generator keeps one OpenAI client, whose pooled connections belong to the loop
+# that opened them: used from a second server's loop it failed ("bound to a different event loop"), in whichever
+# test came second. Some test modules start a fake of their own, and a generator made for a fake that has stopped
+# would fail to connect in a later module's server.
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, ...], Any]] = weakref.WeakKeyDictionary()
+_without_loop: dict[tuple[str, ...], Any] = {}
+
+
+def _cached(kind: str, scenario: str, generator: str, build: Any) -> Any:
+    try:
+        cache = _by_loop.setdefault(asyncio.get_running_loop(), {})
+    except RuntimeError:  # a sync caller
+        cache = _without_loop
+    key = (kind, scenario, generator, os.environ["FAKE_UPSTREAM_URL"])
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def _new_llm(scenario: str, generator: str) -> OpenAIChatGenerator:
     generator_class = components.OpenAIChatGenerator if generator == "haystream" else None
-    return fake_chat_generator(scenario, upstream, generator_class=generator_class)
+    return fake_chat_generator(scenario, os.environ["FAKE_UPSTREAM_URL"], generator_class=generator_class)
 
 
-@cache
-def _pipeline(scenario: str, generator: str, upstream: str) -> Pipeline:
+def _new_pipeline(scenario: str, generator: str) -> Pipeline:
     pipe = Pipeline()
-    pipe.add_component("llm", _llm(scenario, generator, upstream))
+    pipe.add_component("llm", llm(scenario, generator))
     return pipe
 
 
