@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -168,6 +170,29 @@ def test_each_worker_listens_on_a_socket_of_its_own_and_a_burst_reaches_both(tmp
         assert len(answers) == 64 and set(answers) == workers
     finally:
         stop(process)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux only")
+def test_the_workers_sockets_refuse_another_server_on_their_port_from_the_start():
+    """`haystream serve` checks its port with a plain bind, which Linux allows next to sockets that are bound but not
+    listening yet: a second server started then would have joined the first one's SO_REUSEPORT group, the two
+    sharing the port's connections without a word."""
+    import uvicorn
+
+    from haystream.server.workers import listening_sockets
+
+    sockets = listening_sockets(uvicorn.Config("haystream.server.app:create_app", host="127.0.0.1", port=0), 2)
+    try:
+        port = sockets[0].getsockname()[1]
+        assert len({sock.fileno() for sock in sockets}) == 2 and sockets[1].getsockname()[1] == port
+        probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the CLI's check does
+        with probe, pytest.raises(OSError) as refused:
+            probe.bind(("127.0.0.1", port))
+        assert refused.value.errno == errno.EADDRINUSE
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _served_by(client: httpx.Client) -> int:

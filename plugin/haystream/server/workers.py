@@ -75,7 +75,8 @@ def listening_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]
     (the same object `count` times).
 
     Startup fails (exit code 3, as uvicorn's) when the address cannot be bound. `haystream serve` checked it with a
-    plain bind before, which also refuses a port where another program listens with SO_REUSEPORT.
+    plain bind before, which also refuses a port where another program listens with SO_REUSEPORT; these sockets
+    listen from the start, so that a second server's check fails on them too.
     """
     if count < 2 or not _spreads_connections(config):
         return [config.bind_socket()] * count
@@ -90,6 +91,10 @@ def listening_sockets(config: uvicorn.Config, count: int) -> list[socket.socket]
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((config.host, port))
             port = sock.getsockname()[1]  # port 0: the others join the port the first one got
+            # Listening at once: a plain bind (another `haystream serve`'s check) is refused only on a listening
+            # port, and two groups of SO_REUSEPORT sockets would share it silently. Connections that come before the
+            # workers serve wait in the queues, as they would for a single server that is still starting.
+            sock.listen(config.backlog)
             sock.set_inheritable(True)
     except OSError as error:
         for sock in sockets:
