@@ -4,11 +4,12 @@ uvicorn's own supervisor (`uvicorn.supervisors.Multiprocess`, used by `uvicorn.r
 to its workers, but each worker runs a plain `uvicorn.Server` that it builds itself (0.54: `Process.server`), so a
 worker closes its socket at once and never drains; replacing that server means copying the four supervisor methods
 that create workers by name, which have changed shape across uvicorn releases (0.30 passed a `target`, 0.54 does
-not). This supervisor keeps to uvicorn's public API instead: `Config.bind_socket()` opens the shared socket, each
-worker runs a `DrainingServer` on it, and the signals the supervisor gets are passed on to every worker once.
+not). This supervisor keeps to uvicorn's public API instead: it opens the listening sockets, each worker runs a
+`DrainingServer` on its own, and the signals the supervisor gets are passed on to every worker once.
 
 On Linux each worker gets a socket of its own, all bound to the address with SO_REUSEPORT, so that the kernel spreads
-new connections evenly over the workers (`listening_sockets`). The supervisor holds every socket for the whole run:
+new connections evenly over the workers; elsewhere they share the one `Config.bind_socket()` opens
+(`listening_sockets`). The supervisor holds every socket for the whole run:
 a worker's replacement takes over its socket, and the connections waiting in its queue with it.
 
 Like uvicorn's: a worker that dies is replaced, unless it failed at startup (then all stop, exit code 3), and a worker
