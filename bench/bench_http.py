@@ -1,11 +1,12 @@
 """HTTP benchmark: how close each way of serving a Haystack pipeline comes to the limit, end to end over sockets.
 
-One run starts the fake OpenAI-compatible upstream (``python -m haystream.testing``) in its own process and then,
-one row at a time, the server of that row in its own process: ``haystream serve``, stock ``hayhooks run`` or the
-byte relay (``bench/relay.py``), each on a pipelines folder holding only that row's wrapper from
-``bench/wrappers/``. The aiohttp client in this process (see `sse_client`) runs the scenarios against it; the
-server's CPU comes from /proc for its whole process tree (see `procs`). Tables, targets, JSON and the plot are in
-`report`. See ``bench/README.md`` for what each row and column means.
+One run starts the fake OpenAI-compatible upstream (``python -m haystream.testing``) in its own process and then the
+server of every row in its own process: ``haystream serve``, stock ``hayhooks run`` or the byte relay
+(``bench/relay.py``), each on a pipelines folder holding only that row's wrapper from ``bench/wrappers/``. The aiohttp
+client in this process (see `sse_client`) runs each scenario's bursts round by round, one burst per row in turn, so
+that drift in the machine's speed hits every row alike; the server's CPU comes from /proc for its whole process
+tree (see `procs`). Tables, targets, JSON and the plot are in `report`. See ``bench/README.md`` for what each row
+and column means.
 
 Run ``python bench/bench_http.py`` (about 10 minutes on 2 cores) or ``--quick`` (a quarter of the streams).
 """
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -142,7 +143,7 @@ def resolve(row: Row, missing: str | None) -> Row | str:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# one row: start its server, warm it up, run the scenarios, stop it
+# the rows: start their servers, warm them up, measure their bursts
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -195,22 +196,38 @@ def request_body(row: Row, scenario: Scenario) -> bytes:
     return orjson.dumps(body)
 
 
-async def run_row(
-    row: Row, scenarios: Sequence[Scenario], fake: procs.Child, server: procs.Child | None, timeout: float
-) -> list[report.Result]:
-    url = endpoint(row, fake.url or "", server)
-    fake_pids = procs.process_tree(fake.pid)
-    server_pids = procs.process_tree(server.pid) if server is not None else []
+@dataclass
+class Served:
+    """A row's running server (None for `direct`), with the processes whose CPU it is charged."""
+
+    row: Row
+    server: procs.Child | None
+    url: str
+    server_pids: list[int]
+    fake_pids: list[int]
     # Several workers: the processes under the supervisor, each loaded by the connections the kernel gave it.
+    worker_pids: list[int]
+
+
+def serve(row: Row, fake: procs.Child, env: dict[str, str], tmp: Path) -> Served:
+    server = start_server(row, fake.url or "", env, tmp)
+    server_pids = procs.process_tree(server.pid) if server is not None else []
     worker_pids = [pid for pid in server_pids if procs.is_spawned_worker(pid)] if row.workers > 1 else []
     if server is not None:
         port = int((server.url or "").rsplit(":", 1)[1])
         backlog = procs.listen_backlog(port)
-        if backlog is not None and backlog < max(s.streams for s in scenarios):
+        if backlog is not None and backlog < max(s.streams for s in SCENARIOS):
             print(f"  ! {row.key} listens with a backlog of {backlog}: SYNs may be dropped", flush=True)
-    for scenario in scenarios:  # warm-up: imports, lazy clients, pools; several streams so every worker gets one
+    url = endpoint(row, fake.url or "", server)
+    return Served(row, server, url, server_pids, procs.process_tree(fake.pid), worker_pids)
+
+
+async def warm_up(served: Served, scenarios: Sequence[Scenario], timeout: float) -> None:
+    """Imports, lazy clients, pools: a few streams of every scenario, so that every worker gets one."""
+    row = served.row
+    for scenario in scenarios:
         warm = await burst(
-            url,
+            served.url,
             request_body(row, scenario),
             4 * row.workers,
             scenario.tokens,
@@ -220,60 +237,88 @@ async def run_row(
         if not all(r.completed for r in warm.results):
             error = next(r.error for r in warm.results if not r.completed)
             raise RuntimeError(f"warm-up of {row.key} with {scenario.model!r} failed: {error}")
-    results = []
-    for scenario in scenarios:
-        peak = {"rss": 0, "threads": 0}
 
-        async def sample(pids: list[int] = server_pids, peak: dict[str, int] = peak) -> None:
+
+@dataclass
+class Tally:
+    """One row x scenario, summed over its bursts: what the client saw and what /proc said during each burst."""
+
+    served: Served
+    scenario: Scenario
+    bursts: list[Burst] = field(default_factory=list)
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    upstream_cpu: float = 0.0
+    worker_cpu: list[float] = field(default_factory=list)
+    rss_before: int | None = None
+    threads_before: int | None = None
+    peak: dict[str, int] = field(default_factory=lambda: {"rss": 0, "threads": 0})
+    listen_drops: int | None = 0
+
+    async def measure(self, timeout: float) -> None:
+        """One burst, with the server's, the upstream's and this process's CPU read just before and just after."""
+        served, scenario = self.served, self.scenario
+        pids, peak = served.server_pids, self.peak
+
+        async def sample() -> None:
             while True:
                 now = procs.usage(pids)
                 peak["rss"], peak["threads"] = max(peak["rss"], now.rss), max(peak["threads"], now.threads)
                 await asyncio.sleep(SAMPLE_EVERY)
 
         drops_before = procs.listen_drops()
-        server_before, fake_before = procs.usage(server_pids), procs.usage(fake_pids)
-        workers_before = [procs.usage([pid]).cpu for pid in worker_pids]
+        server_before, fake_before = procs.usage(pids), procs.usage(served.fake_pids)
+        if self.rss_before is None:
+            self.rss_before, self.threads_before = server_before.rss, server_before.threads
+        workers_before = [procs.usage([pid]).cpu for pid in served.worker_pids]
         client_before = time.process_time()
-        bursts: list[Burst] = []
-        for _ in range(scenario.rounds):
-            bursts.append(
-                await burst(
-                    url,
-                    request_body(row, scenario),
-                    scenario.streams,
-                    scenario.tokens,
-                    sends_done=row.sends_done,
-                    timeout=timeout + scenario.tokens * scenario.delay,
-                    during=sample if server_pids else None,
-                )
+        self.bursts.append(
+            await burst(
+                served.url,
+                request_body(served.row, scenario),
+                scenario.streams,
+                scenario.tokens,
+                sends_done=served.row.sends_done,
+                timeout=timeout + scenario.tokens * scenario.delay,
+                during=sample if pids else None,
             )
-        done = Burst([r for b in bursts for r in b.results], sum(b.wall for b in bursts))
-        client_cpu = time.process_time() - client_before
-        server_after, fake_after = procs.usage(server_pids), procs.usage(fake_pids)
-        worker_cpu = [procs.usage([pid]).cpu - before for pid, before in zip(worker_pids, workers_before, strict=True)]
+        )
+        self.client_cpu += time.process_time() - client_before
+        server_after, fake_after = procs.usage(pids), procs.usage(served.fake_pids)
+        self.server_cpu += server_after.cpu - server_before.cpu
+        self.upstream_cpu += fake_after.cpu - fake_before.cpu
+        workers = zip(served.worker_pids, workers_before, strict=True)
+        spent = [procs.usage([pid]).cpu - before for pid, before in workers]
+        self.worker_cpu = [a + b for a, b in zip(self.worker_cpu, spent, strict=True)] if self.worker_cpu else spent
         drops_after = procs.listen_drops()
-        result = report.Result(
+        if drops_before is None or drops_after is None or self.listen_drops is None:
+            self.listen_drops = None
+        else:
+            self.listen_drops += drops_after - drops_before
+
+    def result(self) -> report.Result:
+        row, has_server = self.served.row, bool(self.served.server_pids)
+        done = Burst([r for b in self.bursts for r in b.results], sum(b.wall for b in self.bursts))
+        workers = sum(self.worker_cpu)
+        return report.Result(
             row=row.key,
             label=row.label,
             server=row.server,
-            scenario=scenario.key,
+            scenario=self.scenario.key,
             streams=len(done.results),
-            concurrent=scenario.streams,
+            concurrent=self.scenario.streams,
             burst=done,
-            server_cpu=server_after.cpu - server_before.cpu if server_pids else None,
-            client_cpu=client_cpu,
-            upstream_cpu=fake_after.cpu - fake_before.cpu,
-            rss_before=server_before.rss if server_pids else None,
-            rss_peak=peak["rss"] if server_pids else None,
-            threads_before=server_before.threads if server_pids else None,
-            threads_peak=peak["threads"] if server_pids else None,
-            listen_drops=None if drops_before is None or drops_after is None else drops_after - drops_before,
-            burst_ttft_p99s=[p for b in bursts if (p := report.percentile(b.ttfts, 99)) is not None],
-            worker_cpu_shares=[cpu / sum(worker_cpu) for cpu in worker_cpu] if sum(worker_cpu) > 0 else None,
+            server_cpu=self.server_cpu if has_server else None,
+            client_cpu=self.client_cpu,
+            upstream_cpu=self.upstream_cpu,
+            rss_before=self.rss_before if has_server else None,
+            rss_peak=self.peak["rss"] if has_server else None,
+            threads_before=self.threads_before if has_server else None,
+            threads_peak=self.peak["threads"] if has_server else None,
+            listen_drops=self.listen_drops,
+            burst_ttft_p99s=[p for b in self.bursts if (p := report.percentile(b.ttfts, 99)) is not None],
+            worker_cpu_shares=[cpu / workers for cpu in self.worker_cpu] if workers > 0 else None,
         )
-        results.append(result)
-        print(f"  {row.key:<22} {scenario.key:<6} {result.progress()}", flush=True)
-    return results
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -313,8 +358,16 @@ async def run_all(
     tmp: Path,
     timeout: float,
 ) -> list[report.Result]:
+    """Start every row's server, then run each scenario's bursts row after row, in alternating order.
+
+    All servers run for the whole bench, idle except for their own bursts, so that a round of bursts takes every
+    row in turn: a drift in the machine's speed during the run hits every row alike, and the ratios between rows
+    compare bursts minutes apart at most (a row-by-row run put the hayhooks and haystream rows of one ratio several
+    minutes apart).
+    """
     results: list[report.Result] = []
     fake = procs.Child("fake_upstream", [sys.executable, "-m", "haystream.testing"], env, tmp, procs.url_line)
+    live: list[Served] = []
     try:
         fake_url = fake.wait_ready()
         backlog = procs.listen_backlog(int(fake_url.rsplit(":", 1)[1].split("/")[0]))
@@ -325,19 +378,42 @@ async def run_all(
                 print(f"- {key}: {row}", flush=True)
                 continue
             print(f"- {key}: {row.label}", flush=True)
-            server = await asyncio.to_thread(start_server, row, fake_url, env, tmp)
+            served = None
             try:
-                results += await run_row(row, scenarios, fake, server, timeout)
+                served = await asyncio.to_thread(serve, row, fake, env, tmp)
+                await warm_up(served, scenarios, timeout)
+                live.append(served)
             except Exception as error:  # one broken row is reported, the others still run
-                print(f"  ! {key} failed: {error}", flush=True)
-                if server is not None:
-                    print(server.tail(), file=sys.stderr)
-            finally:
-                if server is not None:
-                    await asyncio.to_thread(server.stop)
+                _drop(key, error, served)
+        for scenario in scenarios:
+            print(f"## {scenario.label}", flush=True)
+            tallies = {served.row.key: Tally(served, scenario) for served in live}
+            for round_ in range(scenario.rounds):
+                for served in live if round_ % 2 == 0 else live[::-1]:
+                    try:
+                        await tallies[served.row.key].measure(timeout)
+                    except Exception as error:
+                        _drop(served.row.key, error, served)
+                        del tallies[served.row.key]
+                live = [served for served in live if served.row.key in tallies]
+            for served in live:
+                result = tallies[served.row.key].result()
+                results.append(result)
+                print(f"  {served.row.key:<22} {scenario.key:<6} {result.progress()}", flush=True)
     finally:
+        for served in live:
+            if served.server is not None:
+                await asyncio.to_thread(served.server.stop)
         fake.stop()
     return results
+
+
+def _drop(key: str, error: Exception, served: Served | None) -> None:
+    """A broken row is reported and stopped; the others still run."""
+    print(f"  ! {key} failed: {error}", flush=True)
+    if served is not None and served.server is not None:
+        print(served.server.tail(), file=sys.stderr)
+        served.server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
