@@ -369,6 +369,23 @@ def test_non_streaming_call_is_haystacks(upstream):
     assert comparable(replies[0]) == comparable(replies[1])
 
 
+async def test_streaming_builds_no_sdk_client_and_the_first_call_without_streaming_does(upstream):
+    generator = make("haystream", upstream, "fake?tokens=2")
+    pipeline = Pipeline()
+    pipeline.add_component("llm", generator)
+    # A Pipeline warms its components up in every run; Haystack's generator builds its SDK clients there.
+    assert "".join([c.content async for c in haystream.astream(pipeline, messages=USER)]) == "t0 t1 "
+    assert "".join(c.content for c in await asyncio.to_thread(haystream.stream, pipeline, messages=USER)) == "t0 t1 "
+    generator.warm_up()
+    await generator.warm_up_async()
+    assert generator.async_client is None and generator.client is None
+
+    reply = (await generator.run_async(USER))["replies"][0]
+    assert reply.text == "t0 t1 " and generator.async_client is not None
+    sync_reply = (await asyncio.to_thread(generator.run, USER))["replies"][0]
+    assert sync_reply.text == "t0 t1 " and generator.client is not None
+
+
 # --- cancellation --------------------------------------------------------------------------------------------------
 
 
