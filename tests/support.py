@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from haystream.server import ServerSettings, create_app
@@ -80,6 +81,18 @@ def serving(upstream: FakeUpstream, **settings) -> Iterator[ServerThread]:
 def sse_events(lines: list[str]) -> list[str]:
     """The `data:` payloads of an SSE body (comments and blank lines dropped)."""
     return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+
+
+def sse(body: str) -> list[tuple[str, dict]]:
+    """(event name, data) pairs of a Responses SSE body (a line without an `event:` name: "")."""
+    pairs = []
+    for block in body.split("\n\n"):
+        lines = block.splitlines()
+        names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+        data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+        if data:
+            pairs.append((names[0] if names else "", orjson.loads(data[0])))
+    return pairs
 
 
 def unique(scenario: str = "fake") -> str:

@@ -11,7 +11,7 @@ from haystack import Document
 
 from haystream import openwebui
 from haystream.openwebui.tasks import detect_task, heuristic_answer
-from support import sse_events, start_server, unique
+from support import sse, sse_events, start_server, unique
 
 USER = [{"role": "user", "content": "hello"}]
 FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"
@@ -241,7 +241,8 @@ def test_event_helpers_shapes():
 def test_sync_wrappers_yield_events_next_to_chunks(server):
     body = {"model": "fake_sync", "messages": USER, "mode": "events", "scenario": "fake?tokens=2"}
     payloads = stream(server.url + "/openwebui/v1/chat/completions", body)
-    assert [p["event"]["data"]["description"] for p in payloads if "event" in p] == ["Thinking…", "Done"]
+    assert [p["event"]["type"] for p in payloads if "event" in p] == ["status", "source", "status"]
+    assert [p["event"]["data"].get("description") for p in payloads if "event" in p] == ["Thinking…", None, "Done"]
     assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if "choices" in p) == "t0 t1 "
 
 
@@ -260,3 +261,104 @@ def test_rag_context_from_open_webui_reaches_the_wrapper_unchanged(server, upstr
     assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
     sent = upstream.wait_for_requests(1, model=scenario)[0].body["messages"]
     assert sent[0] == system and [m["role"] for m in sent] == [m["role"] for m in body["messages"]]
+
+
+# On a connection set to the Responses API ----------------------------------------------------------------------------
+
+# Open WebUI 0.12.4 reads a `data: {"event": ...}` line of a Responses stream as it does on chat completions: its
+# stream handler (utils/middleware.py, `stream_body_handler`) emits a line's `event` before it looks at its `type`.
+WITH_EVENTS = {"model": "fake_sync", "input": "hello", "stream": True, "mode": "events", "scenario": "fake?tokens=2"}
+SHOWN = ["status", "source", "status"]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "expected"),
+    [
+        ("/v1/responses", {}, []),
+        ("/openwebui/v1/responses", {}, SHOWN),
+        ("/v1/responses", {"X-OpenWebUI-Chat-Id": "c1", "X-OpenWebUI-User-Id": "u1"}, SHOWN),
+        ("/v1/responses", {"X-Haystream-Events": "true"}, SHOWN),
+    ],
+)
+def test_event_lines_on_a_responses_stream_reach_only_clients_that_render_them(server, path, headers, expected):
+    response = httpx.post(server.url + path, json=WITH_EVENTS, headers=headers, timeout=30)
+    assert response.status_code == 200
+    pairs = sse(response.text)
+    lines = [data for name, data in pairs if not name]  # no `event:` name: not a Responses event
+    assert [list(line) for line in lines] == [["event"]] * len(expected)  # the chat-completions line, as it is
+    assert [line["event"]["type"] for line in lines] == expected
+    events = [data for name, data in pairs if name]
+    assert all(name == data["type"] for name, data in pairs if name)
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))  # as without the lines
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "t0 t1 "
+    if expected:  # each line where the wrapper yielded it: the status before the answer, the citation after it
+        kinds = [name or data["event"]["type"] for name, data in pairs]
+        assert kinds.index("status") == kinds.index("response.in_progress") + 1
+        assert kinds.index("response.output_text.delta") < kinds.index("source")
+        assert kinds.index("source") < kinds.index("response.output_text.done")
+        assert lines[1]["event"]["data"]["source"] == {"name": "flan.md"}
+
+
+def test_the_openai_sdk_parses_every_responses_event_of_a_wrapper_that_yields_event_lines(client):
+    stream = client.responses.create(
+        model="fake_sync", input="hello", stream=True, extra_body={"mode": "events", "scenario": "fake?tokens=2"}
+    )
+    events = list(stream)
+    assert all(event.type.startswith("response.") for event in events)
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == "t0 t1 "
+    with client.responses.stream(
+        model="fake_sync", input="hello", extra_body={"mode": "events", "scenario": "fake?tokens=2"}
+    ) as helper:
+        assert helper.get_final_response().output_text == "t0 t1 "
+
+
+def test_a_status_line_on_a_responses_stream_shows_before_the_answer_starts(server, upstream):
+    # A retriever searching, an agent's tool running: the line says so while the upstream has sent nothing yet.
+    scenario = unique("fake?tokens=2&hold_after=0")
+    body = {**WITH_EVENTS, "scenario": scenario}
+    with httpx.stream("POST", server.url + "/openwebui/v1/responses", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        first: list[str] = []
+        for line in lines:
+            if line.startswith(("data: ", ":")):  # a ping (`: ping`) here would mean the line was held back
+                first.append(line)
+                if len(first) == 3:
+                    break
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        assert record.tokens_sent == 0
+        assert [json.loads(line[len("data: ") :])["type"] for line in first[:2]] == [
+            "response.created",
+            "response.in_progress",
+        ]
+        assert json.loads(first[2][len("data: ") :])["event"]["data"]["description"] == "Thinking…"
+        record.release()
+        rest = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+    assert rest[-1]["type"] == "response.completed"
+
+
+def test_a_resumed_responses_stream_has_no_event_lines(server):
+    # The lines are for the client that made the response; a resume may come from any client (an OpenAI SDK).
+    created = sse(httpx.post(server.url + "/openwebui/v1/responses", json={**WITH_EVENTS, "background": True}).text)
+    assert [data["event"]["type"] for name, data in created if not name] == SHOWN
+    response_id = created[0][1]["response"]["id"]
+    resumed = sse(httpx.get(f"{server.url}/v1/responses/{response_id}", params={"stream": "true"}, timeout=30).text)
+    assert resumed == [(name, data) for name, data in created if name]
+
+
+def test_run_response_wrappers_get_open_webuis_input_items_without_tool_blocks(server):
+    # Open WebUI sends an answer back as it showed it: on a Responses connection, as an `output_text` part.
+    block = openwebui.tool_call_block("call_1", "multiply", {"a": 6, "b": 7}, "42")
+    answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": block + "42."}]}
+    items = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "6*7?"}]},
+        answer,
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "And times two?"}]},
+    ]
+    body = {"model": "responses_items", "input": items, "store": False}
+    response = httpx.post(server.url + "/openwebui/v1/responses", json=body, timeout=30)
+    seen = json.loads(response.json()["output"][0]["content"][0]["text"])
+    assert seen == [items[0], {**answer, "content": [{"type": "output_text", "text": "42."}]}, items[2]]
+    # Any other client's items reach the wrapper as they were sent.
+    response = httpx.post(server.url + "/v1/responses", json=body, timeout=30)
+    assert json.loads(response.json()["output"][0]["content"][0]["text"]) == items

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from support import RedisServer, start_server, unique
+from support import RedisServer, sse, start_server, unique
 
 # A second server in this process shares hayhooks' registry, and fake_async's cached async clients belong to the
 # first server's loop: later servers use the sync wrapper, whose clients have no loop.
@@ -20,18 +20,6 @@ SYNC = {"mode": "stream", "scenario": "fake?tokens=1"}
 
 def text(n: int, prefix: str = "t") -> str:
     return "".join(f"{prefix}{i} " for i in range(n))
-
-
-def sse(body: str) -> list[tuple[str, dict]]:
-    """(event name, data) pairs of a Responses SSE body."""
-    pairs = []
-    for block in body.split("\n\n"):
-        lines = block.splitlines()
-        names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
-        data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
-        if data:
-            pairs.append((names[0] if names else "", orjson.loads(data[0])))
-    return pairs
 
 
 def test_stream_event_sequence_and_usage(client):
@@ -422,6 +410,28 @@ def test_redis_background_started_on_one_replica_resumes_on_the_other(replicas):
             model="fake_sync", input="more", previous_response_id=response_id, extra_body=SYNC
         )
         assert follow_up.status == "completed"
+
+
+def test_redis_background_response_with_event_lines_resumes_on_the_other_replica_without_them(replicas):
+    # Open WebUI's event lines reach the client that made the response, not the shared log: a resume may come from
+    # any client, and a line has no sequence number of its own to be a Redis stream id.
+    one, two = replicas
+    # A scenario of its own: the sync wrapper's cached generator must not be one another server's loop has used.
+    scenario = unique("fake?tokens=2")
+    body = {
+        "model": "fake_sync",
+        "input": "hi",
+        "stream": True,
+        "background": True,
+        "mode": "events",
+        "scenario": scenario,
+    }
+    created = sse(httpx.post(one.url + "/openwebui/v1/responses", json=body, timeout=30).text)
+    assert [data["event"]["type"] for name, data in created if not name] == ["status", "source", "status"]
+    assert created[-1][0] == "response.completed"
+    response_id = created[0][1]["response"]["id"]
+    resumed = sse(httpx.get(f"{two.url}/v1/responses/{response_id}", params={"stream": "true"}, timeout=30).text)
+    assert resumed == [(name, data) for name, data in created if name]
 
 
 def start_held_background(sdk_client: openai.OpenAI, upstream):

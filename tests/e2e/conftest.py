@@ -63,6 +63,7 @@ def haystream_url(upstream, tmp_path_factory) -> str:
     for name in ("agent_tools", "local_chat", "openai_chat", "rag_chat"):
         shutil.copytree(REPO / "pipeline_wrappers" / name, pipelines / name)
     shutil.copytree(Path(__file__).parent / "wrappers" / "failing", pipelines / "failing")
+    shutil.copytree(REPO / "tests" / "wrappers" / "responses_items", pipelines / "responses_items")  # run_response
     port = free_port()
     env = {
         **os.environ,

@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from haystream.openwebui.events import tool_call_block
+
 OUTPUT = Path(__file__).parents[2] / "test-output"
 
 
@@ -46,6 +48,14 @@ def test_mid_stream_failure_surfaces_as_an_error_not_a_short_answer(openwebui, w
 
 
 def test_browser_chat_with_the_agent_shows_answer_and_status(openwebui):
+    text = browser_chat(openwebui, "agent_tools", "What is 6*7?", "ok2", "openwebui-agent.png")
+    assert "result=42 ok0 ok1 ok2" in text
+    assert "calculator done" in text  # the agent's status line, rendered by Open WebUI
+
+
+def browser_chat(openwebui: str, model: str, prompt: str, answer: str, screenshot: str) -> str:
+    """Open WebUI's page in headless Chromium: ask `model`, wait for `answer` and the end of the stream, save a
+    screenshot in test-output/, and return the page's text."""
     sync_api = pytest.importorskip("playwright.sync_api")
     OUTPUT.mkdir(exist_ok=True)
     args = [
@@ -69,30 +79,30 @@ def test_browser_chat_with_the_agent_shows_answer_and_status(openwebui):
                 welcome.click()
                 page.locator('div[role="dialog"]').wait_for(state="detached", timeout=15_000)
             page.locator("#model-selector-model-button").click()
-            page.locator('[role="option"][aria-label="Select agent_tools model"]').click()
+            page.locator(f'[role="option"][aria-label="Select {model} model"]').click()
             page.wait_for_function(
-                "() => document.querySelector('#model-selector-model-button')?.getAttribute('aria-label')"
-                " === 'Selected model: agent_tools'",
+                "model => document.querySelector('#model-selector-model-button')?.getAttribute('aria-label')"
+                " === `Selected model: ${model}`",
+                arg=model,
                 timeout=15_000,
             )
             page.locator("#chat-input").click()
-            page.keyboard.type("What is 6*7?")
+            page.keyboard.type(prompt)
             page.locator("button#send-message-button").click()
             # The streamed answer, then the finished message (its actions appear when the stream has ended).
             page.wait_for_function(
-                "() => [...document.querySelectorAll('#response-content-container')]"
-                ".some(el => el.innerText.includes('ok2'))",
+                "answer => [...document.querySelectorAll('#response-content-container')]"
+                ".some(el => el.innerText.includes(answer))",
+                arg=answer,
                 timeout=120_000,
             )
             page.locator('[id^="message-"] button[aria-label="Regenerate"]').last.wait_for(
                 state="visible", timeout=120_000
             )
-            page.screenshot(path=str(OUTPUT / "openwebui-agent.png"))
-            text = page.locator("body").inner_text()
+            page.screenshot(path=str(OUTPUT / screenshot))
+            return page.locator("body").inner_text()
         finally:
             browser.close()
-    assert "result=42 ok0 ok1 ok2" in text
-    assert "calculator done" in text  # the agent's status line, rendered by Open WebUI
 
 
 def _appears(locator) -> bool:
@@ -127,6 +137,43 @@ def test_title_through_a_responses_connection_is_answered_without_the_pipeline(o
     title = json.loads(response.json()["choices"][0]["message"]["content"])  # Open WebUI's chat shape, from Responses
     assert title == {"title": "How do I make a vegan flan"}  # not the pipeline's prose
     assert len(upstream.records) == before  # the pipeline never ran
+
+
+def test_browser_chat_on_a_responses_connection_shows_status_lines_and_citations(openwebui, webui_token):
+    """Open WebUI reads haystream's event lines on a Responses stream as on chat completions: the status lines and
+    citations it shows on a chat-completions connection were missing on a Responses one."""
+    with responses_connection(openwebui, webui_token):
+        agent = browser_chat(openwebui, "agent_tools", "What is 6*7?", "ok2", "openwebui-responses-agent.png")
+        rag = browser_chat(
+            openwebui, "rag_chat", "How do I add haystream to Open WebUI?", "t3", "openwebui-responses-rag.png"
+        )
+    assert "result=42 ok0 ok1 ok2" in agent
+    assert "calculator done" in agent  # the agent's status line
+    assert "Answered from the documents" in rag  # rag_chat's last status line
+    assert "2 Sources" in rag  # the citations of the two documents retrieved
+
+
+def test_run_response_wrapper_on_a_responses_connection_gets_the_history_without_tool_blocks(openwebui, webui_token):
+    """An agent's earlier answer comes back as Open WebUI showed it, tool block included: a `run_response` wrapper
+    got that markup in its `input_items`."""
+    block = tool_call_block("call_1", "calculator", {"expression": "6*7"}, "42")
+    messages = [
+        {"role": "user", "content": "What is 6*7?"},
+        {"role": "assistant", "content": block + "result=42"},
+        {"role": "user", "content": "And times two?"},
+    ]
+    body = {"model": "responses_items", "messages": messages, "stream": True}
+    headers = {"Authorization": f"Bearer {webui_token}"}
+    with responses_connection(openwebui, webui_token):
+        httpx.get(openwebui + "/api/models", headers=headers, timeout=60)  # the chat route finds only listed models
+        with httpx.stream("POST", openwebui + "/api/chat/completions", json=body, headers=headers, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    answer = "".join(e["delta"] for e in events if e.get("type") == "response.output_text.delta")
+    items = json.loads(answer)  # the input items the wrapper was given, as Open WebUI converted the chat
+    assistant = [item for item in items if item.get("role") == "assistant"]
+    assert [part["text"] for item in assistant for part in item["content"]] == ["result=42"]
+    assert [item["role"] for item in items] == ["user", "assistant", "user"]
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from haystream.openai.messages import chat_messages
 from haystream.openai.request import parse_body
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.failed", "response.incomplete", "response.cancelled"})
+EXTENSION = "haystream.extension"  # the type of a log entry that is not a Responses event (see `ExtensionLine`)
 Status = Literal["queued", "in_progress", "completed", "failed", "incomplete", "cancelled"]
 
 
@@ -145,6 +146,20 @@ class ArgumentsDoneEvent(ResponseEvent):
     output_index: int
     name: str
     arguments: str
+
+
+class ExtensionLine(ResponseEvent):
+    """A line of the stream outside the Responses protocol (Open WebUI's `{"event": ...}` lines), kept in the event
+    log with the Responses events: sent as a bare `data:` line with its `payload`, without an `event:` name or a
+    sequence number of its own. Its `sequence_number` is the one of the event before it, which places it in the log
+    (a resume after that event does not repeat it)."""
+
+    payload: dict[str, Any]
+
+
+def is_extension(event: Mapping[str, Any]) -> bool:
+    """Whether a log entry is an `ExtensionLine` rather than a Responses event."""
+    return bool(event["type"] == EXTENSION)
 
 
 def parse_responses_request(
@@ -462,6 +477,10 @@ class ResponseEvents:
             events += self._text_delta("message", delta["content"])
         return events
 
+    def extension(self, payload: dict[str, Any]) -> ExtensionLine:
+        """A line outside the protocol, placed after the events so far (it takes no sequence number)."""
+        return {"type": EXTENSION, "sequence_number": self._sequence - 1, "payload": payload}
+
     def finish(
         self, tool_deltas: Sequence[Mapping[str, Any]], finish_reason: str, usage: Mapping[str, int]
     ) -> list[ResponseEvent]:
@@ -662,5 +681,8 @@ def snapshot(response: dict[str, Any]) -> dict[str, Any]:
 
 
 def event_frame(event: Mapping[str, Any]) -> bytes:
-    """One Responses event as SSE: an `event:` line naming its type, and its JSON."""
+    """One Responses event as SSE: an `event:` line naming its type, and its JSON (an `ExtensionLine`: its payload
+    alone, as a `data:` line)."""
+    if event["type"] == EXTENSION:
+        return b"data: " + orjson.dumps(event["payload"]) + b"\n\n"
     return b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"

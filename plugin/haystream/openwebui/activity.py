@@ -25,6 +25,11 @@ class ClientStyle:
     events: bool = False
     tool_style: ToolStyle = "none"
 
+    def history(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A conversation from this client as a wrapper gets it, chat `messages` or Responses `input` items alike:
+        without the tool blocks this client was shown in earlier answers (see `without_tool_blocks`)."""
+        return without_tool_blocks(messages) if self.tool_style == "details" else messages
+
 
 PLAIN_CLIENT = ClientStyle()  # an OpenAI client: no event lines, no tool activity
 
@@ -64,8 +69,10 @@ def without_tool_blocks(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Open WebUI sends an answer back as it was shown, so the next turn's model read the block's markup (and could
     imitate it) where an OpenAI connection's history holds no such text: the agent's tool calls ran inside the
-    pipeline and are not part of the chat. The answer's own text stays. Messages without a block are kept as they
-    are (the same objects); the scan is linear in the content (str.find only)."""
+    pipeline and are not part of the chat. The answer's own text stays. Chat messages and Responses input items
+    alike: an assistant's `content` as a string or as text parts (`output_text`); items without a role (function
+    calls) are not touched. Messages without a block are kept as they are (the same objects); the scan is linear in
+    the content (str.find only)."""
     cleaned = messages
     for at, message in enumerate(messages):
         if message.get("role") != "assistant":

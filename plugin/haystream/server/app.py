@@ -29,7 +29,7 @@ from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
 from haystream.openai.responses import input_items, parse_responses_request
-from haystream.openwebui.activity import ClientStyle, client_style, without_tool_blocks
+from haystream.openwebui.activity import ClientStyle, client_style
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
 from haystream.server import logs, metrics, tracing
 from haystream.server.asgi import (
@@ -233,8 +233,7 @@ class HaystreamApp:
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         secrets_ = self.settings.secrets
         style = self._client_style(scope, for_openwebui)
-        if style.tool_style == "details":  # its history holds the tool blocks it was shown: not for the model
-            body["messages"] = without_tool_blocks(body["messages"])
+        body["messages"] = style.history(body["messages"])  # without the tool blocks Open WebUI was shown
 
         async def respond(send: Send) -> None:
             try:
@@ -314,10 +313,11 @@ class HaystreamApp:
         system = [{"role": "system", "content": request.instructions}] if request.instructions else []
         messages = system + conversation
         style = self._client_style(scope, for_openwebui)
-        if style.tool_style == "details":  # its history holds the tool blocks it was shown: not for the model
-            messages = without_tool_blocks(messages)
+        # Without the tool blocks Open WebUI was shown, however the wrapper reads the conversation: as chat messages,
+        # or as the request's input items (`run_response`).
+        messages = style.history(messages)
         chat_body = wrapper_body(request, body, messages)
-        wrapper_items = request.input if isinstance(request.input, list) else messages[-1:]
+        wrapper_items = style.history(request.input) if isinstance(request.input, list) else messages[-1:]
         headers = self._wrapper_headers(scope)
         # Open WebUI sends its background tasks (title, tags, follow-ups) through a Responses connection too.
         task = detect_task(messages) if self.settings.openwebui_tasks != "pipeline" else None

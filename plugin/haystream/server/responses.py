@@ -27,6 +27,7 @@ from haystream.openai.responses import (
     event_frame,
     input_item_page,
     input_messages,
+    is_extension,
     output_messages,
     snapshot,
 )
@@ -126,7 +127,7 @@ class ResponseRun:
                 await self._emit(self.events.created())  # stored as in progress first (see _emit)
             first = await first_item
             if first:
-                await self._emit([event for delta in first for event in self.events.feed(delta)])
+                await self._emit(self._events_of(first))
                 async for item in items:
                     await self._feed(mapper, item)
             await self._emit(self.events.finish(*mapper.finish()))
@@ -160,21 +161,33 @@ class ResponseRun:
                     await self.save()
 
     async def _first_output(self, mapper: DeltaMapper, items: AsyncIterator[Any]) -> list[Any]:
-        """The deltas of the first item that shows the client anything; empty if the items end first."""
+        """The deltas of the first item that shows the client anything (an event line, for a client that gets them:
+        an agent's first status line shows while its tool runs); empty if the items end first."""
         async for item in items:
             deltas = self._deltas(mapper, item)
-            if any(self.events.shows(delta) for delta in deltas):
+            if any(isinstance(delta, Event) or self.events.shows(delta) for delta in deltas):
                 return deltas
         return []
 
     def _deltas(self, mapper: DeltaMapper, item: Any) -> list[Any]:
-        # Open WebUI events have no Responses counterpart.
-        return [delta for delta in client_deltas(mapper, item, self._style) if not isinstance(delta, Event)]
+        deltas = client_deltas(mapper, item, self._style)
+        if self._style.events:
+            return deltas
+        return [delta for delta in deltas if not isinstance(delta, Event)]
+
+    def _events_of(self, deltas: list[Any]) -> list[Any]:
+        """The stream entries of some deltas: Responses events, and Open WebUI's event lines as extension lines
+        between them (Open WebUI reads a `data: {"event": ...}` line on a Responses stream as on chat completions)."""
+        events: list[Any] = []
+        for delta in deltas:
+            if isinstance(delta, Event):
+                events.append(self.events.extension({"event": {"type": delta.type, "data": delta.data}}))
+            else:
+                events += self.events.feed(delta)
+        return events
 
     async def _feed(self, mapper: DeltaMapper, item: Any) -> None:
-        events = []
-        for delta in self._deltas(mapper, item):
-            events += self.events.feed(delta)
+        events = self._events_of(self._deltas(mapper, item))
         if events:
             await self._emit(events)
 
@@ -191,8 +204,11 @@ class ResponseRun:
         self.log.append(events)
         if self.request.store and self.request.background:
             # Only a background response's events are kept: it is the one a client can resume (as with OpenAI).
-            # A foreground response's log would hold ~0.4 KB per token for the whole TTL, for nobody.
-            await self._store.append(self.id, events)
+            # A foreground response's log would hold ~0.4 KB per token for the whole TTL, for nobody. Extension lines
+            # are for the client that asked only: a resume may come from any client.
+            kept = [event for event in events if not is_extension(event)]
+            if kept:
+                await self._store.append(self.id, kept)
 
 
 class ResponsesEndpoint:
@@ -245,7 +261,8 @@ class ResponsesEndpoint:
         if run.request.background:
             await self._start_background(run, admission)
             if run.request.stream:
-                await run_until_disconnect(self._stream(send, run.log.follow(-1, self._keepalive)), receive)
+                follow = run.log.follow(-1, self._keepalive)
+                await run_until_disconnect(self._stream(send, follow, extensions=True), receive)
             else:
                 await send_json(send, 200, snapshot(run.events.response))
             return
@@ -296,7 +313,7 @@ class ResponsesEndpoint:
             return
         local = self._runs.get(id)
         events = local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
-        await run_until_disconnect(self._stream(send, events), receive)
+        await run_until_disconnect(self._stream(send, events, extensions=False), receive)
 
     async def input_items(self, id: str, key_id: str, query: bytes, send: Send) -> None:
         """`GET /v1/responses/{id}/input_items`: a page of the items the response was created with (`after`,
@@ -386,7 +403,7 @@ class ResponsesEndpoint:
             await send_error(send, run.early_error)
             return
         if run.request.stream:
-            await self._stream(send, run.log.follow(-1, self._keepalive))
+            await self._stream(send, run.log.follow(-1, self._keepalive), extensions=True)
             return
         await asyncio.wait({task})
         response = snapshot(run.events.response)
@@ -397,14 +414,19 @@ class ResponsesEndpoint:
             return
         await send_json(send, 200, response)
 
-    async def _stream(self, send: Send, events: AsyncIterator[Batch]) -> None:
-        """Send a log's events as SSE, pinging when idle; a client that reads nothing is dropped."""
+    async def _stream(self, send: Send, events: AsyncIterator[Batch], *, extensions: bool) -> None:
+        """Send a log's events as SSE, pinging when idle; a client that reads nothing is dropped. `extensions`: with
+        the log's extension lines (the run's own client, which the run made them for; not a resume)."""
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         sequence_number = -1
         try:
             async for batch in events:
                 if batch:
                     sequence_number = batch[-1]["sequence_number"]
+                    if not extensions:
+                        batch = [event for event in batch if not is_extension(event)]
+                        if not batch:
+                            continue
                 body = PING if batch is None else b"".join(event_frame(event) for event in batch)
                 try:
                     async with asyncio.timeout(self._send_timeout):

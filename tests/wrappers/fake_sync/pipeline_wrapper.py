@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any
 
 from hayhooks import BasePipelineWrapper, streaming_generator
-from haystack import Pipeline
+from haystack import Document, Pipeline
 from haystack.dataclasses import ChatMessage, StreamingChunk, ToolCallDelta
 
 import haystream
@@ -65,6 +65,7 @@ class PipelineWrapper(BasePipelineWrapper):
     def _with_events(self, scenario: str, history: list[ChatMessage]) -> Iterator[Any]:
         yield openwebui.status("Thinking…")
         yield from haystream.stream(pipeline(scenario), messages=history)
+        yield openwebui.source(Document(content="Flan sets in 4 hours.", meta={"name": "flan.md"}))  # a citation
         yield openwebui.status("Done", done=True)
 
     def _relay(self, scenario: str, history: list[ChatMessage]) -> Iterator[Any]:
