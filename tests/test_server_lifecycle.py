@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import gc
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -115,3 +118,33 @@ def test_startup_freezes_what_it_created_out_of_the_collectors_reach_and_spaces_
         running.stop()
         gc.unfreeze()  # this process starts many servers: give the collector back what it froze
         gc.set_threshold(*thresholds)
+
+
+_SERVER_AFTER_SERVER = """
+import httpx
+from haystream.testing import FakeUpstream
+from support import OPS_WRAPPERS, start_server
+
+with FakeUpstream() as upstream:
+    start_server(upstream, pipelines_dir=str(OPS_WRAPPERS)).stop()
+    again = start_server(upstream)
+    with httpx.Client(base_url=again.url, timeout=30) as http:
+        models = sorted(model["id"] for model in http.get("/v1/models").json()["data"])
+        answer = http.post("/api_only/run", json={"text": "x"})
+    again.stop()
+print(json.dumps({"models": models, "status": answer.status_code, "body": answer.json()}))
+"""
+
+
+def test_a_server_started_after_another_stopped_serves_its_own_wrappers():
+    # hayhooks' registry is process-wide and its start-up deploy skips names already in it: the second server kept
+    # the first one's wrappers ("scenario" from tests/ops_wrappers) and had no /{name}/run routes of its own. In a
+    # process of its own: this test session keeps servers running, and servers side by side share the registry.
+    script = "import json, sys; sys.path.insert(0, sys.argv[1])\n" + _SERVER_AFTER_SERVER
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "scenario" not in seen["models"] and "fake_async" in seen["models"]
+    assert seen["status"] == 200 and seen["body"] == {"result": "X"}

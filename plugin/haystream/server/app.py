@@ -17,7 +17,9 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,9 @@ RESPONSE_PATH = re.compile(r"/(?:v1/)?responses/([A-Za-z0-9_-]{1,128})(?:/(cance
 METRICS_PATH = "/metrics"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SLASHES = re.compile(r"//+")
+# The apps between their lifespan's start-up and shutdown in this process (see `HaystreamApp._claim_registry`).
+_live_apps: weakref.WeakSet[HaystreamApp] = weakref.WeakSet()
+_live_apps_lock = threading.Lock()
 
 
 class HaystreamApp:
@@ -103,7 +108,7 @@ class HaystreamApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.hayhooks_app(scope, receive, self._watch_lifespan(send))
+            await self.hayhooks_app(scope, self._claim_registry(receive), self._watch_lifespan(send))
             return
         if scope["type"] != "http":
             await self.hayhooks_app(scope, receive, send)
@@ -144,6 +149,26 @@ class HaystreamApp:
                 await send_error(send, INTERNAL_ERROR)
 
     # routes -------------------------------------------------------------------------------------------------
+
+    def _claim_registry(self, receive: Receive) -> Receive:
+        """hayhooks' registry is process-wide, and its start-up deploy skips every name already in it: a server
+        started after another one in the same process stopped (tests, `ServerThread`) served that server's wrapper
+        objects, not its own folder's, and had no `/{name}/run` routes. The first app to start in a process with
+        none running starts from an empty registry; apps running side by side still share one."""
+
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                with _live_apps_lock:
+                    if not _live_apps:
+                        self.registry.clear()
+                    _live_apps.add(self)
+            elif message["type"] == "lifespan.shutdown":
+                with _live_apps_lock:
+                    _live_apps.discard(self)
+            return message
+
+        return watched
 
     def _watch_lifespan(self, send: Send) -> Send:
         async def watched(message: Message) -> None:

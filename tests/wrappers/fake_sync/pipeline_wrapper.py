@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Iterator
@@ -14,15 +15,18 @@ from haystack.dataclasses import ChatMessage, StreamingChunk, ToolCallDelta
 
 import haystream
 from haystream import openwebui
+from haystream.streaming.loop import shared_loop
 from haystream.testing import fake_chat_generator
 
 
 def pipeline(scenario: str) -> Pipeline:
-    return _pipeline(scenario, os.environ["FAKE_UPSTREAM_URL"])
+    # Per loop that sync streams run on, too: each test server hands haystream its own loop, and Haystack's generator
+    # keeps one async OpenAI client, whose pooled connections belong to the loop that opened them (see fake_async).
+    return _pipeline(scenario, os.environ["FAKE_UPSTREAM_URL"], shared_loop())
 
 
 @cache  # per fake upstream too: a generator made for a fake that has stopped would fail to connect
-def _pipeline(scenario: str, upstream: str) -> Pipeline:
+def _pipeline(scenario: str, upstream: str, loop: asyncio.AbstractEventLoop) -> Pipeline:
     pipe = Pipeline()
     pipe.add_component("llm", fake_chat_generator(scenario, upstream))
     return pipe
