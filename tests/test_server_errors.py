@@ -441,3 +441,24 @@ def test_an_unpaired_surrogate_on_a_run_route_is_a_400_not_a_500(http, path):
     # A pair written as escapes, and an escaped backslash before "ud800", are text: hayhooks still answers them.
     paired = http.post("/api_only/run", content=b'{"text": "\\ud83d\\ude00 \\\\ud800"}', headers=headers)
     assert paired.status_code == 200 and paired.json()["result"] == "\U0001f600 \\UD800"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"text": "a\xed\xa0\x80"}',  # the surrogate as UTF-8 bytes (CESU-8), which Python's json takes
+        '{"text": "a\\ud800"}'.encode("utf-16-le"),  # the escape in a UTF-16 body, which Python's json detects
+        '{"text": "a"}'.encode("utf-16-le")[:-4] + b"\x00\xd8" + '"}'.encode("utf-16-le"),  # a raw one in UTF-16
+        '{"text": "a\\udc00"}'.encode("utf-32-le"),
+    ],
+    ids=["utf8-bytes", "utf16-escape", "utf16-raw", "utf32-escape"],
+)
+def test_an_unpaired_surrogate_not_written_as_a_utf8_escape_is_a_400_too(http, body):
+    # The check looked for the escape in UTF-8 text only; hayhooks' parser (Python's json) also reads UTF-16 and
+    # UTF-32 bodies and surrogates encoded as bytes: each was a 500.
+    lone = http.post("/api_only/run", content=body, headers={"content-type": "application/json"})
+    assert_envelope(lone, 400, "invalid_json")
+    text = http.post(
+        "/api_only/run", content='{"text": "é"}'.encode("utf-16"), headers={"content-type": "application/json"}
+    )
+    assert text.status_code == 200 and text.json()["result"] == "É"  # a UTF-16 body of text still passes

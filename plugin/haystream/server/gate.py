@@ -314,10 +314,18 @@ def _is_json(scope: Scope) -> bool:
 
 
 def check_text_json(raw: bytes) -> None:
-    """Refuse (400) a JSON body whose strings hold an unpaired UTF-16 surrogate escape (`\\ud800` alone): no text
-    encoding can carry it. Only a body with a surrogate escape is parsed here; a malformed one is left to the route."""
-    if _SURROGATE_ESCAPE.search(raw) is None:
-        return
+    """Refuse (400) a JSON body whose strings hold an unpaired UTF-16 surrogate (`\\ud800` alone): no text encoding
+    can carry it. Only a body that may hold one is parsed here: one with a surrogate escape, or one that is not UTF-8
+    (Python's json, hayhooks' parser, also reads UTF-16 and UTF-32 bodies, and surrogates encoded as UTF-8 bytes). A
+    malformed one is left to the route."""
+    if json.detect_encoding(raw) == "utf-8":  # how Python's json tells UTF-16 and UTF-32 apart (by zero bytes)
+        try:
+            raw.decode()  # strict: refuses surrogates encoded as bytes
+        except UnicodeDecodeError:
+            pass
+        else:
+            if _SURROGATE_ESCAPE.search(raw) is None:
+                return
     try:
         json.dumps(json.loads(raw), ensure_ascii=False).encode()
     except UnicodeEncodeError:
