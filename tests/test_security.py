@@ -761,6 +761,21 @@ def test_errors_reach_clients_redacted_with_a_request_id(locked, caplog):
     assert response.headers["x-request-id"] == "req-123"
 
 
+@pytest.mark.parametrize("tracebacks", [False, True], ids=["plain", "HAYHOOKS_SHOW_TRACEBACKS"])
+def test_a_run_routes_failure_reaches_the_client_redacted(locked, monkeypatch, tracebacks):
+    # hayhooks answers a run_api that raised with 500 {"detail": "Pipeline execution failed: <the error>"}: the
+    # error's text as it was (an upstream URL's password, an api_key, a bearer token, the server's own key), and with
+    # HAYHOOKS_SHOW_TRACEBACKS the traceback after it.
+    monkeypatch.setattr(hayhooks_settings, "show_tracebacks", tracebacks)
+    response = httpx.post(locked.url + "/probe/run", json={"text": "leak"}, headers=AUTH)
+    error = assert_envelope(response, 500, "pipeline_error")
+    for secret in ("hunter2", "sk-abcdef1234567890", "tok-0123456789", KEY, "api_key=sk", "user:", "Traceback"):
+        assert secret not in response.text
+    assert error["message"].startswith("Pipeline execution failed: upstream https://llm.internal/v1/chat refused")
+    assert response.json()["detail"] == error["message"]  # hayhooks' CLI shows that field
+    assert response.headers["x-request-id"]
+
+
 def test_wrappers_do_not_receive_credentials(locked):
     headers = {**AUTH, "Cookie": "session=abc", "X-Custom": "kept"}
     chat = httpx.post(

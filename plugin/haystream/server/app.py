@@ -18,16 +18,18 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import TypeAdapter
 from starlette.datastructures import Headers
 
 from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
+from haystream.openai.errors import redact
 from haystream.openai.responses import input_items, parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style, without_tool_blocks
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
@@ -127,7 +129,8 @@ class HaystreamApp:
             elif match := RESPONSE_PATH.fullmatch(path):
                 await self._response(scope, receive, send, match.group(1), action=match.group(2))
             else:
-                await self.hayhooks_app(scope, receive, _openai_shaped_no_route(scope, send))
+                redacted = _server_errors_redacted(send, self.settings.secrets)
+                await self.hayhooks_app(scope, receive, _openai_shaped_no_route(scope, redacted))
         except OpenAIError as error:
             if path in CHAT_PATHS:
                 metrics.refused(_chat_route(for_openwebui), error.status)
@@ -586,6 +589,59 @@ def _openai_shaped_no_route(scope: Scope, send: Send) -> Send:
         await send(message)
 
     return no_route_as_openai_error
+
+
+_HELD_ERROR_BYTES = 64 * 1024  # of a 5xx body, read for its message; the rest is dropped
+
+
+def _server_errors_redacted(send: Send, secrets: Sequence[str]) -> Send:
+    """hayhooks' `send`, with a 5xx answer turned into the OpenAI envelope whose message is the first line of its
+    `detail`, redacted as haystream's own failures are.
+
+    hayhooks answers a `run_api` that raised with 500 `{"detail": "Pipeline execution failed: <the error>"}`: the
+    error's text as it was (an upstream URL with its password, an `api_key=`, the server's keys), and with
+    `HAYHOOKS_SHOW_TRACEBACKS` the traceback after it."""
+    held: Message | None = None
+    parts: list[bytes] = []
+    size = 0
+
+    async def redacted(message: Message) -> None:
+        nonlocal held, size
+        if message["type"] == "http.response.start" and message["status"] >= 500:
+            held = message  # until its body is read
+            return
+        if held is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        body = message.get("body", b"")
+        if size < _HELD_ERROR_BYTES:
+            parts.append(body[: _HELD_ERROR_BYTES - size])
+        size += len(body)
+        if message.get("more_body", False):
+            return
+        start, held = held, None
+        detail = _detail(b"".join(parts))
+        if detail is None:
+            error = OpenAIError(start["status"], INTERNAL_ERROR.message, code="internal_error")
+        else:
+            first_line = detail.strip().split("\n", 1)[0]
+            error = OpenAIError(start["status"], redact(first_line, secrets)[:_DETAIL_SHOWN], code="pipeline_error")
+        kept = [(n, v) for n, v in start["headers"] if n.lower() not in (b"content-type", b"content-length")]
+        await send_error(send, error, headers=kept, detail=True)  # hayhooks' CLI shows `detail`
+
+    return redacted
+
+
+_DETAIL_SHOWN = 500
+
+
+def _detail(body: bytes) -> str | None:
+    """The `detail` text of a FastAPI error body, or None."""
+    try:
+        detail = orjson.loads(body).get("detail")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return detail if isinstance(detail, str) and detail.strip() else None
 
 
 def _require_method(scope: Scope, *methods: str, also: tuple[str, ...] = ()) -> None:
