@@ -455,33 +455,37 @@ def test_redis_running_background_response_is_in_progress_on_the_other_replica(r
 
 
 def test_redis_responses_stay_their_keys_when_the_key_list_changes(upstream, redis_url):
-    # The owner of a stored response was the key's place in HAYSTREAM_API_KEYS ("key-0"): with Redis shared by
-    # replicas whose lists differ, or across a rotation that retires the first key, another key then held that place
-    # and read, chained, listed and deleted the first key's responses.
+    # The owner of a stored response was the key's place in HAYSTREAM_API_KEYS ("key-0"): with Redis kept across a
+    # rotation that retires the first key (or shared by replicas whose lists differ), the key that then held that
+    # place read, chained, listed and deleted the first key's responses.
+    fresh = {"mode": "stream", "scenario": unique("fake?tokens=1")}  # a generator made on these servers' loops
     before = start_server(upstream, redis_url=redis_url, api_keys="key-retired-aaaa,key-kept-bbbb")
-    after = start_server(upstream, redis_url=redis_url, api_keys="key-new-cccc,key-kept-bbbb")
     try:
         with (
             openai.OpenAI(base_url=before.url + "/v1", api_key="key-retired-aaaa", max_retries=0) as retired,
-            openai.OpenAI(base_url=before.url + "/v1", api_key="key-kept-bbbb", max_retries=0) as kept_before,
-            openai.OpenAI(base_url=after.url + "/v1", api_key="key-new-cccc", max_retries=0) as new,
-            openai.OpenAI(base_url=after.url + "/v1", api_key="key-kept-bbbb", max_retries=0) as kept_after,
+            openai.OpenAI(base_url=before.url + "/v1", api_key="key-kept-bbbb", max_retries=0) as kept,
         ):
-            secret = retired.responses.create(model="fake_sync", input="secret", extra_body=SYNC)
+            secret = retired.responses.create(model="fake_sync", input="secret", extra_body=fresh)
+            mine = kept.responses.create(model="fake_sync", input="mine", extra_body=fresh)
+    finally:
+        before.stop()
+    after = start_server(upstream, redis_url=redis_url, api_keys="key-new-cccc,key-kept-bbbb")
+    try:
+        with (
+            openai.OpenAI(base_url=after.url + "/v1", api_key="key-new-cccc", max_retries=0) as new,
+            openai.OpenAI(base_url=after.url + "/v1", api_key="key-kept-bbbb", max_retries=0) as kept,
+        ):
             with pytest.raises(openai.NotFoundError):
                 new.responses.retrieve(secret.id)
             with pytest.raises(openai.NotFoundError):
                 new.responses.input_items.list(secret.id)
             with pytest.raises(openai.NotFoundError):
-                new.responses.create(model="fake_sync", input="x", previous_response_id=secret.id, extra_body=SYNC)
+                new.responses.create(model="fake_sync", input="x", previous_response_id=secret.id, extra_body=fresh)
             with pytest.raises(openai.NotFoundError):
                 new.responses.delete(secret.id)
-            # A key on both lists, at another place in each, still finds its own responses on either replica.
-            mine = kept_before.responses.create(model="fake_sync", input="mine", extra_body=SYNC)
-            assert kept_after.responses.retrieve(mine.id).id == mine.id
-            assert retired.responses.retrieve(secret.id).id == secret.id  # still there: nothing deleted it
+            # A key on both lists, at another place in each, still finds its own responses.
+            assert kept.responses.retrieve(mine.id).id == mine.id
     finally:
-        before.stop()
         after.stop()
 
 
