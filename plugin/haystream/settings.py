@@ -104,7 +104,10 @@ class ServerSettings(BaseSettings):
         description="A client that reads nothing for this long is dropped and its run cancelled.",
     )
     max_messages: int = Field(
-        2048, ge=1, description="Most chat messages, or Responses input items, a request may carry (400 above)."
+        2048,
+        ge=1,
+        description="Most chat messages, or Responses input items, a request may carry, and a chained Responses "
+        "conversation in all (400 above).",
     )
     max_content_parts: int = Field(
         4096, ge=1, description="Most content parts (text, images, ...) all messages of a request may carry together."

@@ -30,6 +30,7 @@ from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
 from haystream.openai.errors import redact
+from haystream.openai.request import check_bounds
 from haystream.openai.responses import input_items, parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style, without_tool_blocks
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
@@ -306,6 +307,16 @@ class HaystreamApp:
             raise _model_not_found(request.model)
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         conversation = await self.responses.conversation(request, caller.key_id)
+        if request.previous_response_id:
+            # The caps hold for the conversation a chain builds up, not only for each request's own input: 20 chained
+            # requests of 2,000 items each held the event loop for 15 s.
+            check_bounds(
+                conversation,
+                "previous_response_id",
+                self.settings.max_messages,
+                self.settings.max_content_parts,
+                what="conversation (the previous response's and this input's messages)",
+            )
         if not conversation:
             # Chat completions refuse an empty `messages` the same way: a wrapper given none failed (a 500).
             raise OpenAIError(
