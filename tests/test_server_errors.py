@@ -464,7 +464,7 @@ def test_the_caps_hold_for_a_conversation_chained_by_previous_response_id(upstre
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_body_nested_deeper_than_the_server_can_write_back_is_a_400(http, stream):
-    # orjson reads 1,024 levels but writes 254: a Responses request's tool schema (or text.format schema) nested 252
+    # orjson reads 1,024 levels but writes 254: a Responses request's tool schema (or text.format schema) nested 254
     # levels deep was read, then failed every write of the response that holds it: a 500.
     def schema(depth: int) -> bytes:
         return b'{"a":' * depth + b"1" + b"}" * depth

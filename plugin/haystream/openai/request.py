@@ -202,7 +202,7 @@ MAX_JSON_DEPTH = 251
 def _check_depth(raw: bytes, body: Any) -> None:
     """Refuse (400) a body nested deeper than `MAX_JSON_DEPTH`: orjson reads 1,024 levels but writes 254, and a
     Responses request's `tools` or `text.format` schema is written back inside the response, its events and the
-    store, a level or two deeper (a 500 at 252 levels); a Haystack `Pipeline` deep-copies its inputs with two Python
+    store, a level or two deeper (a 500 from 254 levels); a Haystack `Pipeline` deep-copies its inputs with two Python
     frames a level. Only a body with that many brackets can be that deep: the rest is not looked at again."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
         return
