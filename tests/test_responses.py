@@ -454,6 +454,26 @@ def test_redis_running_background_response_is_in_progress_on_the_other_replica(r
         assert [event.type for event in b.responses.retrieve(created.id, stream=True)][-1] == "response.completed"
 
 
+def test_resume_streams_count_against_the_stream_caps(upstream):
+    # A resume (GET ?stream=true) follows a background run for as long as it runs, and with Redis holds one of its
+    # connections in a blocking read: 60 resumes of one key held 60 Redis connections, whatever the caps.
+    srv = start_server(upstream, api_keys="key-aaaaaaaa", max_streams_per_key=2)
+    try:
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="key-aaaaaaaa", max_retries=0) as sdk_client:
+            created, record = start_held_background(sdk_client, upstream)  # the run holds one place of the key's 2
+            url = f"{srv.url}/v1/responses/{created.id}?stream=true"
+            headers = {"Authorization": "Bearer key-aaaaaaaa"}
+            with httpx.Client(timeout=30) as http, http.stream("GET", url, headers=headers) as first:
+                assert first.status_code == 200  # the second place
+                over = http.get(url, headers=headers)
+                assert over.status_code == 429 and over.headers["retry-after"] == "1", over.text
+                assert over.json()["error"]["code"] == "too_many_requests"
+                assert http.get(f"{srv.url}/v1/responses/{created.id}", headers=headers).status_code == 200
+            record.release()
+    finally:
+        srv.stop()
+
+
 def test_redis_responses_stay_their_keys_when_the_key_list_changes(upstream, redis_url):
     # The owner of a stored response was the key's place in HAYSTREAM_API_KEYS ("key-0"): with Redis kept across a
     # rotation that retires the first key (or shared by replicas whose lists differ), the key that then held that

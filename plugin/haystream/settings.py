@@ -95,8 +95,12 @@ class ServerSettings(BaseSettings):
     head_timeout_seconds: float = Field(
         30.0, gt=0, le=MAX_SECONDS, description="Time a client has to send a request's line and headers (408 after it)."
     )
-    max_streams: int = Field(1024, ge=1, description="Chat requests running at once; more get 429.")
-    max_streams_per_key: int = Field(256, ge=1, description="Chat requests running at once per API key.")
+    max_streams: int = Field(
+        1024, ge=1, description="Chat and Responses requests (and resumes) running at once; more get 429."
+    )
+    max_streams_per_key: int = Field(
+        256, ge=1, description="Chat and Responses requests (and resumes) running at once per API key."
+    )
     send_timeout_seconds: float = Field(
         60.0,
         gt=0,

@@ -374,7 +374,9 @@ class HaystreamApp:
         else:
             _require_method(scope, "GET", "HEAD", also=("DELETE",))
             query = scope.get("query_string", b"")
-            await self.responses.retrieve(id, caller.key_id, query, receive, send, head=scope["method"] == "HEAD")
+            admission = self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS)
+            head = scope["method"] == "HEAD"
+            await self.responses.retrieve(id, caller.key_id, query, receive, send, admission=admission, head=head)
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Items answering an Open WebUI background task without running the pipeline."""
