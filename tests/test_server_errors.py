@@ -462,6 +462,21 @@ def test_the_caps_hold_for_a_conversation_chained_by_previous_response_id(upstre
         assert create([{"role": "user", "content": parts(1)}], three_parts.json()["id"]).status_code == 200
 
 
+def test_a_chained_conversation_is_bounded_by_the_body_size_too(upstream):
+    # A chat client sends its whole history in one body, within HAYSTREAM_MAX_BODY_BYTES; a previous_response_id
+    # chain grew by a body's size a request, with no bound, each stored record holding all of it.
+    with serving(upstream, max_body_bytes=2048) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+
+        def create(text: str, previous: str | None = None) -> httpx.Response:
+            body = {"model": "fake_async", "mode": "string", "input": text, "previous_response_id": previous}
+            return http.post("/v1/responses", json=body)
+
+        first = create("x" * 1200)
+        assert create("y" * 100, first.json()["id"]).status_code == 200
+        error = assert_envelope(create("y" * 900, first.json()["id"]), 400, "conversation_too_large")
+        assert error["param"] == "previous_response_id" and "at most 2048" in error["message"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_body_nested_deeper_than_the_server_can_write_back_is_a_400(http, stream):
     # orjson reads 1,024 levels but writes 254: a Responses request's tool schema (or text.format schema) nested 254

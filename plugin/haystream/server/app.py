@@ -317,6 +317,19 @@ class HaystreamApp:
                 self.settings.max_content_parts,
                 what="conversation (the previous response's and this input's messages)",
             )
+            # And its size: a chat client sends its whole history in one body, within HAYSTREAM_MAX_BODY_BYTES; a chain
+            # grew by a body's size a request, each stored record holding all of it (sized, written and sent to the
+            # wrapper whole, on the event loop).
+            size = len(orjson.dumps(conversation))
+            if size > self.settings.max_body_bytes:
+                raise OpenAIError(
+                    400,
+                    f"The conversation (the previous response's and this input's messages) is {size} bytes as JSON; "
+                    f"this server allows at most {self.settings.max_body_bytes}, as for a chat request's body. Start "
+                    "a new conversation.",
+                    param="previous_response_id",
+                    code="conversation_too_large",
+                )
         if not conversation:
             # Chat completions refuse an empty `messages` the same way: a wrapper given none failed (a 500).
             raise OpenAIError(
