@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from haystream.server import ServerSettings
+from haystream.server import ServerSettings, create_app
 from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX, RESPONSES_PATHS
 from haystream.server.asgi import send_json
 from haystream.server.gate import Gate, allowed_hosts
@@ -214,6 +214,28 @@ def test_deploy_stays_closed_under_any_spelling_of_its_path(rooted, path):
     assert with_key.json()["detail"]  # hayhooks' CLI prints this field
     assert registry.get("evil") is None
     assert not (Path(hayhooks_settings.pipelines_dir) / "evil").exists()
+
+
+def test_a_root_path_set_by_the_server_cannot_open_a_route(tmp_path):
+    # Under `uvicorn --root-path /api` (behind a proxy that adds a prefix) every path arrives as `/api/...` and the
+    # router behind routes on it without the prefix: the gate decided on `/api/deploy_files`, which is no deploy path,
+    # so a chat key deployed Python (deploy disabled!), `/docs` answered, and run wrappers got the caller's credentials.
+    shutil.copytree(PROBE_WRAPPERS / "probe", tmp_path / "probe_uvroot")
+    settings = ServerSettings(pipelines_dir=str(tmp_path), api_keys=KEY, gc_freeze=False, gc_threshold=0)
+    server = ServerThread(create_app(settings), lifespan="on", root_path="/api").start()
+    try:
+        payload = {"name": "evil", "files": {"pipeline_wrapper.py": "raise SystemExit('owned')"}, "overwrite": True}
+        for path in ("/deploy_files", "//Deploy_Files/"):
+            assert_envelope(httpx.post(server.url + path, json=payload, headers=AUTH), 403, "deploy_disabled")
+        assert_envelope(httpx.get(server.url + "/docs", headers=AUTH), 404, "not_found")
+        assert registry.get("evil") is None and not (tmp_path / "evil").exists()
+        headers = {**AUTH, "Cookie": "session=abc", "X-Custom": "kept"}
+        ran = httpx.post(server.url + "/probe_uvroot/run", json={"text": "x"}, headers=headers)
+        seen = orjson.loads(ran.json()["result"])["headers"]
+        assert "x-custom" in seen and "authorization" not in seen and "cookie" not in seen
+        assert httpx.get(server.url + "/health").status_code == 200  # the probes too: kubelet sends no key
+    finally:
+        server.stop()
 
 
 def test_the_root_path_really_routes(rooted):

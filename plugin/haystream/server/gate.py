@@ -93,7 +93,7 @@ class Gate:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         is_http = scope["type"] == "http"
-        exact = self._route_paths(scope["path"])
+        exact = self._route_paths(scope)
         if is_http and not PROBES.isdisjoint(exact):
             await self._probe(scope, send, "/ready" if "/ready" in exact else "/health")
             return
@@ -168,10 +168,13 @@ class Gate:
             return
         await self.app(scope, replay_body(raw, receive), send)
 
-    def _route_paths(self, path: str) -> set[str]:
-        """The paths a router behind may route this request on: as sent, and without each root path."""
+    def _route_paths(self, scope: Scope) -> set[str]:
+        """The paths a router behind may route this request on: as sent, and without each root path: hayhooks' and
+        the server's (`uvicorn --root-path`: every path arrives with it in front, and Starlette routes without it)."""
+        path = scope["path"]
         paths = {path}
-        for root in self._root_paths:
+        server_root = str(scope.get("root_path", "")).rstrip("/")
+        for root in (*self._root_paths, server_root) if server_root else self._root_paths:
             if path.startswith(root + "/") or path == root:
                 paths.add(path[len(root) :] or "/")
         return paths
