@@ -464,6 +464,61 @@ def test_redis_running_background_response_is_in_progress_on_the_other_replica(r
         assert [event.type for event in b.responses.retrieve(created.id, stream=True)][-1] == "response.completed"
 
 
+def test_resume_streams_count_against_the_stream_caps(upstream):
+    # A resume (GET ?stream=true) follows a background run for as long as it runs, and with Redis holds one of its
+    # connections in a blocking read: 60 resumes of one key held 60 Redis connections, whatever the caps.
+    srv = start_server(upstream, api_keys="key-aaaaaaaa", max_streams_per_key=2)
+    try:
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="key-aaaaaaaa", max_retries=0) as sdk_client:
+            created, record = start_held_background(sdk_client, upstream)  # the run holds one place of the key's 2
+            url = f"{srv.url}/v1/responses/{created.id}?stream=true"
+            headers = {"Authorization": "Bearer key-aaaaaaaa"}
+            with httpx.Client(timeout=30) as http, http.stream("GET", url, headers=headers) as first:
+                assert first.status_code == 200  # the second place
+                over = http.get(url, headers=headers)
+                assert over.status_code == 429 and over.headers["retry-after"] == "1", over.text
+                assert over.json()["error"]["code"] == "too_many_requests"
+                assert http.get(f"{srv.url}/v1/responses/{created.id}", headers=headers).status_code == 200
+            record.release()
+    finally:
+        srv.stop()
+
+
+def test_redis_responses_stay_their_keys_when_the_key_list_changes(upstream, redis_url):
+    # The owner of a stored response was the key's place in HAYSTREAM_API_KEYS ("key-0"): with Redis kept across a
+    # rotation that retires the first key (or shared by replicas whose lists differ), the key that then held that
+    # place read, chained, listed and deleted the first key's responses.
+    fresh = {"mode": "stream", "scenario": unique("fake?tokens=1")}  # a generator made on these servers' loops
+    before = start_server(upstream, redis_url=redis_url, api_keys="key-retired-aaaa,key-kept-bbbb")
+    try:
+        with (
+            openai.OpenAI(base_url=before.url + "/v1", api_key="key-retired-aaaa", max_retries=0) as retired,
+            openai.OpenAI(base_url=before.url + "/v1", api_key="key-kept-bbbb", max_retries=0) as kept,
+        ):
+            secret = retired.responses.create(model="fake_sync", input="secret", extra_body=fresh)
+            mine = kept.responses.create(model="fake_sync", input="mine", extra_body=fresh)
+    finally:
+        before.stop()
+    after = start_server(upstream, redis_url=redis_url, api_keys="key-new-cccc,key-kept-bbbb")
+    try:
+        with (
+            openai.OpenAI(base_url=after.url + "/v1", api_key="key-new-cccc", max_retries=0) as new,
+            openai.OpenAI(base_url=after.url + "/v1", api_key="key-kept-bbbb", max_retries=0) as kept,
+        ):
+            with pytest.raises(openai.NotFoundError):
+                new.responses.retrieve(secret.id)
+            with pytest.raises(openai.NotFoundError):
+                new.responses.input_items.list(secret.id)
+            with pytest.raises(openai.NotFoundError):
+                new.responses.create(model="fake_sync", input="x", previous_response_id=secret.id, extra_body=fresh)
+            with pytest.raises(openai.NotFoundError):
+                new.responses.delete(secret.id)
+            # A key on both lists, at another place in each, still finds its own responses.
+            assert kept.responses.retrieve(mine.id).id == mine.id
+    finally:
+        after.stop()
+
+
 def test_redis_resume_outlives_the_clients_socket_timeout(upstream, redis_url):
     # redis-py >= 6 ends any read after socket_timeout (5 s by default), a blocking XREAD included: a resume that
     # waited longer than that for the next event died with redis' TimeoutError. Here the timeout is 1 s and the

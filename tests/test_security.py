@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from haystream.server import ServerSettings
+from haystream.server import ServerSettings, create_app
 from haystream.server.app import CHAT_PATHS, MODEL_PATHS, OPENWEBUI_PREFIX, RESPONSES_PATHS
 from haystream.server.asgi import send_json
 from haystream.server.gate import Gate, allowed_hosts
@@ -214,6 +214,28 @@ def test_deploy_stays_closed_under_any_spelling_of_its_path(rooted, path):
     assert with_key.json()["detail"]  # hayhooks' CLI prints this field
     assert registry.get("evil") is None
     assert not (Path(hayhooks_settings.pipelines_dir) / "evil").exists()
+
+
+def test_a_root_path_set_by_the_server_cannot_open_a_route(tmp_path):
+    # Under `uvicorn --root-path /api` (behind a proxy that adds a prefix) every path arrives as `/api/...` and the
+    # router behind routes on it without the prefix: the gate decided on `/api/deploy_files`, which is no deploy path,
+    # so a chat key deployed Python (deploy disabled!), `/docs` answered, and run wrappers got the caller's credentials.
+    shutil.copytree(PROBE_WRAPPERS / "probe", tmp_path / "probe_uvroot")
+    settings = ServerSettings(pipelines_dir=str(tmp_path), api_keys=KEY, gc_freeze=False, gc_threshold=0)
+    server = ServerThread(create_app(settings), lifespan="on", root_path="/api").start()
+    try:
+        payload = {"name": "evil", "files": {"pipeline_wrapper.py": "raise SystemExit('owned')"}, "overwrite": True}
+        for path in ("/deploy_files", "//Deploy_Files/"):
+            assert_envelope(httpx.post(server.url + path, json=payload, headers=AUTH), 403, "deploy_disabled")
+        assert_envelope(httpx.get(server.url + "/docs", headers=AUTH), 404, "not_found")
+        assert registry.get("evil") is None and not (tmp_path / "evil").exists()
+        headers = {**AUTH, "Cookie": "session=abc", "X-Custom": "kept"}
+        ran = httpx.post(server.url + "/probe_uvroot/run", json={"text": "x"}, headers=headers)
+        seen = orjson.loads(ran.json()["result"])["headers"]
+        assert "x-custom" in seen and "authorization" not in seen and "cookie" not in seen
+        assert httpx.get(server.url + "/health").status_code == 200  # the probes too: kubelet sends no key
+    finally:
+        server.stop()
 
 
 def test_the_root_path_really_routes(rooted):
@@ -759,6 +781,21 @@ def test_errors_reach_clients_redacted_with_a_request_id(locked, caplog):
         assert secret not in message
     assert "llm.internal/v1/chat" in message and "(request id req-123)" in message
     assert response.headers["x-request-id"] == "req-123"
+
+
+@pytest.mark.parametrize("tracebacks", [False, True], ids=["plain", "HAYHOOKS_SHOW_TRACEBACKS"])
+def test_a_run_routes_failure_reaches_the_client_redacted(locked, monkeypatch, tracebacks):
+    # hayhooks answers a run_api that raised with 500 {"detail": "Pipeline execution failed: <the error>"}: the
+    # error's text as it was (an upstream URL's password, an api_key, a bearer token, the server's own key), and with
+    # HAYHOOKS_SHOW_TRACEBACKS the traceback after it.
+    monkeypatch.setattr(hayhooks_settings, "show_tracebacks", tracebacks)
+    response = httpx.post(locked.url + "/probe/run", json={"text": "leak"}, headers=AUTH)
+    error = assert_envelope(response, 500, "pipeline_error")
+    for secret in ("hunter2", "sk-abcdef1234567890", "tok-0123456789", KEY, "api_key=sk", "user:", "Traceback"):
+        assert secret not in response.text
+    assert error["message"].startswith("Pipeline execution failed: upstream https://llm.internal/v1/chat refused")
+    assert response.json()["detail"] == error["message"]  # hayhooks' CLI shows that field
+    assert response.headers["x-request-id"]
 
 
 def test_wrappers_do_not_receive_credentials(locked):

@@ -11,7 +11,10 @@ import httpx
 import openai
 import pytest
 
+from haystream.openai.request import MAX_JSON_DEPTH
 from support import serving, start_server, unique
+
+JSON = {"content-type": "application/json"}
 
 USER = [{"role": "user", "content": "hello"}]
 FIXTURES = Path(__file__).parent / "fixtures" / "openwebui"
@@ -431,6 +434,75 @@ def test_content_parts_are_capped_in_all_messages_together(upstream):
         assert http.post("/v1/responses", json={**responses, "input": two_and_two}).status_code == 200
 
 
+def test_the_caps_hold_for_a_conversation_chained_by_previous_response_id(upstream):
+    # Each request's own input was capped, but previous_response_id adds the stored conversation to it: 20 chained
+    # requests of 2,000 items each made a 40,000-message conversation that held the event loop for 15 s.
+    def parts(n: int) -> list[dict]:  # images: text parts are joined into one string on the way
+        return [{"type": "input_image", "image_url": "data:image/png;base64,AA=="}] * n
+
+    with (
+        serving(upstream, max_messages=3, max_content_parts=4) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
+
+        def create(input, previous=None):
+            body = {"model": "fake_async", "mode": "string", "input": input}
+            return http.post("/v1/responses", json={**body, "previous_response_id": previous} if previous else body)
+
+        first = create("hi")  # a conversation of 2 messages with the answer
+        second = create("more", first.json()["id"])  # 3: at the cap
+        assert second.status_code == 200, second.text
+        error = assert_envelope(create("again", second.json()["id"]), 400, "array_above_max_length")  # 5
+        assert error["param"] == "previous_response_id" and "maximum length 3" in error["message"]
+        assert "got an array with length 5" in error["message"] and "conversation" in error["message"]
+        three_parts = create([{"role": "user", "content": parts(3)}])
+        assert three_parts.status_code == 200, three_parts.text
+        error = assert_envelope(create([{"role": "user", "content": parts(2)}], three_parts.json()["id"]), 400)
+        assert error["param"] == "previous_response_id" and "got 5" in error["message"]
+        assert create([{"role": "user", "content": parts(1)}], three_parts.json()["id"]).status_code == 200
+
+
+def test_a_chained_conversation_is_bounded_by_the_body_size_too(upstream):
+    # A chat client sends its whole history in one body, within HAYSTREAM_MAX_BODY_BYTES; a previous_response_id
+    # chain grew by a body's size a request, with no bound, each stored record holding all of it.
+    with serving(upstream, max_body_bytes=2048) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+
+        def create(text: str, previous: str | None = None) -> httpx.Response:
+            body = {"model": "fake_async", "mode": "string", "input": text, "previous_response_id": previous}
+            return http.post("/v1/responses", json=body)
+
+        first = create("x" * 1200)
+        assert create("y" * 100, first.json()["id"]).status_code == 200
+        error = assert_envelope(create("y" * 900, first.json()["id"]), 400, "conversation_too_large")
+        assert error["param"] == "previous_response_id" and "at most 2048" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_body_nested_deeper_than_the_server_can_write_back_is_a_400(http, stream):
+    # orjson reads 1,024 levels but writes 254: a Responses request's tool schema (or text.format schema) nested 254
+    # levels deep was read, then failed every write of the response that holds it: a 500.
+    def schema(depth: int) -> bytes:
+        return b'{"a":' * depth + b"1" + b"}" * depth
+
+    def responses(depth: int) -> httpx.Response:
+        tool = b'{"type":"function","name":"f","parameters":%s}' % schema(
+            depth - 3
+        )  # the body, `tools` and the tool above it
+        body = b'{"model":"fake_async","mode":"string","input":"hi","stream":%s,"tools":[%s]}' % (
+            b"true" if stream else b"false",
+            tool,
+        )
+        return http.post("/v1/responses", content=body, headers={"content-type": "application/json"})
+
+    error = assert_envelope(responses(MAX_JSON_DEPTH + 1), 400, "invalid_json")
+    assert f"more than {MAX_JSON_DEPTH} levels" in error["message"]
+    assert responses(MAX_JSON_DEPTH).status_code == 200
+    chat = b'{"model":"fake_async","mode":"string","messages":[{"role":"user","content":"hi"}],"metadata":%s}'
+    too_deep = http.post("/v1/chat/completions", content=chat % schema(MAX_JSON_DEPTH), headers=JSON)
+    assert_envelope(too_deep, 400, "invalid_json")
+    assert http.post("/v1/chat/completions", content=chat % schema(MAX_JSON_DEPTH - 1), headers=JSON).status_code == 200
+
+
 @pytest.mark.parametrize("path", ["/api_only/run", "/api_only/run/"])
 def test_an_unpaired_surrogate_on_a_run_route_is_a_400_not_a_500(http, path):
     # hayhooks' JSON parser took "\ud800" into a str that no encoder accepts: echoing it back (or sending it
@@ -441,3 +513,24 @@ def test_an_unpaired_surrogate_on_a_run_route_is_a_400_not_a_500(http, path):
     # A pair written as escapes, and an escaped backslash before "ud800", are text: hayhooks still answers them.
     paired = http.post("/api_only/run", content=b'{"text": "\\ud83d\\ude00 \\\\ud800"}', headers=headers)
     assert paired.status_code == 200 and paired.json()["result"] == "\U0001f600 \\UD800"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"text": "a\xed\xa0\x80"}',  # the surrogate as UTF-8 bytes (CESU-8), which Python's json takes
+        '{"text": "a\\ud800"}'.encode("utf-16-le"),  # the escape in a UTF-16 body, which Python's json detects
+        '{"text": "a"}'.encode("utf-16-le")[:-4] + b"\x00\xd8" + '"}'.encode("utf-16-le"),  # a raw one in UTF-16
+        '{"text": "a\\udc00"}'.encode("utf-32-le"),
+    ],
+    ids=["utf8-bytes", "utf16-escape", "utf16-raw", "utf32-escape"],
+)
+def test_an_unpaired_surrogate_not_written_as_a_utf8_escape_is_a_400_too(http, body):
+    # The check looked for the escape in UTF-8 text only; hayhooks' parser (Python's json) also reads UTF-16 and
+    # UTF-32 bodies and surrogates encoded as bytes: each was a 500.
+    lone = http.post("/api_only/run", content=body, headers={"content-type": "application/json"})
+    assert_envelope(lone, 400, "invalid_json")
+    text = http.post(
+        "/api_only/run", content='{"text": "é"}'.encode("utf-16"), headers={"content-type": "application/json"}
+    )
+    assert text.status_code == 200 and text.json()["result"] == "É"  # a UTF-16 body of text still passes

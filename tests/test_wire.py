@@ -216,7 +216,10 @@ def test_key_check_roles():
     keys = KeyCheck(["chat"], ["admin"])
     assert keys.identify(b"Bearer chat").can_deploy is False
     assert keys.identify(b"Bearer admin").can_deploy is True
-    assert keys.identify(b"Basic " + base64.b64encode(b"u:chat")).key_id == "key-0"
+    chat_id = keys.identify(b"Basic " + base64.b64encode(b"u:chat")).key_id
+    assert chat_id == KeyCheck(["other", "chat"]).identify(b"Bearer chat").key_id  # the key's, not its place's
+    assert chat_id.startswith("key-") and "chat" not in chat_id.removeprefix("key-")
+    assert keys.identify(b"Bearer admin").key_id != chat_id
     for bad in (None, b"", b"Bearer", b"Bearer nope", b"Basic \xff", b"Digest chat"):
         assert keys.identify(bad) is None
     assert KeyCheck(["chat"]).identify(b"Bearer chat").can_deploy is True  # no deploy keys: API keys may deploy

@@ -95,8 +95,12 @@ class ServerSettings(BaseSettings):
     head_timeout_seconds: float = Field(
         30.0, gt=0, le=MAX_SECONDS, description="Time a client has to send a request's line and headers (408 after it)."
     )
-    max_streams: int = Field(1024, ge=1, description="Chat requests running at once; more get 429.")
-    max_streams_per_key: int = Field(256, ge=1, description="Chat requests running at once per API key.")
+    max_streams: int = Field(
+        1024, ge=1, description="Chat and Responses requests (and resumes) running at once; more get 429."
+    )
+    max_streams_per_key: int = Field(
+        256, ge=1, description="Chat and Responses requests (and resumes) running at once per API key."
+    )
     send_timeout_seconds: float = Field(
         60.0,
         gt=0,
@@ -104,7 +108,10 @@ class ServerSettings(BaseSettings):
         description="A client that reads nothing for this long is dropped and its run cancelled.",
     )
     max_messages: int = Field(
-        2048, ge=1, description="Most chat messages, or Responses input items, a request may carry (400 above)."
+        2048,
+        ge=1,
+        description="Most chat messages, or Responses input items, a request may carry, and a chained Responses "
+        "conversation in all (400 above).",
     )
     max_content_parts: int = Field(
         4096, ge=1, description="Most content parts (text, images, ...) all messages of a request may carry together."

@@ -183,7 +183,7 @@ def loads_json_body(raw: bytes) -> Any:
         must be UTF-8).
     """
     try:
-        return orjson.loads(memoryview(raw)[3:] if raw.startswith(UTF8_BOM) else raw)
+        body = orjson.loads(memoryview(raw)[3:] if raw.startswith(UTF8_BOM) else raw)
     except orjson.JSONDecodeError as error:
         if raw.startswith(_WIDE_STARTS) or b"\x00" in raw[:4]:
             raise OpenAIError(
@@ -192,6 +192,62 @@ def loads_json_body(raw: bytes) -> Any:
                 code="invalid_json",
             ) from None
         raise OpenAIError(400, f"Malformed JSON body: {error}", code="invalid_json") from None
+    _check_depth(raw, body)
+    return body
+
+
+MAX_JSON_DEPTH = 251
+
+
+def _check_depth(raw: bytes, body: Any) -> None:
+    """Refuse (400) a body nested deeper than `MAX_JSON_DEPTH`: orjson reads 1,024 levels but writes 254, and a
+    Responses request's `tools` or `text.format` schema is written back inside the response, its events and the
+    store, a level or two deeper (a 500 from 254 levels); a Haystack `Pipeline` deep-copies its inputs with two Python
+    frames a level. Only a body with that many brackets can be that deep: the rest is not looked at again."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return
+    try:
+        orjson.dumps([[[body]]])  # three levels to spare: where the body's fields end up inside other objects
+    except orjson.JSONEncodeError:
+        raise OpenAIError(
+            400, f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json"
+        ) from None
+
+
+def check_bounds(
+    items: Any, field: str, max_length: int | None, max_parts: int | None, *, what: str | None = None
+) -> None:
+    """Refuse (400 `array_above_max_length`, `param` = `field`) an array of more than `max_length` messages or items,
+    or whose items' `content` parts number more than `max_parts` together; `what` names the array in the message
+    (default: `'field'`).
+
+    Checked before the per-item (costly) validation and conversion, on the event loop: each message is converted and
+    copied on its way to the model (~14 µs a message, ~100 µs a part through a Haystack Pipeline), and 40,000
+    one-word parts fit in a 4 MiB body.
+    """
+    if not isinstance(items, list):
+        return
+    named = what or f"'{field}'"
+    if max_length is not None and len(items) > max_length:
+        raise OpenAIError(
+            400,
+            f"Invalid {named}: array too long. Expected an array with maximum length {max_length}, but got an array "
+            f"with length {len(items)} instead.",
+            param=field,
+            code="array_above_max_length",
+        )
+    if max_parts is None:
+        return
+    parts = sum(
+        len(item["content"]) for item in items if isinstance(item, dict) and isinstance(item.get("content"), list)
+    )
+    if parts > max_parts:
+        raise OpenAIError(
+            400,
+            f"Invalid {named}: too many content parts. Expected at most {max_parts} in all, but got {parts} instead.",
+            param=field,
+            code="array_above_max_length",
+        )
 
 
 def parse_body(
@@ -210,32 +266,8 @@ def parse_body(
     body = loads_json_body(raw)
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    for field, limit in (max_lengths or {}).items():
-        items = body.get(field)
-        if limit is not None and isinstance(items, list) and len(items) > limit:
-            raise OpenAIError(
-                400,
-                f"Invalid '{field}': array too long. Expected an array with maximum length {limit}, but got an array "
-                f"with length {len(items)} instead.",
-                param=field,
-                code="array_above_max_length",
-            )
-    for field, limit in (max_parts or {}).items():
-        items = body.get(field)
-        if limit is None or not isinstance(items, list):
-            continue
-        # A message's content may be a list of parts, each converted and copied on its way to the model (~100 µs a
-        # part through a Haystack Pipeline): 40,000 one-word parts fit in a 4 MiB body.
-        parts = sum(
-            len(item["content"]) for item in items if isinstance(item, dict) and isinstance(item.get("content"), list)
-        )
-        if parts > limit:
-            raise OpenAIError(
-                400,
-                f"Invalid '{field}': too many content parts. Expected at most {limit} in all, but got {parts} instead.",
-                param=field,
-                code="array_above_max_length",
-            )
+    for field in {**(max_lengths or {}), **(max_parts or {})}:
+        check_bounds(body.get(field), field, (max_lengths or {}).get(field), (max_parts or {}).get(field))
     try:
         return model.model_validate(body), body
     except ValidationError as error:

@@ -20,16 +20,19 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import TypeAdapter
 from starlette.datastructures import Headers
 
 from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
+from haystream.openai.errors import redact
+from haystream.openai.request import check_bounds
 from haystream.openai.responses import input_items, parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style
 from haystream.openwebui.tasks import Task, answer_as_text, detect_task, heuristic_answer
@@ -132,7 +135,8 @@ class HaystreamApp:
             elif match := RESPONSE_PATH.fullmatch(path):
                 await self._response(scope, receive, send, match.group(1), action=match.group(2))
             else:
-                await self.hayhooks_app(scope, receive, _openai_shaped_no_route(scope, send))
+                redacted = _server_errors_redacted(send, self.settings.secrets)
+                await self.hayhooks_app(scope, receive, _openai_shaped_no_route(scope, redacted))
         except OpenAIError as error:
             if path in CHAT_PATHS:
                 metrics.refused(_chat_route(for_openwebui), error.status)
@@ -327,6 +331,29 @@ class HaystreamApp:
             raise _model_not_found(request.model)
         caller: Caller = scope.get(CALLER_KEY, ANONYMOUS)
         conversation = await self.responses.conversation(request, caller.key_id)
+        if request.previous_response_id:
+            # The caps hold for the conversation a chain builds up, not only for each request's own input: 20 chained
+            # requests of 2,000 items each held the event loop for 15 s.
+            check_bounds(
+                conversation,
+                "previous_response_id",
+                self.settings.max_messages,
+                self.settings.max_content_parts,
+                what="conversation (the previous response's and this input's messages)",
+            )
+            # And its size: a chat client sends its whole history in one body, within HAYSTREAM_MAX_BODY_BYTES; a chain
+            # grew by a body's size a request, each stored record holding all of it (sized, written and sent to the
+            # wrapper whole, on the event loop).
+            size = len(orjson.dumps(conversation))
+            if size > self.settings.max_body_bytes:
+                raise OpenAIError(
+                    400,
+                    f"The conversation (the previous response's and this input's messages) is {size} bytes as JSON; "
+                    f"this server allows at most {self.settings.max_body_bytes}, as for a chat request's body. Start "
+                    "a new conversation.",
+                    param="previous_response_id",
+                    code="conversation_too_large",
+                )
         if not conversation:
             # Chat completions refuse an empty `messages` the same way: a wrapper given none failed (a 500).
             raise OpenAIError(
@@ -385,7 +412,9 @@ class HaystreamApp:
         else:
             _require_method(scope, "GET", "HEAD", also=("DELETE",))
             query = scope.get("query_string", b"")
-            await self.responses.retrieve(id, caller.key_id, query, receive, send, head=scope["method"] == "HEAD")
+            admission = self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS)
+            head = scope["method"] == "HEAD"
+            await self.responses.retrieve(id, caller.key_id, query, receive, send, admission=admission, head=head)
 
     async def _task_items(self, task: Task, wrapper: Any, body: dict[str, Any]) -> AsyncIterator[Any]:
         """Items answering an Open WebUI background task without running the pipeline."""
@@ -611,6 +640,59 @@ def _openai_shaped_no_route(scope: Scope, send: Send) -> Send:
         await send(message)
 
     return no_route_as_openai_error
+
+
+_HELD_ERROR_BYTES = 64 * 1024  # of a 5xx body, read for its message; the rest is dropped
+
+
+def _server_errors_redacted(send: Send, secrets: Sequence[str]) -> Send:
+    """hayhooks' `send`, with a 5xx answer turned into the OpenAI envelope whose message is the first line of its
+    `detail`, redacted as haystream's own failures are.
+
+    hayhooks answers a `run_api` that raised with 500 `{"detail": "Pipeline execution failed: <the error>"}`: the
+    error's text as it was (an upstream URL with its password, an `api_key=`, the server's keys), and with
+    `HAYHOOKS_SHOW_TRACEBACKS` the traceback after it."""
+    held: Message | None = None
+    parts: list[bytes] = []
+    size = 0
+
+    async def redacted(message: Message) -> None:
+        nonlocal held, size
+        if message["type"] == "http.response.start" and message["status"] >= 500:
+            held = message  # until its body is read
+            return
+        if held is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        body = message.get("body", b"")
+        if size < _HELD_ERROR_BYTES:
+            parts.append(body[: _HELD_ERROR_BYTES - size])
+        size += len(body)
+        if message.get("more_body", False):
+            return
+        start, held = held, None
+        detail = _detail(b"".join(parts))
+        if detail is None:
+            error = OpenAIError(start["status"], INTERNAL_ERROR.message, code="internal_error")
+        else:
+            first_line = detail.strip().split("\n", 1)[0]
+            error = OpenAIError(start["status"], redact(first_line, secrets)[:_DETAIL_SHOWN], code="pipeline_error")
+        kept = [(n, v) for n, v in start["headers"] if n.lower() not in (b"content-type", b"content-length")]
+        await send_error(send, error, headers=kept, detail=True)  # hayhooks' CLI shows `detail`
+
+    return redacted
+
+
+_DETAIL_SHOWN = 500
+
+
+def _detail(body: bytes) -> str | None:
+    """The `detail` text of a FastAPI error body, or None."""
+    try:
+        detail = orjson.loads(body).get("detail")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return detail if isinstance(detail, str) and detail.strip() else None
 
 
 def _require_method(scope: Scope, *methods: str, also: tuple[str, ...] = ()) -> None:

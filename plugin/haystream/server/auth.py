@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import posixpath
 import re
@@ -16,11 +17,14 @@ from haystream.openai import OpenAIError
 PIPELINE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _DRIVE = re.compile(r"[A-Za-z]:")
 _MAX_CREDENTIAL = 4096
+_KEY_ID_SALT = b"haystream key id"
+_KEY_ID_ROUNDS = 10_000  # at start-up only, once per configured key: ~5 ms each
 
 
 @dataclass(frozen=True)
 class Caller:
-    """The key a request presented: `key_id` names it without revealing it (used for per-key limits)."""
+    """The key a request presented: `key_id` names it without revealing it (per-key limits, and the owner of stored
+    Responses, in Redis too)."""
 
     key_id: str
     can_deploy: bool
@@ -36,9 +40,9 @@ class KeyCheck:
     """
 
     def __init__(self, api_keys: Iterable[str], deploy_keys: Iterable[str] = ()) -> None:
-        self._keys = [(key.encode(), f"key-{index}", False) for index, key in enumerate(api_keys)]
+        self._keys = [(key.encode(), key_id(key), False) for key in api_keys]
         deploy = list(deploy_keys)
-        self._keys += [(key.encode(), f"deploy-key-{index}", True) for index, key in enumerate(deploy)]
+        self._keys += [(key.encode(), key_id(key), True) for key in deploy]
         self._separate_deploy_keys = bool(deploy)
 
     @property
@@ -59,6 +63,18 @@ class KeyCheck:
             if hmac.compare_digest(presented, key) and found is None:
                 found = Caller(key_id, can_deploy=is_deploy_key or not self._separate_deploy_keys)
         return found
+
+
+def key_id(key: str) -> str:
+    """A name for `key` that stays the same wherever the key is listed, in any process, and does not reveal it.
+
+    Not the key's place in the list: stored Responses (in Redis, shared by replicas and kept across restarts) belong
+    to a key id, and with ids by place a replica with another list, or the list after a rotation retired its first
+    key, gave the first key's responses to whichever key then held its place. Salted and stretched, so that a read of
+    the store does not make guessing a weak key cheap.
+    """
+    digest = hashlib.pbkdf2_hmac("sha256", key.encode(), _KEY_ID_SALT, _KEY_ID_ROUNDS)
+    return "key-" + digest[:12].hex()
 
 
 def _presented_key(authorization: bytes | None) -> bytes | None:

@@ -93,7 +93,7 @@ class Gate:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         is_http = scope["type"] == "http"
-        exact = self._route_paths(scope["path"])
+        exact = self._route_paths(scope)
         if is_http and not PROBES.isdisjoint(exact):
             await self._probe(scope, send, "/ready" if "/ready" in exact else "/health")
             return
@@ -168,10 +168,13 @@ class Gate:
             return
         await self.app(scope, replay_body(raw, receive), send)
 
-    def _route_paths(self, path: str) -> set[str]:
-        """The paths a router behind may route this request on: as sent, and without each root path."""
+    def _route_paths(self, scope: Scope) -> set[str]:
+        """The paths a router behind may route this request on: as sent, and without each root path: hayhooks' and
+        the server's (`uvicorn --root-path`: every path arrives with it in front, and Starlette routes without it)."""
+        path = scope["path"]
         paths = {path}
-        for root in self._root_paths:
+        server_root = str(scope.get("root_path", "")).rstrip("/")
+        for root in (*self._root_paths, server_root) if server_root else self._root_paths:
             if path.startswith(root + "/") or path == root:
                 paths.add(path[len(root) :] or "/")
         return paths
@@ -314,10 +317,18 @@ def _is_json(scope: Scope) -> bool:
 
 
 def check_text_json(raw: bytes) -> None:
-    """Refuse (400) a JSON body whose strings hold an unpaired UTF-16 surrogate escape (`\\ud800` alone): no text
-    encoding can carry it. Only a body with a surrogate escape is parsed here; a malformed one is left to the route."""
-    if _SURROGATE_ESCAPE.search(raw) is None:
-        return
+    """Refuse (400) a JSON body whose strings hold an unpaired UTF-16 surrogate (`\\ud800` alone): no text encoding
+    can carry it. Only a body that may hold one is parsed here: one with a surrogate escape, or one that is not UTF-8
+    (Python's json, hayhooks' parser, also reads UTF-16 and UTF-32 bodies, and surrogates encoded as UTF-8 bytes). A
+    malformed one is left to the route."""
+    if json.detect_encoding(raw) == "utf-8":  # how Python's json tells UTF-16 and UTF-32 apart (by zero bytes)
+        try:
+            raw.decode()  # strict: refuses surrogates encoded as bytes
+        except UnicodeDecodeError:
+            pass
+        else:
+            if _SURROGATE_ESCAPE.search(raw) is None:
+                return
     try:
         json.dumps(json.loads(raw), ensure_ascii=False).encode()
     except UnicodeEncodeError:

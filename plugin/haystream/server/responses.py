@@ -281,10 +281,19 @@ class ResponsesEndpoint:
                 logger.info("response %s: client disconnected; the run was cancelled", run.id)
 
     async def retrieve(
-        self, id: str, key_id: str, query: bytes, receive: Receive, send: Send, *, head: bool = False
+        self,
+        id: str,
+        key_id: str,
+        query: bytes,
+        receive: Receive,
+        send: Send,
+        *,
+        admission: Admission,
+        head: bool = False,
     ) -> None:
-        """`GET /v1/responses/{id}`: the response object, or (`stream=true`) its events after `starting_after`;
-        `head`: only the headers (a `HEAD` request)."""
+        """`GET /v1/responses/{id}`: the response object, or (`stream=true`) its events after `starting_after`,
+        followed under `admission` (a place among the running streams); `head`: only the headers (a `HEAD`
+        request)."""
         params = parse_qs(query.decode("latin-1"))
         record = await self.store.get(id, key_id)
         if record is None:
@@ -311,9 +320,14 @@ class ResponsesEndpoint:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        local = self._runs.get(id)
-        events = local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
-        await run_until_disconnect(self._stream(send, events, extensions=False), receive)
+        # A resume lasts as long as the run it follows, and with Redis holds a connection in a blocking read: it
+        # counts against the stream caps like the run itself (429 past them).
+        with admission:
+            local = self._runs.get(id)
+            events = (
+                local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
+            )
+            await run_until_disconnect(self._stream(send, events, extensions=False), receive)
 
     async def input_items(self, id: str, key_id: str, query: bytes, send: Send) -> None:
         """`GET /v1/responses/{id}/input_items`: a page of the items the response was created with (`after`,

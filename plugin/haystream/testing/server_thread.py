@@ -76,8 +76,10 @@ class ServerThread:
         lifespan: str = "off",
         graceful_shutdown: float = 5,
         before_stop: Callable[[], None] | None = None,
+        root_path: str = "",
     ) -> None:
         self.app = app
+        self._root_path = root_path  # uvicorn's --root-path: every request's path arrives with it in front
         self.host = host
         self.port = port
         self._lifespan = lifespan
@@ -123,6 +125,7 @@ class ServerThread:
             timeout_keep_alive=30,
             backlog=2048,
             timeout_graceful_shutdown=math.ceil(self._graceful_shutdown),
+            root_path=self._root_path,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

@@ -12,12 +12,19 @@ from starlette.datastructures import Headers
 import haystream
 from haystream.testing import fake_chat_generator
 
+LEAK = (
+    "upstream https://user:hunter2@llm.internal/v1/chat?api_key=sk-abcdef1234567890 refused "
+    "'Authorization: Bearer tok-0123456789' for k-one-secret"
+)
+
 
 class PipelineWrapper(BasePipelineWrapper):
     def setup(self) -> None:
         pass
 
     def run_api(self, text: str, headers: Headers | None = None) -> str:
+        if text == "leak":
+            raise RuntimeError(LEAK)
         names = sorted(headers.keys()) if headers is not None else []
         return orjson.dumps({"text": text.upper(), "headers": names}).decode()
 
@@ -28,9 +35,6 @@ class PipelineWrapper(BasePipelineWrapper):
         if mode == "headers":
             return orjson.dumps(sorted(headers.keys()) if headers is not None else []).decode()
         if mode == "leak":
-            raise RuntimeError(
-                "upstream https://user:hunter2@llm.internal/v1/chat?api_key=sk-abcdef1234567890 refused "
-                "'Authorization: Bearer tok-0123456789' for k-one-secret"
-            )
+            raise RuntimeError(LEAK)
         history = [ChatMessage.from_openai_dict_format(m) for m in messages]
         return haystream.astream(fake_chat_generator(body.get("scenario", "fake")), messages=history)
