@@ -132,15 +132,17 @@ def _history(prompt: str) -> list[tuple[str, str]]:
     start += len("<chat_history>")
     end = prompt.find("</chat_history>", start)
     body = prompt[start : end if end >= 0 else len(prompt)][:_HISTORY_SCAN]
-    turns: list[tuple[str, str]] = []
+    # A turn's lines are joined once at the end: appending each to the text so far copied the turn again for every
+    # line, quadratic in a long multi-line turn (~60 ms of the event loop at the scan's limit).
+    turns: list[tuple[str, list[str]]] = []
     for line in body.splitlines():
-        turn = _TURN.match(line.strip())
+        stripped = line.strip()
+        turn = _TURN.match(stripped)
         if turn:
-            turns.append((turn.group(1).lower(), turn.group(2).strip()))
-        elif turns and line.strip():
-            role, text = turns[-1]
-            turns[-1] = (role, f"{text}\n{line.strip()}")
-    return turns
+            turns.append((turn.group(1).lower(), [turn.group(2).strip()]))
+        elif turns and stripped:
+            turns[-1][1].append(stripped)
+    return [(role, "\n".join(lines)) for role, lines in turns]
 
 
 def _text(content: Any) -> str:
