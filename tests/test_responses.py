@@ -629,6 +629,10 @@ def test_length_cut_is_an_incomplete_response(client):
         ({"model": "fake_async", "input": ""}, "input"),
         ({"model": "fake_async", "input": [], "instructions": "be brief"}, "input"),
         ({"model": "fake_async", "input": [{"type": "reasoning", "summary": []}]}, "input"),
+        # OpenAI's metadata limits: 16 pairs, keys up to 64 characters, values up to 512.
+        ({"model": "fake_async", "input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"model": "fake_async", "input": "x", "metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"model": "fake_async", "input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
     ],
 )
 def test_bad_requests_are_400_envelopes(server, body, param):
@@ -637,6 +641,13 @@ def test_bad_requests_are_400_envelopes(server, body, param):
     error = response.json()["error"]
     assert error["param"] == param
     assert "Value error" not in error["message"]  # pydantic's wording stays out
+
+
+def test_metadata_at_openais_limits_is_echoed(client):
+    metadata = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
+    response = client.responses.create(model="fake_async", input="x", metadata=metadata)
+    assert response.metadata == metadata
+    assert client.responses.retrieve(response.id).metadata == metadata
 
 
 def test_function_call_output_round_trips_as_a_tool_message(client, upstream):

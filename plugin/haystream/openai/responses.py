@@ -24,6 +24,9 @@ EXTENSION = "haystream.extension"  # the type of a log entry that is not a Respo
 Status = Literal["queued", "in_progress", "completed", "failed", "incomplete", "cancelled"]
 
 
+_METADATA_PAIRS, _METADATA_KEY_CHARS, _METADATA_VALUE_CHARS = 16, 64, 512
+
+
 class ResponsesRequest(BaseModel):
     """The subset of a `POST /v1/responses` body that haystream reads; the rest reaches the wrapper in `body`."""
 
@@ -52,6 +55,21 @@ class ResponsesRequest(BaseModel):
     def _input_shape(cls, value: Any) -> Any:
         if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(i, dict) for i in value)):
             raise ValueError("must be a string or an array of input items (objects)")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_within_openais_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        # OpenAI's limits; the response echoes `metadata` and stores it, so without them one request's thousands of
+        # pairs were kept with every stored response and sent back in every event that carries the response.
+        if value is not None:
+            if len(value) > _METADATA_PAIRS:
+                raise ValueError(f"at most {_METADATA_PAIRS} key-value pairs, got {len(value)}")
+            for key, text in value.items():
+                if len(key) > _METADATA_KEY_CHARS:
+                    raise ValueError(f"keys are at most {_METADATA_KEY_CHARS} characters; {key[:20]!r}… is longer")
+                if len(text) > _METADATA_VALUE_CHARS:
+                    raise ValueError(f"values are at most {_METADATA_VALUE_CHARS} characters; {key!r}'s is longer")
         return value
 
     @field_validator("tool_choice", mode="before")
