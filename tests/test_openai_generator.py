@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import haystack.components.generators.chat.openai as haystack_openai_module
 import openai
 import pytest
 from haystack import Pipeline
@@ -384,6 +385,23 @@ async def test_streaming_builds_no_sdk_client_and_the_first_call_without_streami
     assert reply.text == "t0 t1 " and generator.async_client is not None
     sync_reply = (await asyncio.to_thread(generator.run, USER))["replies"][0]
     assert sync_reply.text == "t0 t1 " and generator.client is not None
+
+
+async def test_concurrent_first_calls_without_streaming_build_one_sdk_client(upstream, monkeypatch):
+    built: list[object] = []
+
+    class CountedAsyncOpenAI(openai.AsyncOpenAI):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    # Haystack's generator builds its client with the name its module imported.
+    monkeypatch.setattr(haystack_openai_module, "AsyncOpenAI", CountedAsyncOpenAI)
+    generator = make("haystream", upstream, "fake?tokens=2")
+    # Every call finds no client before any of them has built one (nothing awaits before the build).
+    results = await asyncio.gather(*(generator.run_async(USER) for _ in range(4)))
+    assert [r["replies"][0].text for r in results] == ["t0 t1 "] * 4
+    assert built == [generator.async_client]
 
 
 # --- cancellation --------------------------------------------------------------------------------------------------
