@@ -798,6 +798,23 @@ def test_a_run_routes_failure_reaches_the_client_redacted(locked, monkeypatch, t
     assert response.headers["x-request-id"]
 
 
+def test_hayhooks_refusals_reach_the_client_in_the_openai_envelope_with_their_detail(locked):
+    # FastAPI answers hayhooks' refusals with {"detail": ...} only, which OpenAI clients do not parse.
+    invalid = httpx.post(locked.url + "/probe/run", json={"txt": "hi", "extra": 1}, headers=AUTH)
+    error = assert_envelope(invalid, 422)
+    assert error["type"] == "invalid_request_error" and error["param"] == "text"
+    assert error["message"].startswith("text: Field required")
+    assert invalid.json()["detail"][0]["loc"] == ["body", "text"]  # hayhooks' own answer, kept for its clients
+
+    missing = httpx.get(locked.url + "/status/nowhere", headers=AUTH)
+    error = assert_envelope(missing, 404)
+    assert error["type"] == "not_found_error" and error["message"] == "Pipeline 'nowhere' not found"
+    assert missing.json()["detail"] == "Pipeline 'nowhere' not found"
+
+    # The wrapper's own answers pass untouched.
+    assert httpx.post(locked.url + "/probe/run", json={"text": "hi"}, headers=AUTH).json()["result"].startswith("{")
+
+
 def test_wrappers_do_not_receive_credentials(locked):
     headers = {**AUTH, "Cookie": "session=abc", "X-Custom": "kept"}
     chat = httpx.post(

@@ -358,10 +358,12 @@ def test_a_path_or_method_nothing_serves_gets_the_openai_envelope(http, client):
     wrong_method = http.delete("/status")  # hayhooks routes GET only
     assert wrong_method.headers["allow"] == "GET"  # FastAPI's other headers are kept
     assert "DELETE" in assert_envelope(wrong_method, 405)["message"]
-    # hayhooks' own answers pass as they are, its own 404s included.
+    # hayhooks' own answers pass as they are; its own refusals keep what they said and gain the envelope.
     assert http.get("/status").json()["status"] == "Up!"
     missing = http.get("/status/no_such_pipeline")
-    assert (missing.status_code, set(missing.json())) == (404, {"detail"})
+    assert (
+        assert_envelope(missing, 404)["message"] == missing.json()["detail"] == "Pipeline 'no_such_pipeline' not found"
+    )
 
 
 def test_an_unforeseen_fault_is_a_500_envelope_and_logged(http, monkeypatch):

@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from starlette.datastructures import Headers
 from haystream._compat import hayhooks_registry, sequential_startup
 from haystream._compat import hayhooks_settings as hayhooks_settings_object
 from haystream.openai import OpenAIError, parse_chat_request
-from haystream.openai.errors import redact
 from haystream.openai.request import check_bounds
 from haystream.openai.responses import input_items, parse_responses_request
 from haystream.openwebui.activity import ClientStyle, client_style
@@ -54,6 +53,7 @@ from haystream.server.auth import ANONYMOUS, Caller
 from haystream.server.chat import ChatResponse, failure_error
 from haystream.server.drain import Drain
 from haystream.server.gate import CALLER_KEY, Gate, allowed_hosts, without_private_headers
+from haystream.server.hayhooks_errors import INTERNAL_ERROR, openai_shaped_errors
 from haystream.server.limits import StreamLimits
 from haystream.server.response_store import create_store
 from haystream.server.responses import ResponsesEndpoint, wrapper_body
@@ -135,8 +135,7 @@ class HaystreamApp:
             elif match := RESPONSE_PATH.fullmatch(path):
                 await self._response(scope, receive, send, match.group(1), action=match.group(2))
             else:
-                redacted = _server_errors_redacted(send, self.settings.secrets)
-                await self.hayhooks_app(scope, receive, _openai_shaped_no_route(scope, redacted))
+                await self.hayhooks_app(scope, receive, openai_shaped_errors(scope, send, self.settings.secrets))
         except OpenAIError as error:
             if path in CHAT_PATHS:
                 metrics.refused(_chat_route(for_openwebui), error.status)
@@ -609,90 +608,6 @@ def _route_path(scope: Scope, root_path: str = "") -> str:
         if root and path.startswith(root + "/"):
             path = path[len(root) :]
     return path
-
-
-INTERNAL_ERROR = OpenAIError(500, "The server had an error while processing your request.", code="internal_error")
-# FastAPI's answers for a path, or a method, that hayhooks has no route for.
-_NO_ROUTE_BODIES = {404: b'{"detail":"Not Found"}', 405: b'{"detail":"Method Not Allowed"}'}
-
-
-def _openai_shaped_no_route(scope: Scope, send: Send) -> Send:
-    """hayhooks' `send`, with FastAPI's answer to a path or method it has no route for (`{"detail": "Not Found"}`)
-    turned into the OpenAI error envelope that OpenAI clients parse; every other answer passes as it is."""
-    held: Message | None = None
-
-    async def no_route_as_openai_error(message: Message) -> None:
-        nonlocal held
-        if message["type"] == "http.response.start" and message["status"] in _NO_ROUTE_BODIES:
-            held = message  # until its body shows whether it is the generic answer
-            return
-        if held is not None:
-            start, held = held, None
-            if message.get("body") == _NO_ROUTE_BODIES[start["status"]] and not message.get("more_body"):
-                if start["status"] == 404:
-                    error = OpenAIError(404, f"Invalid URL ({scope['method']} {scope['path'][:256]})")
-                else:
-                    error = OpenAIError(405, f"Method {scope['method']} is not allowed on {scope['path'][:256]}.")
-                kept = [(n, v) for n, v in start["headers"] if n.lower() not in (b"content-type", b"content-length")]
-                await send_error(send, error, headers=kept, detail=True)  # hayhooks' CLI calls such paths
-                return
-            await send(start)
-        await send(message)
-
-    return no_route_as_openai_error
-
-
-_HELD_ERROR_BYTES = 64 * 1024  # of a 5xx body, read for its message; the rest is dropped
-
-
-def _server_errors_redacted(send: Send, secrets: Sequence[str]) -> Send:
-    """hayhooks' `send`, with a 5xx answer turned into the OpenAI envelope whose message is the first line of its
-    `detail`, redacted as haystream's own failures are.
-
-    hayhooks answers a `run_api` that raised with 500 `{"detail": "Pipeline execution failed: <the error>"}`: the
-    error's text as it was (an upstream URL with its password, an `api_key=`, the server's keys), and with
-    `HAYHOOKS_SHOW_TRACEBACKS` the traceback after it."""
-    held: Message | None = None
-    parts: list[bytes] = []
-    size = 0
-
-    async def redacted(message: Message) -> None:
-        nonlocal held, size
-        if message["type"] == "http.response.start" and message["status"] >= 500:
-            held = message  # until its body is read
-            return
-        if held is None or message["type"] != "http.response.body":
-            await send(message)
-            return
-        body = message.get("body", b"")
-        if size < _HELD_ERROR_BYTES:
-            parts.append(body[: _HELD_ERROR_BYTES - size])
-        size += len(body)
-        if message.get("more_body", False):
-            return
-        start, held = held, None
-        detail = _detail(b"".join(parts))
-        if detail is None:
-            error = OpenAIError(start["status"], INTERNAL_ERROR.message, code="internal_error")
-        else:
-            first_line = detail.strip().split("\n", 1)[0]
-            error = OpenAIError(start["status"], redact(first_line, secrets)[:_DETAIL_SHOWN], code="pipeline_error")
-        kept = [(n, v) for n, v in start["headers"] if n.lower() not in (b"content-type", b"content-length")]
-        await send_error(send, error, headers=kept, detail=True)  # hayhooks' CLI shows `detail`
-
-    return redacted
-
-
-_DETAIL_SHOWN = 500
-
-
-def _detail(body: bytes) -> str | None:
-    """The `detail` text of a FastAPI error body, or None."""
-    try:
-        detail = orjson.loads(body).get("detail")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return detail if isinstance(detail, str) and detail.strip() else None
 
 
 def _require_method(scope: Scope, *methods: str, also: tuple[str, ...] = ()) -> None:
