@@ -811,8 +811,15 @@ def test_hayhooks_refusals_reach_the_client_in_the_openai_envelope_with_their_de
     assert error["type"] == "not_found_error" and error["message"] == "Pipeline 'nowhere' not found"
     assert missing.json()["detail"] == "Pipeline 'nowhere' not found"
 
-    # The wrapper's own answers pass untouched.
+    refused = httpx.post(locked.url + "/probe/run", json={"text": "refuse:30"}, headers=AUTH)
+    assert (
+        assert_envelope(refused, 400)["message"] == refused.json()["detail"].strip() == "no no no no no no no no no no"
+    )
+
+    # The wrapper's own answers pass untouched, a refusal too long to be read for its message too.
     assert httpx.post(locked.url + "/probe/run", json={"text": "hi"}, headers=AUTH).json()["result"].startswith("{")
+    long = httpx.post(locked.url + "/probe/run", json={"text": "refuse:90000"}, headers=AUTH)
+    assert long.status_code == 400 and set(long.json()) == {"detail"} and len(long.json()["detail"]) == 90000
 
 
 def test_wrappers_do_not_receive_credentials(locked):

@@ -42,10 +42,19 @@ def openai_shaped_errors(scope: Scope, send: Send, secrets: Sequence[str]) -> Se
             await send(message)
             return
         body = message.get("body", b"")
-        if size < _HELD_ERROR_BYTES:
-            parts.append(body[: _HELD_ERROR_BYTES - size])
+        more = message.get("more_body", False)
+        room = _HELD_ERROR_BYTES - size
         size += len(body)
-        if message.get("more_body", False):
+        if size > _HELD_ERROR_BYTES and held["status"] < 500:
+            # Longer than any error answer of FastAPI's: the route's own, passed on as it is from here.
+            start, held = held, None
+            await send(start)
+            await send({"type": "http.response.body", "body": b"".join((*parts, body)), "more_body": more})
+            parts.clear()
+            return
+        if room > 0:
+            parts.append(body[:room])
+        if more:
             return
         start, held = held, None
         await _answer(scope, send, start, b"".join(parts), complete=size <= _HELD_ERROR_BYTES, secrets=secrets)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from fastapi import HTTPException
 from hayhooks import BasePipelineWrapper
 from haystack.dataclasses import ChatMessage
 from starlette.datastructures import Headers
@@ -25,6 +26,8 @@ class PipelineWrapper(BasePipelineWrapper):
     def run_api(self, text: str, headers: Headers | None = None) -> str:
         if text == "leak":
             raise RuntimeError(LEAK)
+        if text.startswith("refuse:"):  # "refuse:N": a 400 whose detail is N characters
+            raise HTTPException(400, detail="no " * (int(text[7:]) // 3))
         names = sorted(headers.keys()) if headers is not None else []
         return orjson.dumps({"text": text.upper(), "headers": names}).decode()
 
