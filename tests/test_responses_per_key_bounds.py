@@ -10,7 +10,9 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
+import orjson
 import pytest
 
 from haystream.server.response_store import RedisStore, StoredResponse
@@ -188,6 +190,29 @@ def test_a_deleted_running_background_response_leaves_nothing_in_redis(upstream,
     with redis_client(url) as direct:
         assert not direct.exists(f"haystream:responses:{created.id}:events")
         assert direct.hlen(f"haystream:responses:key:{FLOOD}:sizes") in (0, 1)  # nothing, or a zero total
+
+
+def test_a_replay_on_another_replica_of_a_response_deleted_meanwhile_ends_with_an_error_event(upstream, redis):
+    # The run's last append (`response.cancelled`) made a deleted response's log again, and a replay on another
+    # replica read it; now that a removed response gets no events, that replay would end without a word, which reads
+    # as a complete stream. It ends with an `error` event (`response_not_found`) instead.
+    url = fresh_database(redis) + "?socket_timeout=1"  # blocking reads of half a second: the removal is seen soon
+    with replicas(upstream, url, keepalive_seconds=1) as servers, httpx.Client(timeout=30) as http:
+        headers = {"authorization": f"Bearer {FLOOD}"}
+        scenario = unique("fake?tokens=2000&hold_after=1")
+        body = {"model": "fake_async", "input": "hi", "background": True, "scenario": scenario}
+        created = http.post(servers[0].url + "/v1/responses", json=body, headers=headers).json()
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        replay_url = f"{servers[1].url}/v1/responses/{created['id']}?stream=true"
+        with http.stream("GET", replay_url, headers=headers) as replay:
+            lines = replay.iter_lines()
+            next(line for line in lines if line == "event: response.output_text.delta")
+            assert http.delete(f"{servers[0].url}/v1/responses/{created['id']}", headers=headers).status_code == 200
+            rest = [orjson.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+        assert record.wait().client_hung_up
+    assert [event["type"] for event in rest][1:] == ["error"]  # after the delta whose name line was read
+    assert (rest[-1]["code"], rest[-1]["param"]) == ("response_not_found", None)
+    assert created["id"] in rest[-1]["message"]
 
 
 # The Redis index, at the store ------------------------------------------------------------------------------------

@@ -42,6 +42,20 @@ class StoreUnavailable(OpenAIError):
         )
 
 
+class ResponseGone(OpenAIError):
+    """A response followed from the store was removed before its end: deleted, dropped to make room for its key's
+    newer ones, or expired."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(
+            404,
+            f"Response with id '{id}' was removed (deleted, dropped for newer responses of its key, or expired) "
+            "before its end.",
+            param="response_id",
+            code="response_not_found",
+        )
+
+
 @dataclass
 class StoredResponse:
     """One stored response: whose it is, the `response` object, the conversation up to and including it, and its own
@@ -124,7 +138,8 @@ class ResponseStore(Protocol):
         gone)."""
 
     def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
-        """Replay the events after `after`, then follow live until a terminal event."""
+        """Replay the events after `after`, then follow live until a terminal event (`ResponseGone` if the response
+        is removed before it)."""
 
     async def request_cancel(self, id: str) -> None:
         """Ask whichever process runs `id` to cancel it."""
@@ -458,7 +473,9 @@ class RedisStore:
             with self._reachable():
                 found: Any = await self._redis.xread({log: cursor}, block=max(1, int(wait * 1000)), count=512)
                 if not found and not await self._redis.exists(log, self._key(id)):
-                    return  # deleted or expired while we waited
+                    # Before its terminal event (after it, the follow ended): a replay ending here without a word
+                    # would look complete to a client that does not check for the end.
+                    raise ResponseGone(id)
                 if not found and await self._ended_within(log, after):
                     return  # it ended with an event at or before `after`: nothing more will come
             if not found:

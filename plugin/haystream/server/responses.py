@@ -39,6 +39,7 @@ from haystream.server.response_store import (
     RUNNING_STATUSES,
     Batch,
     EventLog,
+    ResponseGone,
     ResponseStore,
     StoredResponse,
     StoreUnavailable,
@@ -449,7 +450,7 @@ class ResponsesEndpoint:
                 except TimeoutError:
                     logger.warning("a Responses client read nothing for %gs; dropped", self._send_timeout)
                     return
-        except StoreUnavailable as error:  # the stored log can no longer be read: say so, then end
+        except (StoreUnavailable, ResponseGone) as error:  # the stored log can no longer be read: say so, then end
             error_event = {
                 "type": "error",
                 "code": error.code,
