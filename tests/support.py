@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -140,3 +141,15 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         self._workdir.cleanup()
+
+
+@contextlib.contextmanager
+def redis_client(url: str) -> Iterator[Any]:
+    """A plain (sync) redis-py client of `url`, to look at what the store wrote."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        client.close()

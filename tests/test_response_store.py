@@ -4,20 +4,18 @@ on the same port, real servers, the openai SDK and httpx."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from haystream.server.response_store import RedisStore, StoredResponse, StoreUnavailable
-from support import RedisServer, serving, unique
+from support import RedisServer, redis_client, serving, unique
 
 
 class LogHeard(logging.Handler):
@@ -50,17 +48,6 @@ def reconnected() -> Iterator[LogHeard]:
         yield heard
     finally:
         logger.removeHandler(heard)
-
-
-@contextlib.contextmanager
-def redis_client(redis: RedisServer) -> Iterator[Any]:
-    import redis as redis_py
-
-    client = redis_py.Redis.from_url(redis.url)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def ask(scenario: str = "fake?tokens=3", **fields: object) -> dict[str, object]:
@@ -165,7 +152,7 @@ def test_a_foreground_response_is_stored_from_its_start_but_only_background_ones
             replayed = sdk.responses.retrieve(background.id, stream=True)  # follows it to its end
             assert [event.type for event in replayed][-1] == "response.completed"
             if redis is not None:
-                with redis_client(redis) as direct:
+                with redis_client(redis.url) as direct:
                     assert not direct.exists(f"haystream:responses:{done.id}:events")
                     assert direct.exists(f"haystream:responses:{background.id}:events")
     finally:
@@ -204,7 +191,7 @@ async def test_a_store_call_that_is_cancelled_at_any_turn_raises_cancelled():
     replica while it stored an event then went on waiting for its (held) upstream: the cancel was lost, the run
     ended at shutdown. Cancelled at each loop turn of each command in turn, every call must raise."""
     redis = RedisServer().start()
-    store = RedisStore(redis.url, ttl_seconds=60)
+    store = RedisStore(redis.url, ttl_seconds=60, max_stored=1000, max_bytes=2**20)
     record = StoredResponse("key", {"id": "resp_1", "status": "in_progress"}, [])
     sequence = itertools.count()
 
@@ -214,7 +201,7 @@ async def test_a_store_call_that_is_cancelled_at_any_turn_raises_cancelled():
     operations = {
         "save": lambda: store.save(record),
         "get": lambda: store.get("resp_1", "key"),
-        "append": lambda: store.append("resp_1", event()),
+        "append": lambda: store.append("resp_1", "key", event()),
     }
     try:
         await store.save(record)  # connected: the turns counted below are those of one command

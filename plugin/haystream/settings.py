@@ -123,14 +123,18 @@ class ServerSettings(BaseSettings):
         le=MAX_TTL_SECONDS,
         description="How long stored Responses (and their event logs, for resuming) are kept.",
     )
+    # Per key id, not in all: a key that stores more then drops its own oldest responses, never another key's.
     responses_max_stored: int = Field(
-        1000, ge=1, description="Stored Responses kept in memory at most (oldest dropped first); Redis uses the TTL."
+        1000,
+        ge=1,
+        description="Stored Responses kept per API key at most, in memory or Redis (that key's oldest finished one "
+        "dropped first).",
     )
     responses_max_stored_bytes: int = Field(
         128 * 1024 * 1024,
         ge=1024,
-        description="Size (as JSON) of the stored Responses kept in memory at most, conversations and background "
-        "events included (oldest dropped first); Redis uses the TTL.",
+        description="Size (as JSON) of the stored Responses kept per API key at most, in memory or Redis, "
+        "conversations and background events included (that key's oldest finished one dropped first).",
     )
     redis_url: str | None = Field(
         None,

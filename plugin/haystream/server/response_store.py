@@ -42,6 +42,20 @@ class StoreUnavailable(OpenAIError):
         )
 
 
+class ResponseGone(OpenAIError):
+    """A response followed from the store was removed before its end: deleted, dropped to make room for its key's
+    newer ones, or expired."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(
+            404,
+            f"Response with id '{id}' was removed (deleted, dropped for newer responses of its key, or expired) "
+            "before its end.",
+            param="response_id",
+            code="response_not_found",
+        )
+
+
 @dataclass
 class StoredResponse:
     """One stored response: whose it is, the `response` object, the conversation up to and including it, and its own
@@ -110,7 +124,8 @@ class ResponseStore(Protocol):
     """What the Responses endpoint needs from a store."""
 
     async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
-        """Create or replace a record (`log`: the run's local event log, which the memory store keeps)."""
+        """Create or replace a record (`log`: the run's local event log, which the memory store keeps); past its key
+        id's bounds, drop that key's oldest finished records."""
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         """The record if it exists, has not expired, and belongs to `key_id`."""
@@ -118,11 +133,13 @@ class ResponseStore(Protocol):
     async def delete(self, id: str, key_id: str) -> bool:
         """Forget a record and its events; False when there was none (for this key)."""
 
-    async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
-        """Add events to the response's shared log."""
+    async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
+        """Add events to the log of `key_id`'s response `id` (counted in the key's size; nothing once the record is
+        gone)."""
 
     def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
-        """Replay the events after `after`, then follow live until a terminal event."""
+        """Replay the events after `after`, then follow live until a terminal event (`ResponseGone` if the response
+        is removed before it)."""
 
     async def request_cancel(self, id: str) -> None:
         """Ask whichever process runs `id` to cancel it."""
@@ -146,15 +163,40 @@ class _MemoryEntry:
     size: int  # JSON bytes of the record and its events, what the size bound counts
 
 
+@dataclass
+class _KeyShare:
+    """One key id's stored responses in memory: the finished ones in the order they were stored (the first goes
+    first), the running ones (never dropped), and the size of them all."""
+
+    finished: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    running: set[str] = field(default_factory=set)
+    size: int = 0
+
+    def __len__(self) -> int:
+        return len(self.finished) + len(self.running)
+
+    def oldest_finished(self, newest: str) -> str | None:
+        """The finished response to drop first: never `newest`, the one just stored (the last, if it is finished)."""
+        ids = iter(self.finished)
+        oldest = next(ids, None)
+        return next(ids, None) if oldest == newest else oldest
+
+
 class MemoryStore:
-    """Records in this process, bounded by count and by size (oldest dropped first) and by TTL."""
+    """Records in this process, bounded per key id by count and by size (its oldest finished one dropped first) and by
+    TTL.
+
+    The bounds hold per key id, not for the process: a key that stores more drops only its own records, never another
+    key's (whose `previous_response_id` chains would break). In all, the store holds at most the number of key ids
+    (the configured keys, or one anonymous id without keys) times the bounds.
+    """
 
     def __init__(self, ttl_seconds: float, max_stored: int, max_bytes: int) -> None:
         self.ttl = ttl_seconds
         self.max_stored = max_stored
         self.max_bytes = max_bytes
-        self._records: OrderedDict[str, _MemoryEntry] = OrderedDict()
-        self._bytes = 0
+        self._records: OrderedDict[str, _MemoryEntry] = OrderedDict()  # every key's, in the order they expire
+        self._shares: dict[str, _KeyShare] = {}
         self._on_cancel: Callable[[str], None] = lambda id: None
 
     async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
@@ -167,18 +209,21 @@ class MemoryStore:
         size = len(orjson.dumps([record.response, record.messages, record.input_items]))
         size += len(orjson.dumps(log.events)) if log else 0
         now = time.monotonic()
+        self._drop_expired(now)
         self._records[id] = _MemoryEntry(now + self.ttl, record, log, size)
-        self._bytes += size
-        while len(self._records) > 1:  # the newest stays, however large
-            oldest_id, oldest = next(iter(self._records.items()))
-            if len(self._records) <= self.max_stored and self._bytes <= self.max_bytes:
-                if oldest.expires > now:
-                    break
-                self._forget(oldest_id)  # expired
-                continue
-            victim = self._oldest_finished(id)
+        share = self._shares.setdefault(record.key_id, _KeyShare())
+        # A running background response is not dropped to make room: its GET and cancel would answer 404 while it
+        # goes on running (and it would come back, stored again, when it ends). At most HAYSTREAM_MAX_STREAMS_PER_KEY
+        # of them run at once.
+        if record.response.get("status") in RUNNING_STATUSES:
+            share.running.add(id)
+        else:
+            share.finished[id] = None
+        share.size += size
+        while len(share) > self.max_stored or share.size > self.max_bytes:
+            victim = share.oldest_finished(id)  # the newest stays, however large
             if victim is None:
-                break  # only running responses are left (at most HAYSTREAM_MAX_STREAMS of them), and the newest
+                break  # only running responses are left, and the newest
             self._forget(victim)
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
@@ -191,7 +236,7 @@ class MemoryStore:
         self._forget(id)
         return True
 
-    async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
+    async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
         pass  # the run's EventLog, kept with the record, is the log
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
@@ -209,15 +254,15 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._records.clear()
-        self._bytes = 0
+        self._shares.clear()
 
-    def _oldest_finished(self, newest: str) -> str | None:
-        # A running background response is not dropped to make room: its GET and cancel would answer 404 while it
-        # goes on running (and it would come back, stored again, when it ends).
-        for id, entry in self._records.items():
-            if id != newest and entry.record.response.get("status") not in RUNNING_STATUSES:
-                return id
-        return None
+    def _drop_expired(self, now: float) -> None:
+        # One TTL for all: the first record stored expires first, whoever's it is (an idle key's too).
+        while self._records:
+            id, oldest = next(iter(self._records.items()))
+            if oldest.expires > now:
+                return
+            self._forget(id)
 
     def _live(self, id: str) -> _MemoryEntry | None:
         entry = self._records.get(id)
@@ -229,18 +274,115 @@ class MemoryStore:
     def _forget(self, id: str) -> _MemoryEntry | None:
         entry = self._records.pop(id, None)
         if entry is not None:
-            self._bytes -= entry.size
+            key_id = entry.record.key_id
+            share = self._shares[key_id]
+            share.finished.pop(id, None)
+            share.running.discard(id)
+            share.size -= entry.size
+            if not share:
+                del self._shares[key_id]  # a key that holds nothing leaves nothing behind
         return entry
 
 
+# Each key id's index in Redis: KEYS = its finished and its running responses (sorted sets, scored by when each record
+# expires: the first finished one goes first) and a hash of sizes (the record's JSON bytes under its id, its events'
+# under `id:events`, the key's sum under `total`); ARGV[1] = the prefix of record and event-log keys. Every command
+# is O(1) or O(log n) in the key's own records: nothing scans the keys of Redis or the index.
+_INDEX = """
+local finished, running, sizes, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+local function forget(id)
+  local size = (tonumber(redis.call('HGET', sizes, id)) or 0)
+  size = size + (tonumber(redis.call('HGET', sizes, id .. ':events')) or 0)
+  redis.call('HDEL', sizes, id, id .. ':events')
+  redis.call('HINCRBY', sizes, 'total', -size)
+  redis.call('ZREM', finished, id)
+  redis.call('ZREM', running, id)
+  redis.call('DEL', prefix .. id, prefix .. id .. ':events')
+end
+"""
+
+# ARGV: prefix, id, record JSON, TTL in seconds, 1 if running, the key's count bound, its size bound. Atomic (one
+# script), so replicas and concurrent writers of one key never overshoot its bounds, nor drop another key's records.
+_SAVE = (
+    _INDEX
+    + """
+local id, payload, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]) * 1000
+local max_stored, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+-- Records that expired (Redis dropped them by their TTL) leave the index too: a few per save, each once.
+for _, index in ipairs({finished, running}) do
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, 16)) do
+    if gone ~= id then forget(gone) end
+  end
+end
+local before = tonumber(redis.call('HGET', sizes, id)) or 0
+redis.call('SET', prefix .. id, payload, 'PX', ttl)
+redis.call('HSET', sizes, id, #payload)
+redis.call('HINCRBY', sizes, 'total', #payload - before)
+if ARGV[5] == '1' then
+  redis.call('ZADD', running, now + ttl, id)
+  redis.call('ZREM', finished, id)
+else
+  redis.call('ZADD', finished, now + ttl, id)
+  redis.call('ZREM', running, id)
+end
+-- Past the bounds, this key's oldest finished record goes (never a running one, never the one just stored).
+local dropped = 0
+while redis.call('ZCARD', finished) + redis.call('ZCARD', running) > max_stored
+    or tonumber(redis.call('HGET', sizes, 'total')) > max_bytes do
+  local oldest = redis.call('ZRANGE', finished, 0, 1)
+  local victim = oldest[1]
+  if victim == id then victim = oldest[2] end
+  if not victim then break end
+  forget(victim)
+  dropped = dropped + 1
+end
+-- The index lives as long as its last record (another replica may have a longer TTL: never shortened).
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+return dropped
+"""
+)
+
+# ARGV: prefix, id, TTL in seconds, then a stream id and an event's JSON per event. A record that is gone (deleted,
+# dropped, expired) gets no events: they would be a log without a record, uncounted, for a TTL.
+_APPEND = (
+    _INDEX
+    + """
+local id, ttl = ARGV[2], tonumber(ARGV[3])
+if redis.call('HEXISTS', sizes, id) == 0 then return 0 end
+local log, size = prefix .. id .. ':events', 0
+for i = 4, #ARGV, 2 do
+  redis.call('XADD', log, ARGV[i], 'e', ARGV[i + 1])
+  size = size + #ARGV[i + 1]
+end
+redis.call('EXPIRE', log, ttl)
+redis.call('HINCRBY', sizes, id .. ':events', size)
+redis.call('HINCRBY', sizes, 'total', size)
+return 1
+"""
+)
+
+# ARGV: prefix, id.
+_DELETE = _INDEX + "forget(ARGV[2])"
+
+
 class RedisStore:
-    """Records as JSON keys with a TTL, event logs as Redis streams (`XADD`, `XREAD BLOCK`), cancels by pub/sub."""
+    """Records as JSON keys with a TTL, event logs as Redis streams (`XADD`, `XREAD BLOCK`), cancels by pub/sub.
+
+    Bounded per key id like the memory store, by an index per key id that Lua scripts keep (atomic in Redis, so across
+    replicas); the scripts name record keys they compute, so one Redis (or primary), not a Redis Cluster.
+    """
 
     CANCEL_CHANNEL = "haystream:responses:cancel"
     #: Waits between attempts to (re)subscribe to the cancel channel while Redis is unreachable: doubling up to this.
     RECONNECT_MAX_SECONDS = 30.0
 
-    def __init__(self, url: str, ttl_seconds: float, prefix: str = "haystream:responses:") -> None:
+    def __init__(
+        self, url: str, ttl_seconds: float, max_stored: int, max_bytes: int, prefix: str = "haystream:responses:"
+    ) -> None:
         try:
             from redis import asyncio as aioredis
             from redis.asyncio.retry import Retry
@@ -258,7 +400,12 @@ class RedisStore:
         socket_timeout = options.get("socket_timeout", options.get("orig_socket_timeout"))  # redis-py 8 has the latter
         self._block_limit = socket_timeout / 2 if socket_timeout else None
         self.ttl = max(1, int(ttl_seconds))
+        self.max_stored = max_stored
+        self.max_bytes = max_bytes
         self._prefix = prefix
+        self._save = self._redis.register_script(_SAVE)
+        self._append = self._redis.register_script(_APPEND)
+        self._delete = self._redis.register_script(_DELETE)
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
 
@@ -280,8 +427,10 @@ class RedisStore:
                 "input_items": record.input_items,
             }
         )
+        running = record.response.get("status") in RUNNING_STATUSES
+        arguments = [record.response["id"], payload, self.ttl, int(running), self.max_stored, self.max_bytes]
         with self._reachable():
-            await self._redis.set(self._key(record.response["id"]), payload, ex=self.ttl)
+            await self._save(keys=self._index(record.key_id), args=[self._prefix, *arguments])
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         with self._reachable():
@@ -298,17 +447,16 @@ class RedisStore:
         if await self.get(id, key_id) is None:
             return False
         with self._reachable():
-            await self._redis.delete(self._key(id), self._log(id))
+            await self._delete(keys=self._index(key_id), args=[self._prefix, id])
         return True
 
-    async def append(self, id: str, events: Sequence[Mapping[str, Any]]) -> None:
+    async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
         # Stream ids "0-(n+1)" for sequence number n: XREAD after "0-(N+1)" is exactly "starting_after=N".
+        entries: list[Any] = []
+        for event in events:
+            entries += [f"0-{event['sequence_number'] + 1}", orjson.dumps(event)]
         with self._reachable():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for event in events:
-                    pipe.xadd(self._log(id), {"e": orjson.dumps(event)}, id=f"0-{event['sequence_number'] + 1}")
-                pipe.expire(self._log(id), self.ttl)
-                await pipe.execute()
+            await self._append(keys=self._index(key_id), args=[self._prefix, id, self.ttl, *entries])
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         log = self._log(id)
@@ -325,7 +473,9 @@ class RedisStore:
             with self._reachable():
                 found: Any = await self._redis.xread({log: cursor}, block=max(1, int(wait * 1000)), count=512)
                 if not found and not await self._redis.exists(log, self._key(id)):
-                    return  # deleted or expired while we waited
+                    # Before its terminal event (after it, the follow ended): a replay ending here without a word
+                    # would look complete to a client that does not check for the end.
+                    raise ResponseGone(id)
                 if not found and await self._ended_within(log, after):
                     return  # it ended with an event at or before `after`: nothing more will come
             if not found:
@@ -394,6 +544,10 @@ class RedisStore:
     def _key(self, id: str) -> str:
         return f"{self._prefix}{id}"
 
+    def _index(self, key_id: str) -> list[str]:
+        """The keys of `key_id`'s index (see `_INDEX`)."""
+        return [f"{self._prefix}key:{key_id}:{name}" for name in ("finished", "running", "sizes")]
+
     async def _ended_within(self, log: str, after: int) -> bool:
         """Whether the log's last event is terminal and numbered `after` or less: a follower past it waited for events
         that never come (pings until the log expired) where the memory store ends at once."""
@@ -424,7 +578,8 @@ def _cancellation_kept() -> Iterator[None]:
 
 
 def create_store(redis_url: str | None, ttl_seconds: float, max_stored: int, max_bytes: int) -> ResponseStore:
-    """The Redis store when a URL is configured, else the memory store."""
+    """The Redis store when a URL is configured, else the memory store; either bounded per key id by `max_stored`
+    records and `max_bytes` of them."""
     if redis_url:
-        return RedisStore(redis_url, ttl_seconds)
+        return RedisStore(redis_url, ttl_seconds, max_stored, max_bytes)
     return MemoryStore(ttl_seconds, max_stored, max_bytes)

@@ -39,6 +39,7 @@ from haystream.server.response_store import (
     RUNNING_STATUSES,
     Batch,
     EventLog,
+    ResponseGone,
     ResponseStore,
     StoredResponse,
     StoreUnavailable,
@@ -78,7 +79,7 @@ class ResponseRun:
         self.failure: OpenAIError | None = None  # why the run failed, if it did
         self._open_items = open_items
         self._store = store
-        self._key_id = key_id
+        self.key_id = key_id  # whose response it is: the store counts it in that key's bounds
         self._conversation = conversation
         self._input_items = input_items
         self._request_id = request_id
@@ -102,7 +103,7 @@ class ResponseRun:
         if response["status"] in ("completed", "incomplete"):
             messages = self._conversation + output_messages(response["output"])
         await self._store.save(
-            StoredResponse(self._key_id, response, messages, self._input_items),
+            StoredResponse(self.key_id, response, messages, self._input_items),
             self.log if self.request.background else None,
         )
 
@@ -208,7 +209,7 @@ class ResponseRun:
             # are for the client that asked only: a resume may come from any client.
             kept = [event for event in events if not is_extension(event)]
             if kept:
-                await self._store.append(self.id, kept)
+                await self._store.append(self.id, self.key_id, kept)
 
 
 class ResponsesEndpoint:
@@ -396,8 +397,9 @@ class ResponsesEndpoint:
         admission.__enter__()  # held until the run ends, not until this request ends
         try:
             run.log.append(run.events.created())
-            await self.store.append(run.id, run.log.events)
+            # The record first: the store keeps events only for a record it holds (and counts them in its key's size).
             await run.save()
+            await self.store.append(run.id, run.key_id, run.log.events)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -448,7 +450,7 @@ class ResponsesEndpoint:
                 except TimeoutError:
                     logger.warning("a Responses client read nothing for %gs; dropped", self._send_timeout)
                     return
-        except StoreUnavailable as error:  # the stored log can no longer be read: say so, then end
+        except (StoreUnavailable, ResponseGone) as error:  # the stored log can no longer be read: say so, then end
             error_event = {
                 "type": "error",
                 "code": error.code,
