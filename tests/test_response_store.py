@@ -221,6 +221,42 @@ async def test_a_store_call_that_is_cancelled_at_any_turn_raises_cancelled():
         redis.close()
 
 
+async def test_as_many_followers_as_the_server_admits_streams_each_get_a_connection():
+    """Each stream that follows a response from Redis holds a connection in a blocking read, and the server admits
+    `max_streams` of them: redis-py's default pool (100 connections) failed the 101st at once ("Too many
+    connections", a 503 to the client)."""
+    redis = RedisServer().start()
+    followers = 150
+    store = RedisStore(redis.url, ttl_seconds=60, max_stored=10, max_bytes=2**20, max_streams=followers)
+    record = StoredResponse("key", {"id": "resp_1", "status": "in_progress"}, [])
+    all_following = asyncio.Event()
+    following = 0
+
+    async def follow() -> list[int]:
+        nonlocal following
+        seen: list[int] = []
+        async for batch in store.follow("resp_1", -1, idle=60):
+            seen += [event["sequence_number"] for event in batch or ()]
+            if seen == [0]:
+                following += 1
+                if following == followers:
+                    all_following.set()
+        return seen
+
+    try:
+        await store.save(record)
+        await store.append("resp_1", "key", [{"type": "response.in_progress", "sequence_number": 0}])
+        tasks = [asyncio.ensure_future(follow()) for _ in range(followers)]
+        every_one = asyncio.ensure_future(all_following.wait())
+        done, _ = await asyncio.wait([every_one, *tasks], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        assert every_one in done, [task.exception() for task in done][:1]  # a follower that failed ends first
+        await store.append("resp_1", "key", [{"type": "response.completed", "sequence_number": 1}])
+        assert await asyncio.gather(*tasks) == [[0, 1]] * followers
+    finally:
+        await store.close()
+        redis.close()
+
+
 @pytest.mark.parametrize("use_redis", [False, True], ids=["memory", "redis"])
 def test_a_resume_past_the_last_event_of_a_finished_response_ends_at_once(upstream, use_redis):
     """A client that already had every event (it resumes after the terminal one, or later) got pings until the

@@ -104,6 +104,7 @@ class HaystreamApp:
                 settings.responses_ttl_seconds,
                 settings.responses_max_stored,
                 settings.responses_max_stored_bytes,
+                max_streams=settings.max_streams,
             ),
             keepalive_seconds=settings.keepalive_seconds,
             send_timeout_seconds=settings.send_timeout_seconds,

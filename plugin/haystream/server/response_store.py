@@ -380,8 +380,20 @@ class RedisStore:
     #: Waits between attempts to (re)subscribe to the cancel channel while Redis is unreachable: doubling up to this.
     RECONNECT_MAX_SECONDS = 30.0
 
+    #: Connections beyond one per stream: saves, appends and reads of the runs, and the cancel listener.
+    SPARE_CONNECTIONS = 32
+    #: How long a command waits for a free connection when every one is in use, before the store is unavailable.
+    CONNECTION_WAIT_SECONDS = 10.0
+
     def __init__(
-        self, url: str, ttl_seconds: float, max_stored: int, max_bytes: int, prefix: str = "haystream:responses:"
+        self,
+        url: str,
+        ttl_seconds: float,
+        max_stored: int,
+        max_bytes: int,
+        prefix: str = "haystream:responses:",
+        *,
+        max_streams: int = 1024,
     ) -> None:
         try:
             from redis import asyncio as aioredis
@@ -392,7 +404,17 @@ class RedisStore:
             raise RuntimeError("HAYSTREAM_REDIS_URL needs the redis package: pip install 'haystream[redis]'") from None
         # A pooled connection that Redis closed (a restart) fails on its next use: try twice more on a fresh one.
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2)
-        self._redis = aioredis.from_url(url, retry=retry, retry_on_error=[ConnectionError])
+        # Every stream that follows a response holds a connection in a blocking read, so the pool has one per stream
+        # the server admits (`max_streams`) and spares; redis-py's default pool (100) failed the 101st at once with
+        # "Too many connections". Connections open on demand: the size costs nothing until used.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_streams + self.SPARE_CONNECTIONS,
+            timeout=self.CONNECTION_WAIT_SECONDS,
+            retry=retry,
+            retry_on_error=[ConnectionError],
+        )
+        self._redis = aioredis.Redis.from_pool(pool)
         self._errors: type[Exception] = RedisError
         # redis-py >= 6 ends any read after `socket_timeout` (5 s by default), a blocking XREAD included: block for
         # less than that, and wait out the rest of an idle period with another XREAD.
@@ -577,9 +599,11 @@ def _cancellation_kept() -> Iterator[None]:
         raise asyncio.CancelledError
 
 
-def create_store(redis_url: str | None, ttl_seconds: float, max_stored: int, max_bytes: int) -> ResponseStore:
-    """The Redis store when a URL is configured, else the memory store; either bounded per key id by `max_stored`
-    records and `max_bytes` of them."""
+def create_store(
+    redis_url: str | None, ttl_seconds: float, max_stored: int, max_bytes: int, *, max_streams: int
+) -> ResponseStore:
+    """The Redis store when a URL is configured (with a connection for each of `max_streams` streams), else the
+    memory store; either bounded per key id by `max_stored` records and `max_bytes` of them."""
     if redis_url:
-        return RedisStore(redis_url, ttl_seconds, max_stored, max_bytes)
+        return RedisStore(redis_url, ttl_seconds, max_stored, max_bytes, max_streams=max_streams)
     return MemoryStore(ttl_seconds, max_stored, max_bytes)
