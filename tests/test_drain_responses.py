@@ -115,16 +115,19 @@ def test_a_background_response_running_at_the_drain_timeout_fails_for_every_repl
     ) as (process, base):
         scenario = held(tokens=2000)
         with sdk(base) as draining, sdk(replica.url) as other:
-            created = draining.responses.create(model="scenario", input=scenario, background=True)
+            # Followed by its creator (background and streamed) here, and by a resume on the other replica.
+            own = iter(draining.responses.create(model="scenario", input=scenario, background=True, stream=True))
+            created = until_first_text(own)[0].response
             record = upstream.wait_for_requests(1, model=scenario)[0]
-            events = iter(other.responses.retrieve(created.id, stream=True))  # a follower on the other replica
-            until_first_text(events)
+            resumed_elsewhere = iter(other.responses.retrieve(created.id, stream=True))
+            until_first_text(resumed_elsewhere)
             process.send_signal(signal.SIGTERM)
-            with pytest.raises(openai.APIError) as ended:
-                for event in events:
-                    assert event.type != "response.cancelled"
-            assert ended.value.code == "server_shutting_down"  # the SDK raises on `response.failed` with its error
-            assert "shut down" in ended.value.message
+            for events in (own, resumed_elsewhere):
+                with pytest.raises(openai.APIError) as ended:
+                    for event in events:
+                        assert event.type != "response.cancelled"
+                assert ended.value.code == "server_shutting_down"  # the SDK raises on `response.failed`'s error
+                assert "shut down" in ended.value.message
             stored = other.responses.retrieve(created.id)  # and a poll anywhere sees the same end
             assert stored.status == "failed"
             assert stored.error is not None and stored.error.code == "server_error"  # the SDK's codes
