@@ -14,7 +14,7 @@ os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 from haystack.components.generators.chat import OpenAIChatGenerator
 
 from haystream.testing import FakeUpstream, ServerThread, fake_chat_generator
-from support import start_server
+from support import RedisServer, start_server
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +57,13 @@ def client(server: ServerThread) -> openai.OpenAI:
 async def aclient(server: ServerThread) -> openai.AsyncOpenAI:
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as sdk:
         yield sdk
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    """A real redis-server for a test module (the test is skipped without one)."""
+    redis = RedisServer()
+    try:
+        yield redis.start().url
+    finally:
+        redis.close()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,6 +39,18 @@ def serve(upstream: FakeUpstream, *args: str, **env: str):
     }
     process = start_serve(["--port", str(port), "--pipelines-dir", str(OPS_WRAPPERS), *args], environment)
     return process, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def serving_process(upstream: FakeUpstream, *args: str, **env: str) -> Iterator[tuple[ServeProcess, str]]:
+    """`serve` for a `with` block: the process is killed at its end unless it has exited."""
+    process, base = serve(upstream, *args, **env)
+    try:
+        yield process, base
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def chat(scenario: str) -> dict:

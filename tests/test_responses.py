@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from support import RedisServer, sse, start_server, unique
+from support import sse, start_server, unique
 
 # A second server in this process shares hayhooks' registry, and fake_async's cached async clients belong to the
 # first server's loop: later servers use the sync wrapper, whose clients have no loop.
@@ -353,15 +353,6 @@ def test_other_base_paths(server, path):
 
 
 # Redis: two servers share one real redis-server --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    redis = RedisServer()
-    try:
-        yield redis.start().url
-    finally:
-        redis.close()
 
 
 @pytest.fixture(scope="module")

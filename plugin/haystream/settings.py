@@ -163,13 +163,14 @@ class ServerSettings(BaseSettings):
         5.0,
         ge=0,
         le=MAX_SECONDS,
-        description="After SIGTERM, how long the server keeps listening (new chat requests get 503).",
+        description="After SIGTERM, how long the server keeps listening (new chat and Responses requests get 503).",
     )
     drain_timeout: float = Field(
         30.0,
         gt=0,
         le=MAX_SECONDS,
-        description="After SIGTERM, how long running streams may take before they end with an error.",
+        description="After SIGTERM, how long running streams and background responses may take before they end with an "
+        "error.",
     )
     openwebui_tasks: Literal["heuristic", "wrapper", "pipeline"] = Field(
         "heuristic",

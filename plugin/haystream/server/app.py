@@ -106,13 +106,15 @@ class HaystreamApp:
                 settings.responses_max_stored_bytes,
                 max_streams=settings.max_streams,
             ),
+            drain=self.drain,
             keepalive_seconds=settings.keepalive_seconds,
             send_timeout_seconds=settings.send_timeout_seconds,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.hayhooks_app(scope, self._claim_registry(receive), self._watch_lifespan(send))
+            receive = self._finish_runs_at_shutdown(self._claim_registry(receive))
+            await self.hayhooks_app(scope, receive, self._watch_lifespan(send))
             return
         if scope["type"] != "http":
             await self.hayhooks_app(scope, receive, send)
@@ -170,6 +172,18 @@ class HaystreamApp:
             elif message["type"] == "lifespan.shutdown":
                 with _live_apps_lock:
                     _live_apps.discard(self)
+            return message
+
+        return watched
+
+    def _finish_runs_at_shutdown(self, receive: Receive) -> Receive:
+        """Let the Responses runs still going finish (while draining, until its timeout) before hayhooks hears of the
+        shutdown: background runs use its wrappers, and no connection keeps uvicorn waiting for them."""
+
+        async def watched() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.responses.finish_runs()
             return message
 
         return watched
@@ -315,6 +329,7 @@ class HaystreamApp:
 
     async def _create_response(self, scope: Scope, receive: Receive, send: Send, *, for_openwebui: bool) -> None:
         _require_method(scope, "POST")
+        self.drain.check()  # 503 while shutting down, as for chat
         raw = await read_body(scope, receive, self.settings.max_body_bytes, self.settings.body_timeout_seconds)
         check_json_body(scope, raw)
         request, body = parse_responses_request(raw, self.settings.max_messages, self.settings.max_content_parts)

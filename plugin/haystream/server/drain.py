@@ -1,10 +1,11 @@
 """Graceful drain: what the server does between SIGTERM and exit, so that no answer is cut in half.
 
 On SIGTERM (`DrainingServer.handle_exit`): `/ready` turns 503 at once; for `drain_grace_seconds` the server keeps
-accepting connections (load balancers need a moment to notice) but answers new chat requests with a 503 and
-`Retry-After`; then uvicorn stops listening and waits for the streams still running. At `drain_timeout_seconds`
-after the signal, streams still running end with an error event and `[DONE]`, never a bare cut, and the process
-exits 0. A second signal exits at once (uvicorn's own behaviour).
+accepting connections (load balancers need a moment to notice) but answers new chat and Responses requests with a 503
+and `Retry-After`; then uvicorn stops listening and waits for the streams still running (and the app, at its
+shutdown, for its background Responses runs). At `drain_timeout_seconds` after the signal, whatever still runs ends
+properly: chat streams with an error event and `[DONE]`, Responses runs with a stored `response.failed` (see
+`ResponsesEndpoint`), never a bare cut; the process exits 0. A second signal ends all of it at once and exits.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
@@ -30,15 +32,23 @@ logger = logging.getLogger("haystream.server")
 _DRAINS: weakref.WeakSet[Drain] = weakref.WeakSet()  # every app's drain in this process (one, when served)
 
 
+def shutdown_error(what: str) -> OpenAIError:
+    """The 503 of work the server ended because it shuts down; `what` says which and what to do."""
+    return OpenAIError(503, what, type="server_error", code="server_shutting_down", headers={"retry-after": "1"})
+
+
 class Drain:
-    """One app's drain state, and the chat answers it must end if the drain times out."""
+    """One app's drain state, the chat answers it must end if the drain times out, and what else must end then."""
 
     def __init__(self, grace_seconds: float, timeout_seconds: float) -> None:
         self.grace_seconds = grace_seconds
         self.timeout_seconds = timeout_seconds
         self.draining = False
+        self.expired = False
+        self.deadline = float("inf")  # `time.monotonic()` at which the drain times out, once it has begun
         self._running: set[asyncio.Task[Any]] = set()
         self._expired: set[asyncio.Task[Any]] = set()
+        self._at_timeout: list[Callable[[], None]] = []
         _DRAINS.add(self)
 
     @property
@@ -47,30 +57,38 @@ class Drain:
         return len(self._running)
 
     def begin(self) -> None:
-        """Stop taking chat requests (`/ready` says 503 from now on); running answers go on."""
+        """Stop taking chat and Responses requests (`/ready` says 503 from now on); running answers go on."""
         if not self.draining:
             self.draining = True
+            self.deadline = time.monotonic() + self.timeout_seconds
             metrics.draining(True)
-            logger.info("draining: %d chat answers running; new chat requests get 503", len(self._running))
+            logger.info(
+                "draining: %d chat answers running; new chat and Responses requests get 503", len(self._running)
+            )
+
+    def at_timeout(self, end: Callable[[], None]) -> None:
+        """Have `end` called (once, on the loop) when the drain times out: work other than chat answers that must end
+        properly then (the Responses runs and streams)."""
+        self._at_timeout.append(end)
 
     def expire(self) -> None:
-        """The drain timed out: end every answer still running (with an error event and `[DONE]`)."""
+        """The drain timed out (or a second signal came): end every answer still running (chat: an error event and
+        `[DONE]`), and call what `at_timeout` registered. Once: a second call would interrupt the first's endings."""
+        if self.expired:
+            return
+        self.expired = True
         if self._running:
             logger.warning("drain timeout: ending %d chat answers that are still running", len(self._running))
         for task in self._running:
             self._expired.add(task)
             task.cancel()
+        for end in self._at_timeout:
+            end()
 
     def check(self) -> None:
         """:raises OpenAIError: 503 with `Retry-After` while draining."""
         if self.draining:
-            raise OpenAIError(
-                503,
-                "The server is shutting down; retry on another replica.",
-                type="server_error",
-                code="server_shutting_down",
-                headers={"retry-after": "1"},
-            )
+            raise shutdown_error("The server is shutting down; retry on another replica.")
 
     async def run(self, answer: Callable[[Send], Awaitable[None]], send: Send, request_id: str) -> None:
         """Run one chat answer (in the current task); if the drain times out, end its response properly."""
@@ -108,13 +126,7 @@ class _ResponseState:
         await self._send(message)
 
     async def end_for_shutdown(self, request_id: str) -> None:
-        error = OpenAIError(
-            503,
-            f"The server shut down before the answer was complete (request id {request_id}).",
-            type="server_error",
-            code="server_shutting_down",
-            headers={"retry-after": "1"},
-        )
+        error = shutdown_error(f"The server shut down before the answer was complete (request id {request_id}).")
         if self.ended:
             return
         if not self.started:
@@ -166,6 +178,10 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining and self._loop is not None:
+            # A second signal: end what still runs at once, as the drain timeout would (each with its proper end,
+            # stored), so that nothing holds the exit: the app's shutdown may be waiting for background runs.
+            self._loop.call_soon_threadsafe(self._expire, list(_DRAINS))
         if self._draining or self._loop is None or not self.started:
             # Not serving yet, or a second signal: exit without waiting for running responses.
             super().handle_exit(sig, frame)

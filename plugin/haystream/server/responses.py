@@ -4,6 +4,11 @@ Every response is a run (a task) that writes its events into an `EventLog`; the 
 resuming later, follows that log. A foreground run belongs to its connection (a disconnect cancels it); a background
 run belongs to the server until it ends or `POST /v1/responses/{id}/cancel`. Stored records and, with Redis, the
 event logs live in the `ResponseStore`, so another replica can answer a `GET` or a resume.
+
+When the server drains (`Drain`), new requests and resumes get 503; runs go on, background ones too (the app's
+shutdown waits for them), until the drain times out. Then every run still going here ends with `response.failed`
+(`server_shutting_down`), stored and in its log, so that every replica's `GET` and every follower see the end; a
+resume that follows a run on another replica ends with an `error` event saying where to resume.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -34,6 +40,7 @@ from haystream.openai.responses import (
 from haystream.openwebui.activity import ClientStyle
 from haystream.server.asgi import Receive, Send, run_until_disconnect, send_error, send_json
 from haystream.server.chat import aclose, client_deltas, failure_error
+from haystream.server.drain import Drain, shutdown_error
 from haystream.server.limits import Admission
 from haystream.server.response_store import (
     RUNNING_STATUSES,
@@ -77,6 +84,7 @@ class ResponseRun:
         self.log = EventLog()
         self.early_error: OpenAIError | None = None  # a failure before the first event: an HTTP error instead
         self.failure: OpenAIError | None = None  # why the run failed, if it did
+        self.shutdown: OpenAIError | None = None  # set when the server ends the run (shutdown), before cancelling it
         self._open_items = open_items
         self._store = store
         self.key_id = key_id  # whose response it is: the store counts it in that key's bounds
@@ -136,23 +144,18 @@ class ResponseRun:
             if first_item is not None and not first_item.done():
                 first_item.cancel()
                 await asyncio.wait({first_item})  # let the wrapper unwind before its iterator is closed
-            if self.log.events:
-                with contextlib.suppress(Exception):
-                    await self._emit(self.events.cancel())
-            raise
+            if self.shutdown is None:  # a client's cancel, disconnect or delete
+                if self.log.events:
+                    with contextlib.suppress(Exception):
+                        await self._emit(self.events.cancel())
+                raise
+            # The server shuts down: not a cancel anyone asked for, a failure to say (and store) like any other.
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            await self._fail(self.shutdown)
         except Exception as error:
-            failure = self.failure = failure_error(error, self._request_id, self._secrets)
-            if not self.log.events:
-                self.early_error = failure
-                self.events.response["status"] = "failed"
-                self.events.response["error"] = {"code": "server_error", "message": failure.message}
-            else:
-                failed = self.events.fail(failure)
-                try:
-                    await self._emit(failed)
-                except StoreUnavailable:  # the store failed (again): this process' followers still get the end
-                    if not self.log.ended:
-                        self.log.append(failed)
+            await self._fail(failure_error(error, self._request_id, self._secrets))
         finally:
             self.log.end()
             if items is not None:
@@ -160,6 +163,31 @@ class ResponseRun:
             if not self._saved_final:
                 with contextlib.suppress(Exception):
                     await self.save()
+
+    def end_for_shutdown(self, task: asyncio.Task[None]) -> None:
+        """End this run (running in `task`) with `response.failed`: the server shuts down. Once: a second
+        cancellation would interrupt the first one's unwinding, which stores the failure."""
+        if self.shutdown is not None:
+            return
+        self.shutdown = shutdown_error(
+            f"The server shut down before the response was complete (request id {self._request_id})."
+        )
+        _stop(task)
+
+    async def _fail(self, failure: OpenAIError) -> None:
+        """End with `failure`: an HTTP error if nothing was sent yet, else `response.failed` (stored, logged)."""
+        self.failure = failure
+        if not self.log.events:
+            self.early_error = failure
+            self.events.response["status"] = "failed"
+            self.events.response["error"] = {"code": "server_error", "message": failure.message}
+            return
+        failed = self.events.fail(failure)
+        try:
+            await self._emit(failed)
+        except StoreUnavailable:  # the store failed (again): this process' followers still get the end
+            if not self.log.ended:
+                self.log.append(failed)
 
     async def _first_output(self, mapper: DeltaMapper, items: AsyncIterator[Any]) -> list[Any]:
         """The deltas of the first item that shows the client anything (an event line, for a client that gets them:
@@ -219,24 +247,55 @@ class ResponsesEndpoint:
         self,
         store: ResponseStore,
         *,
+        drain: Drain,
         keepalive_seconds: float,
         send_timeout_seconds: float,
     ) -> None:
         self.store = store
+        self._drain = drain
         self._keepalive = keepalive_seconds
         self._send_timeout = send_timeout_seconds
-        self._runs: dict[str, tuple[ResponseRun, asyncio.Task[None]]] = {}
+        self._runs: dict[str, tuple[ResponseRun, asyncio.Task[None]]] = {}  # stored runs, by id, for GET and cancel
+        self._running: dict[asyncio.Task[None], ResponseRun] = {}  # every run in this process, stored or not
+        self._followers: set[asyncio.Task[Any]] = set()  # streams that follow a run through the store
+        self._cut: set[asyncio.Task[Any]] = set()  # those of them the shutdown cancelled
+        drain.at_timeout(self.end_for_shutdown)
 
     async def start(self) -> None:
         """Begin listening for cancel requests (from this or another replica)."""
         await self.store.start(self._cancel_local)
 
+    async def finish_runs(self) -> None:
+        """At the app's shutdown: while the server drains, wait for the runs still going here (background runs: no
+        connection keeps uvicorn waiting for them) until the drain times out; then end whatever still runs."""
+        running = set(self._running)
+        if running and self._drain.draining and not self._drain.expired:
+            left = self._drain.deadline - time.monotonic()
+            logger.info("draining: %d Responses runs still running; waiting up to %.0fs for them", len(running), left)
+            await asyncio.wait(running, timeout=max(left, 0))
+        self.end_for_shutdown()
+        if self._running:
+            await asyncio.wait(set(self._running))
+
     async def close(self) -> None:
-        """Cancel background runs and release the store."""
-        for _, task in list(self._runs.values()):
-            task.cancel()
-        await asyncio.gather(*(task for _, task in self._runs.values()), return_exceptions=True)
+        """End the runs (see `finish_runs`) and release the store."""
+        await self.finish_runs()
         await self.store.close()
+
+    def end_for_shutdown(self) -> None:
+        """The drain timed out, or the app stops: every run here ends with a stored `response.failed`, every stream
+        that follows a run elsewhere with an `error` event."""
+        if self._running or self._followers:
+            logger.warning(
+                "shutting down: ending %d Responses runs and %d resumed streams that are still running",
+                len(self._running),
+                len(self._followers),
+            )
+        for task, run in self._running.items():
+            run.end_for_shutdown(task)
+        for follower in self._followers - self._cut:
+            self._cut.add(follower)
+            follower.cancel()
 
     def new_run(self, request: ResponsesRequest, **kwargs: Any) -> ResponseRun:
         """A run for a validated request (see `ResponseRun`)."""
@@ -268,7 +327,7 @@ class ResponsesEndpoint:
                 await send_json(send, 200, snapshot(run.events.response))
             return
         with admission:
-            task = asyncio.ensure_future(run.run())
+            task = self._launch(run, run.run())
             if run.request.store:
                 self._runs[run.id] = (run, task)
             try:
@@ -321,14 +380,16 @@ class ResponsesEndpoint:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
+        self._drain.check()  # a resume is a stream like any other: another replica's while this one drains
         # A resume lasts as long as the run it follows, and with Redis holds a connection in a blocking read: it
         # counts against the stream caps like the run itself (429 past them).
         with admission:
             local = self._runs.get(id)
-            events = (
-                local[0].log.follow(after, self._keepalive) if local else self.store.follow(id, after, self._keepalive)
-            )
-            await run_until_disconnect(self._stream(send, events, extensions=False), receive)
+            if local is not None:  # the run ends here, in its log, whatever ends it
+                events = local[0].log.follow(after, self._keepalive)
+            else:  # a run elsewhere (or ended): the shutdown must end this stream itself
+                events = self.store.follow(id, after, self._keepalive)
+            await run_until_disconnect(self._stream(send, events, extensions=False, follower=local is None), receive)
 
     async def input_items(self, id: str, key_id: str, query: bytes, send: Send) -> None:
         """`GET /v1/responses/{id}/input_items`: a page of the items the response was created with (`after`,
@@ -411,7 +472,14 @@ class ResponsesEndpoint:
                 admission.__exit__(None, None, None)
                 self._runs.pop(run.id, None)
 
-        self._runs[run.id] = (run, asyncio.ensure_future(background()))
+        self._runs[run.id] = (run, self._launch(run, background()))
+
+    def _launch(self, run: ResponseRun, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` (the run's) in a task of its own, known until it ends (for the shutdown to end it)."""
+        task = asyncio.ensure_future(work)
+        self._running[task] = run
+        task.add_done_callback(self._running.pop)
+        return task
 
     async def _foreground(self, run: ResponseRun, task: asyncio.Task[None], send: Send) -> None:
         await run.log.wait_for_first()
@@ -430,11 +498,19 @@ class ResponsesEndpoint:
             return
         await send_json(send, 200, response)
 
-    async def _stream(self, send: Send, events: AsyncIterator[Batch], *, extensions: bool) -> None:
+    async def _stream(
+        self, send: Send, events: AsyncIterator[Batch], *, extensions: bool, follower: bool = False
+    ) -> None:
         """Send a log's events as SSE, pinging when idle; a client that reads nothing is dropped. `extensions`: with
-        the log's extension lines (the run's own client, which the run made them for; not a resume)."""
+        the log's extension lines (the run's own client, which the run made them for; not a resume). `follower`: the
+        events come from a run that the shutdown does not end here, so the shutdown ends the stream itself."""
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        task = asyncio.current_task()
+        assert task is not None
+        if follower:
+            self._followers.add(task)
         sequence_number = -1
+        ended_by: OpenAIError | None = None
         try:
             async for batch in events:
                 if batch:
@@ -451,16 +527,31 @@ class ResponsesEndpoint:
                     logger.warning("a Responses client read nothing for %gs; dropped", self._send_timeout)
                     return
         except (StoreUnavailable, ResponseGone) as error:  # the stored log can no longer be read: say so, then end
+            ended_by = error
+        except asyncio.CancelledError:
+            if task not in self._cut:
+                raise
+        finally:
+            self._followers.discard(task)
+            cut = task in self._cut
+            self._cut.discard(task)
+            await aclose(events)
+        if cut:  # the shutdown cancelled this stream (the cancellation may surface from a Redis read as its error)
+            if task.cancelling():
+                task.uncancel()
+            ended_by = shutdown_error(
+                "This server is shutting down; the response goes on: resume its stream on another replica "
+                f"with starting_after={sequence_number}."
+            )
+        if ended_by is not None:
             error_event = {
                 "type": "error",
-                "code": error.code,
-                "message": error.message,
+                "code": ended_by.code,
+                "message": ended_by.message,
                 "param": None,
                 "sequence_number": sequence_number + 1,
             }
             await send({"type": "http.response.body", "body": event_frame(error_event), "more_body": True})
-        finally:
-            await aclose(events)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _cancel_local(self, id: str) -> None:
