@@ -118,6 +118,8 @@ def test_sigterm_drains_the_running_stream_refuses_new_chats_and_exits_0(upstrea
             assert text == "".join(f"t{i} " for i in range(10))
             assert not any("error" in json.loads(p) for p in payloads[:-1])
         assert process.wait(30) == 0
+        # In the default text log format too (Python's last resort showed warnings only).
+        assert process.log.wait_for("| INFO     | draining: 1 chat answers running")
     finally:
         if process.poll() is None:
             process.kill()

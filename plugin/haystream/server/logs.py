@@ -52,17 +52,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+_TEXT_FORMATTER = logging.Formatter("%(asctime)s | %(levelname)-8s | %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
 def configure(log_format: str, log_level: str = "info", *, access_log: bool = True) -> None:
-    """Send haystream's logs to stderr as JSON lines (`json`), or leave logging as it is (`text`); give the access
-    log its own handler (at `log_level`; off with `access_log=False`)."""
+    """Send haystream's logs to stderr as JSON lines (`json`), or as text lines (`text`) unless the application has
+    configured logging itself (a handler on the root logger: its own handlers then show them); give the access log
+    its own handler (at `log_level`; off with `access_log=False`)."""
     _configure_access_log(log_format, log_level if access_log else "critical")
-    if log_format != "json":
-        return
     logger = logging.getLogger("haystream")
+    if log_format != "json":
+        # Without a handler, Python's last resort shows warnings only: `haystream serve` hid its info lines (the
+        # drain's, a client that left).
+        if not logger.handlers and not logging.getLogger().handlers:
+            _add_stderr_handler(logger, _TEXT_FORMATTER)
+        return
     if any(isinstance(handler.formatter, JsonFormatter) for handler in logger.handlers):
         return
+    _add_stderr_handler(logger, JsonFormatter())
+
+
+def _add_stderr_handler(logger: logging.Logger, formatter: logging.Formatter) -> None:
+    for previous in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(previous)  # one of ours at a time: text, then JSON for a later app
     handler = _StderrHandler()
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(formatter)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -87,11 +101,7 @@ def _configure_access_log(log_format: str, log_level: str) -> None:
     for handler in list(ACCESS_LOGGER.handlers):
         ACCESS_LOGGER.removeHandler(handler)
     handler = _StderrHandler()
-    handler.setFormatter(
-        JsonFormatter()
-        if log_format == "json"
-        else logging.Formatter("%(asctime)s | %(levelname)-8s | %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else _TEXT_FORMATTER)
     ACCESS_LOGGER.addHandler(handler)
 
 
