@@ -173,9 +173,12 @@ def test_a_running_background_response_of_the_flooding_key_is_kept(upstream, red
         assert statuses == {"cancelled", "completed"}
 
 
-def test_a_deleted_running_background_response_leaves_nothing_in_redis(upstream, redis):
+@pytest.mark.parametrize("deleting", [0, 1], ids=["on-the-runs-replica", "on-another-replica"])
+def test_a_deleted_running_background_response_leaves_nothing_in_redis(upstream, redis, deleting):
     # Its run, cancelled by the DELETE, appends `response.cancelled` as it unwinds: that XADD made the deleted
-    # response's event log again, outside every bound, for a TTL.
+    # response's event log again, outside every bound, for a TTL. A DELETE through another replica stopped nothing:
+    # the run went on (holding a place of its key's stream caps, and its provider), and its last save stored the
+    # deleted response again.
     url = fresh_database(redis)
     with replicas(upstream, url) as servers, clients(servers, FLOOD) as flood:
         scenario = unique("fake?tokens=2000&hold_after=1")
@@ -183,13 +186,14 @@ def test_a_deleted_running_background_response_leaves_nothing_in_redis(upstream,
             model="fake_async", input="hi", background=True, extra_body={"scenario": scenario}
         )
         record = upstream.wait_for_requests(1, model=scenario)[0]
-        flood[0].responses.delete(created.id)
-        assert record.wait().client_hung_up  # the provider is cut after the run's last append
-        with pytest.raises(openai.NotFoundError):
-            flood[1].responses.retrieve(created.id)
+        flood[deleting].responses.delete(created.id)
+        assert record.wait().client_hung_up  # the provider is cut after the run's last save and append
+        for client in flood:
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(created.id)
     with redis_client(url) as direct:
-        assert not direct.exists(f"haystream:responses:{created.id}:events")
-        assert direct.hlen(f"haystream:responses:key:{FLOOD}:sizes") in (0, 1)  # nothing, or a zero total
+        assert not direct.exists(f"haystream:responses:{created.id}", f"haystream:responses:{created.id}:events")
+        assert int(direct.hget(f"haystream:responses:key:{FLOOD}:sizes", "total") or 0) == 0
 
 
 def test_a_replay_on_another_replica_of_a_response_deleted_meanwhile_ends_with_an_error_event(upstream, redis):
@@ -278,5 +282,30 @@ async def test_a_redis_write_costs_the_same_commands_however_many_records_a_key_
         assert small == large
         assert "cmdstat_zrangebyscore" in small  # the commands inside the scripts are counted
         assert not {"cmdstat_keys", "cmdstat_scan", "cmdstat_hgetall", "cmdstat_hkeys"} & set(small)
+    finally:
+        await store.close()
+
+
+async def test_a_running_record_deleted_before_its_runs_last_save_stays_deleted(redis):
+    # The run of another replica saves its end after the DELETE (it ended before the cancel reached it).
+    url = fresh_database(redis)
+    store = RedisStore(url, 60, max_stored=10, max_bytes=10**9)
+    try:
+        await store.save(record(FLOOD, "resp_running", status="in_progress"))
+        assert await store.delete("resp_running", FLOOD)
+        await store.save(record(FLOOD, "resp_running", status="completed"))
+        await store.append("resp_running", FLOOD, [{"type": "response.completed", "sequence_number": 0}])
+        assert await store.get("resp_running", FLOOD) is None
+        with redis_client(url) as direct:
+            index = f"haystream:responses:key:{FLOOD}:"
+            assert not direct.zcard(index + "finished") and not direct.zcard(index + "running")
+            assert int(direct.hget(index + "sizes", "total") or 0) == 0
+        # A finished record deleted leaves nothing behind (only a running one's run can still save it).
+        await store.save(record(FLOOD, "resp_done"))
+        assert await store.delete("resp_done", FLOOD)
+        with redis_client(url) as direct:
+            assert {key.decode() for key in direct.scan_iter("haystream:responses:resp_*")} == {
+                "haystream:responses:resp_running:deleted"  # the running one's marker, for a TTL
+            }
     finally:
         await store.close()

@@ -308,6 +308,8 @@ _SAVE = (
     + """
 local id, payload, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]) * 1000
 local max_stored, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
+-- Deleted while it ran: its run (on any replica, told too late or not at all) must not store it again.
+if redis.call('EXISTS', prefix .. id .. ':deleted') == 1 then return -1 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 -- Records that expired (Redis dropped them by their TTL) leave the index too: a few per save, each once.
@@ -365,8 +367,20 @@ return 1
 """
 )
 
-# ARGV: prefix, id.
-_DELETE = _INDEX + "forget(ARGV[2])"
+# ARGV: prefix, id, TTL in seconds, the cancel channel. A running record's run may be on another replica: it is told
+# to stop (as by a cancel), and a marker, for a TTL, keeps its last saves (as it stops, or if it ended meanwhile) from
+# storing the deleted response again. Only running records get one: at most as many as runs were started.
+_DELETE = (
+    _INDEX
+    + """
+local id = ARGV[2]
+if redis.call('ZSCORE', running, id) then
+  redis.call('SET', prefix .. id .. ':deleted', 1, 'EX', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], id)
+end
+forget(id)
+"""
+)
 
 
 class RedisStore:
@@ -466,10 +480,11 @@ class RedisStore:
         return StoredResponse(data["key_id"], data["response"], data["messages"], data.get("input_items", []))
 
     async def delete(self, id: str, key_id: str) -> bool:
+        """Also stops a running record's run on whichever replica runs it (see `_DELETE`)."""
         if await self.get(id, key_id) is None:
             return False
         with self._reachable():
-            await self._delete(keys=self._index(key_id), args=[self._prefix, id])
+            await self._delete(keys=self._index(key_id), args=[self._prefix, id, self.ttl, self.CANCEL_CHANNEL])
         return True
 
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
