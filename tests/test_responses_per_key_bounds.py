@@ -309,3 +309,19 @@ async def test_a_running_record_deleted_before_its_runs_last_save_stays_deleted(
             }
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("id", ["resp_x:events", f"key:{FLOOD}:sizes", f"key:{FLOOD}:finished"])
+async def test_an_id_naming_another_redis_key_is_not_found(redis, id):
+    # `previous_response_id` comes from the body unchecked: an id naming an event log or a key's index read a stream,
+    # hash or sorted set as a record (WRONGTYPE: a 503 "store unavailable", logged as an outage).
+    url = fresh_database(redis)
+    store = RedisStore(url, 60, max_stored=10, max_bytes=10**9)
+    try:
+        await store.save(record(FLOOD, "resp_x", status="in_progress"))
+        await store.save(record(FLOOD, "resp_y"))
+        await store.append("resp_x", FLOOD, [{"type": "response.created", "sequence_number": 0}])
+        assert await store.get(id, FLOOD) is None
+        assert not await store.delete(id, FLOOD)
+    finally:
+        await store.close()

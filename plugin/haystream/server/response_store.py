@@ -469,6 +469,10 @@ class RedisStore:
             await self._save(keys=self._index(record.key_id), args=[self._prefix, *arguments])
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
+        if ":" in id:
+            # No response id has one (`previous_response_id` comes unchecked from the body): such an id names an event
+            # log, an index or a marker, which read as a record failed with WRONGTYPE, a 503 logged as an outage.
+            return None
         with self._reachable():
             raw = await self._redis.get(self._key(id))
         if raw is None:
