@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 
-from haystream.server.response_store import RedisStore, StoredResponse
+from haystream.server.response_store import EventLog, MemoryStore, RedisStore, StoredResponse
 from support import RedisServer, redis_client, start_server, unique
 
 # See tests/test_responses.py: servers started after the session's use the sync wrapper.
@@ -323,5 +323,29 @@ async def test_an_id_naming_another_redis_key_is_not_found(redis, id):
         await store.append("resp_x", FLOOD, [{"type": "response.created", "sequence_number": 0}])
         assert await store.get(id, FLOOD) is None
         assert not await store.delete(id, FLOOD)
+    finally:
+        await store.close()
+
+
+async def test_a_background_responses_events_count_after_its_last_save_too(redis_url):
+    # A run saves its record before its terminal events (a GET after the end finds the final response), then appends
+    # them: Redis counted them, the memory store counted its log only at each save, so the terminal events (the
+    # output text four times over: `output_text.done`, `content_part.done`, `output_item.done`, `completed`), 11-25%
+    # of a background response, went uncounted and the memory bound held that much more than Redis.
+    bounds = {"max_stored": 10, "max_bytes": 20_000}
+    store = MemoryStore(60, **bounds) if redis_url is None else RedisStore(redis_url, 60, **bounds)
+    try:
+        log = EventLog()
+        created = [{"type": "response.created", "sequence_number": 0}]
+        log.append(created)
+        await store.save(record(FLOOD, "resp_bg", status="in_progress"), log)
+        await store.append("resp_bg", FLOOD, created)
+        await store.save(record(FLOOD, "resp_bg"), log)
+        done = [{"type": "response.completed", "sequence_number": 1, "text": "y" * 12_000}]
+        log.append(done)
+        await store.append("resp_bg", FLOOD, done)
+        await store.save(record(FLOOD, "resp_next", text="z" * 5_000))  # 10 KB: 22 KB with the background one
+        assert await store.get("resp_bg", FLOOD) is None
+        assert await store.get("resp_next", FLOOD) is not None
     finally:
         await store.close()
