@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -349,3 +350,29 @@ async def test_a_background_responses_events_count_after_its_last_save_too(redis
         assert await store.get("resp_next", FLOOD) is not None
     finally:
         await store.close()
+
+
+def test_a_request_left_before_its_first_output_stores_nothing(upstream, redis_url):
+    # Its run ended (cancelled) before any event, so nothing marked it cancelled, and its last save stored it
+    # `in_progress`: a running response, never dropped, for a TTL, that no client could see (it never got the id),
+    # outside the key's bounds. A key that left 3 requests so kept 3 conversations (up to a body each) beyond its bound
+    # of 2, and its own next 2 responses left room for 1.
+    with replicas(upstream, redis_url, responses_max_stored=2) as servers, clients(servers, FLOOD) as flood:
+        host, port = servers[0].url.removeprefix("http://").split(":")
+        for _ in range(3):
+            scenario = unique("fake?tokens=1&ttft=30")
+            body = orjson.dumps({"model": "fake_async", "input": "x" * 1000, "stream": True, "scenario": scenario})
+            with socket.create_connection((host, int(port))) as leaving:
+                leaving.sendall(
+                    f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {FLOOD}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                record = upstream.wait_for_requests(1, model=scenario)[0]
+            assert record.wait().client_hung_up
+        kept = [flood[i].responses.create(model="fake_sync", input="x", extra_body=SYNC) for i in range(2)]
+        for client, response in zip(flood, kept, strict=True):
+            assert client.responses.retrieve(response.id).status == "completed"
+    if redis_url is not None:
+        with redis_client(redis_url) as direct:
+            assert not direct.exists(f"haystream:responses:key:{FLOOD}:running")

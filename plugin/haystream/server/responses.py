@@ -157,7 +157,9 @@ class ResponseRun:
             self.log.end()
             if items is not None:
                 await aclose(items)
-            if not self._saved_final:
+            # Still running here: cancelled before its first event, so its client never saw the id. Stored, it would
+            # be a running response (never dropped) for a TTL, outside its key's bounds.
+            if not self._saved_final and self.events.response["status"] not in RUNNING_STATUSES:
                 with contextlib.suppress(Exception):
                     await self.save()
 
