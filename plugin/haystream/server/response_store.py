@@ -160,13 +160,8 @@ class _MemoryEntry:
     expires: float
     record: StoredResponse
     log: EventLog | None
-    record_size: int  # JSON bytes of the record
-    events_size: int = 0  # and of the events appended to its log since it was first stored
-
-    @property
-    def size(self) -> int:
-        """What the size bound counts."""
-        return self.record_size + self.events_size
+    size: int  # JSON bytes of the record and of its log's first `counted` events: what the size bound counts
+    counted: int = 0
 
 
 @dataclass
@@ -211,13 +206,13 @@ class MemoryStore:
         if log is None and old is not None:
             log = old.log
         # Sized as JSON, as Redis would hold it: a conversation can be as large as a request body, and a background
-        # response's events ~0.4 KB per token, so a count alone does not bound the memory. The events count as they
-        # are appended (see `append`), as in Redis.
+        # response's events ~0.4 KB per token, so a count alone does not bound the memory (and those that come
+        # after this save are counted as they are appended).
         size = len(orjson.dumps([record.response, record.messages, record.input_items]))
-        events_size = old.events_size if old is not None else 0
+        size += len(orjson.dumps(log.events)) if log else 0
         now = time.monotonic()
         self._drop_expired(now)
-        self._records[id] = _MemoryEntry(now + self.ttl, record, log, size, events_size)
+        self._records[id] = _MemoryEntry(now + self.ttl, record, log, size, len(log.events) if log else 0)
         share = self._shares.setdefault(record.key_id, _KeyShare())
         # A running background response is not dropped to make room: its GET and cancel would answer 404 while it
         # goes on running (and it would come back, stored again, when it ends). At most HAYSTREAM_MAX_STREAMS_PER_KEY
@@ -226,7 +221,7 @@ class MemoryStore:
             share.running.add(id)
         else:
             share.finished[id] = None
-        share.size += size + events_size
+        share.size += size
         while len(share) > self.max_stored or share.size > self.max_bytes:
             victim = share.oldest_finished(id)  # the newest stays, however large
             if victim is None:
@@ -244,14 +239,17 @@ class MemoryStore:
         return True
 
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
-        # The run's EventLog, kept with the record, is the log: here its events are only counted. Counted at each save
-        # instead, a run's terminal events (appended after its last save, so that a GET after the end finds the final
-        # response: the output text four times over) went uncounted, 11-25% of a background response.
+        # The run's EventLog, kept with the record, is the log: here the events it gained since it was last counted
+        # are counted. Counted only at each save, a run's terminal events (appended after its last save, so that a GET
+        # after the end finds the final response: the output text four times over) went uncounted, 11-25% of a
+        # background response.
         entry = self._live(id)
-        if entry is None or entry.record.key_id != key_id:
-            return  # a record that is gone gets nothing, as in Redis
-        size = sum(len(orjson.dumps(event)) for event in events)
-        entry.events_size += size
+        if entry is None or entry.log is None or entry.record.key_id != key_id:
+            return
+        added = entry.log.events[entry.counted :]
+        size = len(orjson.dumps(added))
+        entry.counted += len(added)
+        entry.size += size
         self._shares[key_id].size += size
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
