@@ -160,8 +160,25 @@ class _MemoryEntry:
     expires: float
     record: StoredResponse
     log: EventLog | None
-    size: int  # JSON bytes of the record and of its log's first `counted` events: what the size bound counts
+    record_size: int  # JSON bytes of the record
+    events_size: int = 0  # and of its log's first `counted` events
     counted: int = 0
+
+    @property
+    def size(self) -> int:
+        """What the size bound counts."""
+        return self.record_size + self.events_size
+
+    def count_new_events(self) -> int:
+        """Count the events the log gained since they were last counted (each event once, not the whole log at
+        each save: a long run's last save held the loop for the JSON of all its events); their size."""
+        if self.log is None:
+            return 0
+        added = self.log.events[self.counted :]
+        size = len(orjson.dumps(added)) if added else 0
+        self.counted += len(added)
+        self.events_size += size
+        return size
 
 
 @dataclass
@@ -206,13 +223,17 @@ class MemoryStore:
         if log is None and old is not None:
             log = old.log
         # Sized as JSON, as Redis would hold it: a conversation can be as large as a request body, and a background
-        # response's events ~0.4 KB per token, so a count alone does not bound the memory (and those that come
-        # after this save are counted as they are appended).
+        # response's events ~0.4 KB per token, so a count alone does not bound the memory (those that come after
+        # this save are counted as they are appended).
         size = len(orjson.dumps([record.response, record.messages, record.input_items]))
-        size += len(orjson.dumps(log.events)) if log else 0
+        entry = _MemoryEntry(0, record, log, size)
+        if old is not None and old.log is log:
+            entry.events_size, entry.counted = old.events_size, old.counted
+        entry.count_new_events()
         now = time.monotonic()
         self._drop_expired(now)
-        self._records[id] = _MemoryEntry(now + self.ttl, record, log, size, len(log.events) if log else 0)
+        entry.expires = now + self.ttl
+        self._records[id] = entry
         share = self._shares.setdefault(record.key_id, _KeyShare())
         # A running background response is not dropped to make room: its GET and cancel would answer 404 while it
         # goes on running (and it would come back, stored again, when it ends). At most HAYSTREAM_MAX_STREAMS_PER_KEY
@@ -221,7 +242,7 @@ class MemoryStore:
             share.running.add(id)
         else:
             share.finished[id] = None
-        share.size += size
+        share.size += entry.size
         while len(share) > self.max_stored or share.size > self.max_bytes:
             victim = share.oldest_finished(id)  # the newest stays, however large
             if victim is None:
@@ -244,13 +265,8 @@ class MemoryStore:
         # after the end finds the final response: the output text four times over) went uncounted, 11-25% of a
         # background response.
         entry = self._live(id)
-        if entry is None or entry.log is None or entry.record.key_id != key_id:
-            return
-        added = entry.log.events[entry.counted :]
-        size = len(orjson.dumps(added))
-        entry.counted += len(added)
-        entry.size += size
-        self._shares[key_id].size += size
+        if entry is not None and entry.record.key_id == key_id:
+            self._shares[key_id].size += entry.count_new_events()
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         entry = self._live(id)
