@@ -4,6 +4,7 @@ on the same port, real servers, the openai SDK and httpx."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from haystream.server.auth import key_id
 from haystream.server.response_store import RedisStore, StoredResponse, StoreUnavailable
 from support import RedisServer, redis_client, serving, unique
 
@@ -282,3 +284,41 @@ def test_a_resume_past_the_last_event_of_a_finished_response_ends_at_once(upstre
     finally:
         if redis is not None:
             redis.close()
+
+
+async def test_a_cancel_that_waits_for_another_replicas_run_counts_against_the_stream_caps(upstream):
+    """A cancel of a run on another replica waits for its end in a blocking Redis read, up to 10 s (a run that never
+    ends: its replica died, its record says `in_progress` until the TTL). Uncounted, one key's concurrent cancels held
+    every connection of the pool (`max_streams` + 32): another key's `GET` waited 9 s for one, or got 503."""
+    redis = RedisServer().start()
+    owner, other = "key-owner-aaaaaaaa", "key-other-bbbbbbbb"
+    crashed = RedisStore(redis.url, 60, max_stored=10, max_bytes=2**20)  # the replica that ran it, and died
+    zombie = StoredResponse(key_id(owner), {"id": "resp_zombie", "status": "in_progress", "background": True}, [])
+    try:
+        with (
+            serving(upstream, redis_url=redis.url, api_keys=f"{owner},{other}", max_streams_per_key=1) as server,
+            redis_client(redis.url) as direct,
+            httpx.Client(base_url=server.url, timeout=30) as http,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
+            await crashed.save(zombie)
+            cancels = direct.pubsub()
+            cancels.subscribe(RedisStore.CANCEL_CHANNEL)
+            assert cancels.get_message(timeout=10)["type"] == "subscribe"
+            as_owner, as_other = ({"authorization": f"Bearer {key}"} for key in (owner, other))
+            mine = http.post("/v1/responses", json=ask(), headers=as_other).json()["id"]
+
+            first = pool.submit(http.post, "/v1/responses/resp_zombie/cancel", headers=as_owner)
+            assert cancels.get_message(timeout=10)["data"] == b"resp_zombie"  # it holds its place and waits
+            second = http.post("/v1/responses/resp_zombie/cancel", headers=as_owner)
+            assert second.status_code == 429, second.text
+            assert second.json()["error"]["code"] == "too_many_requests"
+            assert http.get(f"/v1/responses/{mine}", headers=as_other).status_code == 200
+
+            ended = [{"type": "response.cancelled", "sequence_number": 0}]
+            await crashed.append("resp_zombie", zombie.key_id, ended)  # the first cancel's wait ends
+            assert first.result(timeout=30).status_code == 200
+            assert http.post("/v1/responses/resp_zombie/cancel", headers=as_owner).status_code == 200  # place back
+    finally:
+        await crashed.close()
+        redis.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import openai
 import orjson
 import pytest
 
-from haystream.server.response_store import RedisStore, StoredResponse
+from haystream.server.response_store import EventLog, MemoryStore, RedisStore, StoredResponse
 from support import RedisServer, redis_client, start_server, unique
 
 # See tests/test_responses.py: servers started after the session's use the sync wrapper.
@@ -173,9 +174,12 @@ def test_a_running_background_response_of_the_flooding_key_is_kept(upstream, red
         assert statuses == {"cancelled", "completed"}
 
 
-def test_a_deleted_running_background_response_leaves_nothing_in_redis(upstream, redis):
+@pytest.mark.parametrize("deleting", [0, 1], ids=["on-the-runs-replica", "on-another-replica"])
+def test_a_deleted_running_background_response_leaves_nothing_in_redis(upstream, redis, deleting):
     # Its run, cancelled by the DELETE, appends `response.cancelled` as it unwinds: that XADD made the deleted
-    # response's event log again, outside every bound, for a TTL.
+    # response's event log again, outside every bound, for a TTL. A DELETE through another replica stopped nothing:
+    # the run went on (holding a place of its key's stream caps, and its provider), and its last save stored the
+    # deleted response again.
     url = fresh_database(redis)
     with replicas(upstream, url) as servers, clients(servers, FLOOD) as flood:
         scenario = unique("fake?tokens=2000&hold_after=1")
@@ -183,13 +187,14 @@ def test_a_deleted_running_background_response_leaves_nothing_in_redis(upstream,
             model="fake_async", input="hi", background=True, extra_body={"scenario": scenario}
         )
         record = upstream.wait_for_requests(1, model=scenario)[0]
-        flood[0].responses.delete(created.id)
-        assert record.wait().client_hung_up  # the provider is cut after the run's last append
-        with pytest.raises(openai.NotFoundError):
-            flood[1].responses.retrieve(created.id)
+        flood[deleting].responses.delete(created.id)
+        assert record.wait().client_hung_up  # the provider is cut after the run's last save and append
+        for client in flood:
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(created.id)
     with redis_client(url) as direct:
-        assert not direct.exists(f"haystream:responses:{created.id}:events")
-        assert direct.hlen(f"haystream:responses:key:{FLOOD}:sizes") in (0, 1)  # nothing, or a zero total
+        assert not direct.exists(f"haystream:responses:{created.id}", f"haystream:responses:{created.id}:events")
+        assert int(direct.hget(f"haystream:responses:key:{FLOOD}:sizes", "total") or 0) == 0
 
 
 def test_a_replay_on_another_replica_of_a_response_deleted_meanwhile_ends_with_an_error_event(upstream, redis):
@@ -280,3 +285,94 @@ async def test_a_redis_write_costs_the_same_commands_however_many_records_a_key_
         assert not {"cmdstat_keys", "cmdstat_scan", "cmdstat_hgetall", "cmdstat_hkeys"} & set(small)
     finally:
         await store.close()
+
+
+async def test_a_running_record_deleted_before_its_runs_last_save_stays_deleted(redis):
+    # The run of another replica saves its end after the DELETE (it ended before the cancel reached it).
+    url = fresh_database(redis)
+    store = RedisStore(url, 60, max_stored=10, max_bytes=10**9)
+    try:
+        await store.save(record(FLOOD, "resp_running", status="in_progress"))
+        assert await store.delete("resp_running", FLOOD)
+        await store.save(record(FLOOD, "resp_running", status="completed"))
+        await store.append("resp_running", FLOOD, [{"type": "response.completed", "sequence_number": 0}])
+        assert await store.get("resp_running", FLOOD) is None
+        with redis_client(url) as direct:
+            index = f"haystream:responses:key:{FLOOD}:"
+            assert not direct.zcard(index + "finished") and not direct.zcard(index + "running")
+            assert int(direct.hget(index + "sizes", "total") or 0) == 0
+        # A finished record deleted leaves nothing behind (only a running one's run can still save it).
+        await store.save(record(FLOOD, "resp_done"))
+        assert await store.delete("resp_done", FLOOD)
+        with redis_client(url) as direct:
+            assert {key.decode() for key in direct.scan_iter("haystream:responses:resp_*")} == {
+                "haystream:responses:resp_running:deleted"  # the running one's marker, for a TTL
+            }
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("id", ["resp_x:events", f"key:{FLOOD}:sizes", f"key:{FLOOD}:finished"])
+async def test_an_id_naming_another_redis_key_is_not_found(redis, id):
+    # `previous_response_id` comes from the body unchecked: an id naming an event log or a key's index read a stream,
+    # hash or sorted set as a record (WRONGTYPE: a 503 "store unavailable", logged as an outage).
+    url = fresh_database(redis)
+    store = RedisStore(url, 60, max_stored=10, max_bytes=10**9)
+    try:
+        await store.save(record(FLOOD, "resp_x", status="in_progress"))
+        await store.save(record(FLOOD, "resp_y"))
+        await store.append("resp_x", FLOOD, [{"type": "response.created", "sequence_number": 0}])
+        assert await store.get(id, FLOOD) is None
+        assert not await store.delete(id, FLOOD)
+    finally:
+        await store.close()
+
+
+async def test_a_background_responses_events_count_after_its_last_save_too(redis_url):
+    # A run saves its record before its terminal events (a GET after the end finds the final response), then appends
+    # them: Redis counted them, the memory store counted its log only at each save, so the terminal events (the
+    # output text four times over: `output_text.done`, `content_part.done`, `output_item.done`, `completed`), 11-25%
+    # of a background response, went uncounted and the memory bound held that much more than Redis.
+    bounds = {"max_stored": 10, "max_bytes": 20_000}
+    store = MemoryStore(60, **bounds) if redis_url is None else RedisStore(redis_url, 60, **bounds)
+    try:
+        log = EventLog()
+        created = [{"type": "response.created", "sequence_number": 0}]
+        log.append(created)
+        await store.save(record(FLOOD, "resp_bg", status="in_progress"), log)
+        await store.append("resp_bg", FLOOD, created)
+        await store.save(record(FLOOD, "resp_bg"), log)
+        done = [{"type": "response.completed", "sequence_number": 1, "text": "y" * 12_000}]
+        log.append(done)
+        await store.append("resp_bg", FLOOD, done)
+        await store.save(record(FLOOD, "resp_next", text="z" * 5_000))  # 10 KB: 22 KB with the background one
+        assert await store.get("resp_bg", FLOOD) is None
+        assert await store.get("resp_next", FLOOD) is not None
+    finally:
+        await store.close()
+
+
+def test_a_request_left_before_its_first_output_stores_nothing(upstream, redis_url):
+    # Its run ended (cancelled) before any event, so nothing marked it cancelled, and its last save stored it
+    # `in_progress`: a running response, never dropped, for a TTL, that no client could see (it never got the id),
+    # outside the key's bounds. A key that left 3 requests so kept 3 conversations (up to a body each) beyond its bound
+    # of 2, and its own next 2 responses left room for 1.
+    with replicas(upstream, redis_url, responses_max_stored=2) as servers, clients(servers, FLOOD) as flood:
+        host, port = servers[0].url.removeprefix("http://").split(":")
+        for _ in range(3):
+            scenario = unique("fake?tokens=1&ttft=30")
+            body = orjson.dumps({"model": "fake_async", "input": "x" * 1000, "stream": True, "scenario": scenario})
+            with socket.create_connection((host, int(port))) as leaving:
+                leaving.sendall(
+                    f"POST /v1/responses HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {FLOOD}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                record = upstream.wait_for_requests(1, model=scenario)[0]
+            assert record.wait().client_hung_up
+        kept = [flood[i].responses.create(model="fake_sync", input="x", extra_body=SYNC) for i in range(2)]
+        for client, response in zip(flood, kept, strict=True):
+            assert client.responses.retrieve(response.id).status == "completed"
+    if redis_url is not None:
+        with redis_client(redis_url) as direct:
+            assert not direct.exists(f"haystream:responses:key:{FLOOD}:running")

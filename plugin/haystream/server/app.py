@@ -421,7 +421,8 @@ class HaystreamApp:
             await self.responses.input_items(id, caller.key_id, scope.get("query_string", b""), send)
         elif action == "cancel":
             _require_method(scope, "POST")
-            await self.responses.cancel(id, caller.key_id, send)
+            admission = self.limits.admit(caller.key_id, per_key=caller is not ANONYMOUS)
+            await self.responses.cancel(id, caller.key_id, send, admission=admission)
         elif scope["method"] == "DELETE":
             await self.responses.delete(id, caller.key_id, send)
         else:

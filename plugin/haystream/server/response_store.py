@@ -160,7 +160,25 @@ class _MemoryEntry:
     expires: float
     record: StoredResponse
     log: EventLog | None
-    size: int  # JSON bytes of the record and its events, what the size bound counts
+    record_size: int  # JSON bytes of the record
+    events_size: int = 0  # and of its log's first `counted` events
+    counted: int = 0
+
+    @property
+    def size(self) -> int:
+        """What the size bound counts."""
+        return self.record_size + self.events_size
+
+    def count_new_events(self) -> int:
+        """Count the events the log gained since they were last counted (each event once, not the whole log at
+        each save: a long run's last save held the loop for the JSON of all its events); their size."""
+        if self.log is None:
+            return 0
+        added = self.log.events[self.counted :]
+        size = len(orjson.dumps(added)) if added else 0
+        self.counted += len(added)
+        self.events_size += size
+        return size
 
 
 @dataclass
@@ -205,12 +223,17 @@ class MemoryStore:
         if log is None and old is not None:
             log = old.log
         # Sized as JSON, as Redis would hold it: a conversation can be as large as a request body, and a background
-        # response's events ~0.4 KB per token, so a count alone does not bound the memory.
+        # response's events ~0.4 KB per token, so a count alone does not bound the memory (those that come after
+        # this save are counted as they are appended).
         size = len(orjson.dumps([record.response, record.messages, record.input_items]))
-        size += len(orjson.dumps(log.events)) if log else 0
+        entry = _MemoryEntry(0, record, log, size)
+        if old is not None and old.log is log:
+            entry.events_size, entry.counted = old.events_size, old.counted
+        entry.count_new_events()
         now = time.monotonic()
         self._drop_expired(now)
-        self._records[id] = _MemoryEntry(now + self.ttl, record, log, size)
+        entry.expires = now + self.ttl
+        self._records[id] = entry
         share = self._shares.setdefault(record.key_id, _KeyShare())
         # A running background response is not dropped to make room: its GET and cancel would answer 404 while it
         # goes on running (and it would come back, stored again, when it ends). At most HAYSTREAM_MAX_STREAMS_PER_KEY
@@ -219,7 +242,7 @@ class MemoryStore:
             share.running.add(id)
         else:
             share.finished[id] = None
-        share.size += size
+        share.size += entry.size
         while len(share) > self.max_stored or share.size > self.max_bytes:
             victim = share.oldest_finished(id)  # the newest stays, however large
             if victim is None:
@@ -237,7 +260,13 @@ class MemoryStore:
         return True
 
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
-        pass  # the run's EventLog, kept with the record, is the log
+        # The run's EventLog, kept with the record, is the log: here the events it gained since it was last counted
+        # are counted. Counted only at each save, a run's terminal events (appended after its last save, so that a GET
+        # after the end finds the final response: the output text four times over) went uncounted, 11-25% of a
+        # background response.
+        entry = self._live(id)
+        if entry is not None and entry.record.key_id == key_id:
+            self._shares[key_id].size += entry.count_new_events()
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         entry = self._live(id)
@@ -308,6 +337,8 @@ _SAVE = (
     + """
 local id, payload, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]) * 1000
 local max_stored, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
+-- Deleted while it ran: its run (on any replica, told too late or not at all) must not store it again.
+if redis.call('EXISTS', prefix .. id .. ':deleted') == 1 then return -1 end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 -- Records that expired (Redis dropped them by their TTL) leave the index too: a few per save, each once.
@@ -365,8 +396,20 @@ return 1
 """
 )
 
-# ARGV: prefix, id.
-_DELETE = _INDEX + "forget(ARGV[2])"
+# ARGV: prefix, id, TTL in seconds, the cancel channel. A running record's run may be on another replica: it is told
+# to stop (as by a cancel), and a marker, for a TTL, keeps its last saves (as it stops, or if it ended meanwhile) from
+# storing the deleted response again. Only running records get one: at most as many as runs were started.
+_DELETE = (
+    _INDEX
+    + """
+local id = ARGV[2]
+if redis.call('ZSCORE', running, id) then
+  redis.call('SET', prefix .. id .. ':deleted', 1, 'EX', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], id)
+end
+forget(id)
+"""
+)
 
 
 class RedisStore:
@@ -455,6 +498,10 @@ class RedisStore:
             await self._save(keys=self._index(record.key_id), args=[self._prefix, *arguments])
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
+        if ":" in id:
+            # No response id has one (`previous_response_id` comes unchecked from the body): such an id names an event
+            # log, an index or a marker, which read as a record failed with WRONGTYPE, a 503 logged as an outage.
+            return None
         with self._reachable():
             raw = await self._redis.get(self._key(id))
         if raw is None:
@@ -466,10 +513,11 @@ class RedisStore:
         return StoredResponse(data["key_id"], data["response"], data["messages"], data.get("input_items", []))
 
     async def delete(self, id: str, key_id: str) -> bool:
+        """Also stops a running record's run on whichever replica runs it (see `_DELETE`)."""
         if await self.get(id, key_id) is None:
             return False
         with self._reachable():
-            await self._delete(keys=self._index(key_id), args=[self._prefix, id])
+            await self._delete(keys=self._index(key_id), args=[self._prefix, id, self.ttl, self.CANCEL_CHANNEL])
         return True
 
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:

@@ -160,7 +160,9 @@ class ResponseRun:
             self.log.end()
             if items is not None:
                 await aclose(items)
-            if not self._saved_final:
+            # Still running here: cancelled before its first event, so its client never saw the id. Stored, it would
+            # be a running response (never dropped) for a TTL, outside its key's bounds.
+            if not self._saved_final and self.events.response["status"] not in RUNNING_STATUSES:
                 with contextlib.suppress(Exception):
                     await self.save()
 
@@ -426,8 +428,9 @@ class ResponsesEndpoint:
             _stop(local[1])
         await send_json(send, 200, {"id": id, "object": "response.deleted", "deleted": True})
 
-    async def cancel(self, id: str, key_id: str, send: Send) -> None:
-        """`POST /v1/responses/{id}/cancel`: stop a background run (wherever it runs) and return the response."""
+    async def cancel(self, id: str, key_id: str, send: Send, *, admission: Admission) -> None:
+        """`POST /v1/responses/{id}/cancel`: stop a background run (wherever it runs) and return the response; the
+        wait for a run on another replica is under `admission` (a place among the running streams)."""
         record = await self.store.get(id, key_id)
         if record is None:
             raise _not_found(id)
@@ -439,20 +442,26 @@ class ResponsesEndpoint:
                 _stop(local[1])
                 await asyncio.wait({local[1]})
             else:
-                await self.store.request_cancel(id)
-                # Wait for the run's end by the log's own idle timeout and a deadline checked between batches, not
-                # by cancelling the follow: a cancellation inside a blocking Redis read surfaces as Redis' own
-                # TimeoutError.
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + CANCEL_WAIT_SECONDS
-                async with contextlib.aclosing(self.store.follow(id, -1, CANCEL_WAIT_SECONDS)) as batches:
-                    async for batch in batches:
-                        if batch is None or batch[-1]["type"] in TERMINAL_EVENTS or loop.time() >= deadline:
-                            break
+                # The wait holds a Redis connection in a blocking read for up to CANCEL_WAIT_SECONDS (a run that never
+                # ends: its replica died): uncounted, concurrent cancels took the connections of every key's streams.
+                with admission:
+                    await self._cancel_elsewhere(id)
             record = await self.store.get(id, key_id) or record
         await send_json(send, 200, record.response)
 
     # internals ------------------------------------------------------------------------------------------------
+
+    async def _cancel_elsewhere(self, id: str) -> None:
+        """Ask the replica running `id` to cancel it, and wait (up to CANCEL_WAIT_SECONDS) for its end."""
+        await self.store.request_cancel(id)
+        # Wait for the run's end by the log's own idle timeout and a deadline checked between batches, not by
+        # cancelling the follow: a cancellation inside a blocking Redis read surfaces as Redis' own TimeoutError.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_SECONDS
+        async with contextlib.aclosing(self.store.follow(id, -1, CANCEL_WAIT_SECONDS)) as batches:
+            async for batch in batches:
+                if batch is None or batch[-1]["type"] in TERMINAL_EVENTS or loop.time() >= deadline:
+                    break
 
     async def _start_background(self, run: ResponseRun, admission: Admission) -> None:
         admission.__enter__()  # held until the run ends, not until this request ends
