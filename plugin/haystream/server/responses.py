@@ -430,7 +430,8 @@ class ResponsesEndpoint:
 
     async def cancel(self, id: str, key_id: str, send: Send, *, admission: Admission) -> None:
         """`POST /v1/responses/{id}/cancel`: stop a background run (wherever it runs) and return the response; the
-        wait for a run on another replica is under `admission` (a place among the running streams)."""
+        wait for a run on another replica's end takes a place among the running streams (`admission`), and without
+        one the response is returned as it is (the cancel sent)."""
         record = await self.store.get(id, key_id)
         if record is None:
             raise _not_found(id)
@@ -442,18 +443,26 @@ class ResponsesEndpoint:
                 _stop(local[1])
                 await asyncio.wait({local[1]})
             else:
+                await self.store.request_cancel(id)
                 # The wait holds a Redis connection in a blocking read for up to CANCEL_WAIT_SECONDS (a run that never
                 # ends: its replica died): uncounted, concurrent cancels took the connections of every key's streams.
-                with admission:
-                    await self._cancel_elsewhere(id)
+                # At the stream caps the cancel is sent all the same (a key at its cap most needs it), unwaited for.
+                try:
+                    admission.__enter__()
+                except OpenAIError:
+                    logger.info("response %s: cancel sent; not waiting for its end (at the stream caps)", id)
+                else:
+                    try:
+                        await self._wait_for_end(id)
+                    finally:
+                        admission.__exit__(None, None, None)
             record = await self.store.get(id, key_id) or record
         await send_json(send, 200, record.response)
 
     # internals ------------------------------------------------------------------------------------------------
 
-    async def _cancel_elsewhere(self, id: str) -> None:
-        """Ask the replica running `id` to cancel it, and wait (up to CANCEL_WAIT_SECONDS) for its end."""
-        await self.store.request_cancel(id)
+    async def _wait_for_end(self, id: str) -> None:
+        """Wait (up to CANCEL_WAIT_SECONDS) for the end of `id`, run by another replica."""
         # Wait for the run's end by the log's own idle timeout and a deadline checked between batches, not by
         # cancelling the follow: a cancellation inside a blocking Redis read surfaces as Redis' own TimeoutError.
         loop = asyncio.get_running_loop()
