@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import string
@@ -114,8 +115,9 @@ def serve(
         # haystream's access log replaces uvicorn's (whose logger the app disables): off here, uvicorn does not even
         # build the line's arguments (a URL quoting per request).
         "access_log": False,
-        # A backstop only: the drain ends running streams itself at drain_timeout.
-        "timeout_graceful_shutdown": int(settings.drain_timeout) + 5,
+        # A backstop only: the drain ends running streams itself at drain_timeout after the signal. uvicorn counts
+        # from when it stops listening, at the end of the grace: 5 s after the drain's own end, not grace + 5 s.
+        "timeout_graceful_shutdown": math.ceil(max(settings.drain_timeout - settings.drain_grace_seconds, 0)) + 5,
         "http": _http_protocol(settings.head_timeout_seconds),
     }
     config = uvicorn.Config("haystream.server.app:create_app", **options)
