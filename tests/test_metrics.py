@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
@@ -9,6 +10,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from haystream.server.app import create_app
+from haystream.settings import ServerSettings
 from support import start_server, unique
 
 OPS_WRAPPERS = Path(__file__).parent / "ops_wrappers"
@@ -136,6 +139,14 @@ def test_the_access_log_has_one_line_per_request_with_status_duration_and_reques
     (streamed,) = (r for r in access if r["method"] == "POST")
     assert streamed["request_id"] == "a-1" and streamed["duration_ms"] > 0
     assert "uvicorn.access" not in " ".join(lines)
+
+
+def test_uvicorns_access_log_has_no_handler_once_the_app_is_built():
+    """`haystream serve` builds the app after uvicorn has configured logging, and hayhooks' build routes uvicorn's
+    access log through loguru again: uvicorn then built every line's arguments (the client, the quoted path) for a
+    logger that dropped them. With no handler to reach, it builds nothing (it checks once per connection)."""
+    create_app(ServerSettings(pipelines_dir=str(OPS_WRAPPERS)))
+    assert not logging.getLogger("uvicorn.access").hasHandlers()
 
 
 def test_a_path_cannot_forge_access_log_lines_or_send_terminal_escapes(upstream, capfd):

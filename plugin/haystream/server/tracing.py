@@ -23,6 +23,8 @@ from haystack.tracing import is_tracing_enabled
 from haystream._compat import hayhooks_settings, hayhooks_tracing
 
 _tracing = hayhooks_tracing()
+# hayhooks' settings object is one per process (`create_app` sets its attributes); importing it cost ~6 µs a request
+_HAYHOOKS_SETTINGS = hayhooks_settings()
 SPAN_OPENAI_RUN = _tracing.SPAN_OPENAI_RUN
 build_streaming_trace_tags = _tracing.build_streaming_trace_tags
 build_trace_tags = _tracing.build_trace_tags
@@ -35,7 +37,7 @@ _FAILURE: contextvars.ContextVar[list[BaseException] | None] = contextvars.Conte
 
 def recording() -> bool:
     """Whether a span is seen by anyone: an enabled Haystack tracer, or hayhooks' trace dashboard."""
-    return is_tracing_enabled() or bool(hayhooks_settings().tracing_enabled)
+    return is_tracing_enabled() or bool(_HAYHOOKS_SETTINGS.tracing_enabled)
 
 
 def note_failure(error: BaseException) -> None:
