@@ -397,6 +397,22 @@ def test_a_foreign_web_page_cannot_drive_a_local_server(open_server):
     assert httpx.post(open_server.url + "/probe_open/run", json={"text": "x"}, headers=same).status_code == 200
 
 
+@pytest.mark.parametrize("origin", ["http://[evil", "http://[::1", "https://[v1.x]:80", "http://a]b[c"])
+def test_a_malformed_origin_is_refused_with_a_403_not_a_500(locked, open_server, origin):
+    """An `Origin` that is not a URL (an unclosed IPv6 bracket) made the same-origin check raise: a plain-text 500
+    and a traceback in the log, for anyone, before any key was asked for."""
+    for server, auth in ((locked, AUTH), (locked, {}), (open_server, {})):
+        answered = httpx.get(server.url + "/v1/models", headers={"Origin": origin, **auth})
+        assert_envelope(answered, 403, "origin_not_allowed")
+    handshake = (
+        b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Origin: %s\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ) % origin.encode()
+    with socket.create_connection(("127.0.0.1", open_server.port), timeout=30) as sock:
+        sock.sendall(handshake)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 403")
+
+
 def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
     # An extension's or a desktop app's own origin is listed as the browser sends it (the settings check knows only
     # http(s) origins' form, and refused these at first).

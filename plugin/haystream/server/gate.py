@@ -206,7 +206,7 @@ class Gate:
         if text in self._origins:
             return
         host = (header(scope, b"host") or b"").decode("latin-1").lower()
-        if host and urlsplit(text).netloc.lower() == host:
+        if host and _netloc(text) == host:
             return  # same origin (e.g. hayhooks' own /docs page, when enabled)
         raise OpenAIError(
             403,
@@ -300,6 +300,15 @@ def _parses_as_ip(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _netloc(url: str) -> str | None:
+    """The lower-cased host and port of `url`, or None for one that is not a URL: `urlsplit` raises on an unclosed
+    IPv6 bracket (`http://[evil`), which was a plain-text 500, before any key was asked for."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return None
 
 
 def _normalise(path: str) -> str:
