@@ -279,6 +279,27 @@ def test_slash_variants_of_the_openai_routes_are_behind_the_gate_and_never_redir
         assert_envelope(httpx.post(open_server.url + path, json=body, headers=evil), 400, "host_not_allowed")
 
 
+def test_hayhooks_slash_redirects_are_relative_and_never_name_the_host_sent(locked, rooted):
+    """hayhooks' router answers its routes with a trailing slash (`/status/`, `/{name}/run/`) with a 307 whose
+    `Location` it builds from the `Host` the client sent and the scheme uvicorn saw: `http://evil.example/status`,
+    and behind a TLS proxy an `http://` URL to which a client re-sends its POST body in the clear. A relative
+    reference keeps whatever scheme, host and port the client used."""
+    evil = {**AUTH, "Host": "evil.example"}
+    for path, location in (("/status/", "/status"), ("/status/?x=1", "/status?x=1"), ("/probe/run/", "/probe/run")):
+        answered = httpx.post(locked.url + path, json={"text": "x"}, headers=evil)
+        if path.startswith("/status"):
+            answered = httpx.get(locked.url + path, headers=evil)
+        assert answered.status_code == 307 and answered.headers["location"] == location, (path, answered.headers)
+    for host in ("EVIL.example:8080", "a@b"):  # any case and port; a Host that is no host name: the server's address
+        answered = httpx.get(locked.url + "/status/", headers={**AUTH, "Host": host})
+        assert answered.headers["location"] == "/status", (host, answered.headers)
+    assert_envelope(httpx.get(locked.url + "/status/"), 401)  # still behind the gate
+    followed = httpx.post(locked.url + "/probe/run/", json={"text": "x"}, headers=AUTH, follow_redirects=True)
+    assert followed.status_code == 200 and orjson.loads(followed.json()["result"])["text"] == "X"
+    under_root = httpx.get(rooted.url + "/api/status/", headers={**AUTH, "Host": "evil.example"})
+    assert under_root.status_code == 307 and under_root.headers["location"] == "/api/status"
+
+
 def test_docs_and_draw_are_off_by_default(open_server):
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/draw/probe", "//docs", "/DOCS/"):
         assert_envelope(httpx.get(open_server.url + path), 404, "not_found")
