@@ -1090,6 +1090,35 @@ def test_the_head_bounds_cost_no_memory_per_connection():
     assert sys.getsizeof(bounded.__dict__) == sys.getsizeof(stock.__dict__)
 
 
+def test_a_body_still_arriving_after_its_refusal_is_cut():
+    """A request refused before its body was read whole (no key: 401; past the size or time limit: 413, 408) has its
+    answer, but its body may go on arriving: uvicorn drops it, and each byte stopped its keep-alive timer. A client
+    sending a byte a second of an endless chunked body held the connection for good, past the head and body
+    timeouts, without a key. Now the rest of the body has `HAYSTREAM_BODY_TIMEOUT_SECONDS` from the answer."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n%s\r\n"
+    with cli_server(1, HAYSTREAM_BODY_TIMEOUT_SECONDS="1", HAYSTREAM_MAX_BODY_BYTES="1024") as port:
+        for auth, status in ((b"", b"401"), (b"Authorization: Bearer %s\r\n" % KEY.encode(), b"413")):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(head % auth + b"800\r\n" + b"x" * 2048 + b"\r\n")
+                answer = b""
+                for _ in range(100):  # a chunk every 0.1 s for up to 10 s: ten body timeouts
+                    if select.select([sock], [], [], 0.1)[0]:
+                        received = sock.recv(65536)
+                        if not received:
+                            break  # closed
+                        answer += received
+                    with contextlib.suppress(OSError):  # the close may reset a send in flight
+                        sock.sendall(b"1\r\nx\r\n")
+                else:
+                    pytest.fail(f"the connection was still open after 10 s: {answer[:100]!r}")
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        # A body that ends in time leaves the connection serving the next request.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(2):
+                assert_envelope(client.post("/v1/chat/completions", content=b"x" * 32), 401)
+            assert client.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_request_head_that_never_completes_is_cut_without_a_key(workers):
     """uvicorn times out idle keep-alive connections only, and any byte stops that timer: a connection that sent

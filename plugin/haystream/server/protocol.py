@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with bounds on a request's head (request line and headers), checked before any key.
+"""uvicorn's httptools protocol with bounds on a request's head (request line and headers), checked before any key,
+and on the time a body left unread by its answer may go on arriving.
 
 - Size: httptools joins a header value or URL that arrives in pieces by copying what it has so far each time, without
   a limit: one client streaming a 256 MB header, no key needed, held the event loop for seconds at a time (every route
@@ -8,6 +9,10 @@
   never sends a byte, or sends its head a byte at a time, was held open for good (slowloris). A head must now be
   complete within `head_timeout` seconds of the connection, or of its first byte on a reused connection; otherwise
   the connection gets 408 (or, if it sent nothing, is just closed) like a body that never arrives.
+- The rest of an unread body: a request answered before its body was read whole (refused without a key, past the size
+  or time limit) may go on sending it; uvicorn drops it, but each byte stopped the keep-alive timer, so an endless
+  chunked body trickled a byte a second held the connection for good, without a key. The rest of the body must now
+  arrive within `body_timeout` seconds of the answer; then the connection is closed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from haystream.server.asgi import Message
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_SECONDS = 30.0
+BODY_TIMEOUT_SECONDS = 30.0
 
 
 def _refusal(status: bytes, message: bytes) -> bytes:
@@ -66,18 +72,27 @@ def close_delimited(cycle: Any) -> None:
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """`HttpToolsProtocol` that refuses a request whose head is still incomplete after `MAX_HEAD_BYTES` (431) or
-    after `head_timeout` seconds (408)."""
+    after `head_timeout` seconds (408), and closes a connection whose request was answered before its body ended and
+    whose body is still arriving `body_timeout` seconds later."""
 
     # Slots, not instance attributes: four more attributes than uvicorn's own turned each connection's key-sharing
     # `__dict__` (288 bytes) into a 1,584-byte one of its own.
-    __slots__ = ("_head_bytes", "_head_deadline", "_head_timeout", "_in_head")
+    __slots__ = ("_body_done", "_body_timeout", "_head_bytes", "_head_deadline", "_head_timeout", "_in_head")
 
-    def __init__(self, *args: Any, head_timeout: float = HEAD_TIMEOUT_SECONDS, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        head_timeout: float = HEAD_TIMEOUT_SECONDS,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # until the first request's headers are complete
         self._head_bytes = 0
         self._head_timeout = head_timeout
-        self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_deadline: asyncio.TimerHandle | None = None  # the head's, or the unread body's (see below)
+        self._body_timeout = body_timeout
+        self._body_done = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -101,7 +116,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
+        self._body_done = False
         self._arm_head_deadline()  # from the head's first byte: idle keep-alive time is uvicorn's to bound
+
+    def on_message_complete(self) -> None:
+        self._body_done = True
+        self._disarm_head_deadline()  # the unread body's deadline, if its response went out before it ended
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._body_done and not self.transport.is_closing():
+            # Answered before its body was read whole (refused: no key, too large, too slow). uvicorn drops the rest
+            # as it arrives, and each byte stops its keep-alive timer: the rest gets the body's time, then the
+            # connection is closed.
+            self._disarm_head_deadline()
+            self._head_deadline = self.loop.call_later(self._body_timeout, self._unread_body_too_slow)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -127,6 +157,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+
+    def _unread_body_too_slow(self) -> None:
+        self._head_deadline = None
+        if not self._body_done and not self._in_head:
+            self.transport.close()  # its answer went out already
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
