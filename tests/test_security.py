@@ -462,6 +462,31 @@ def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
         server.stop()
 
 
+def test_a_refused_preflight_gets_the_error_envelope(upstream, tmp_path_factory):
+    """With origins listed, Starlette's CORS middleware answers preflights itself, and refused one from another
+    origin (or asking for a method or private-network access it does not allow) with a plain-text 400 "Disallowed
+    CORS origin": the same page's request without a preflight got 403 `origin_not_allowed`."""
+    server = serve(
+        upstream, tmp_path_factory, name="probe_preflight", api_keys=KEY, cors_origins="https://chat.example"
+    )
+    try:
+
+        def preflight(origin: str, method: str = "POST", **extra: str) -> httpx.Response:
+            headers = {"Origin": origin, "Access-Control-Request-Method": method, **extra}
+            return httpx.options(server.url + "/v1/chat/completions", headers=headers)
+
+        for origin in ("https://evil.example", "http://[evil", "null"):
+            error = assert_envelope(preflight(origin), 403, "origin_not_allowed")
+            assert "HAYSTREAM_CORS_ORIGINS" in error["message"]
+        refused = preflight("https://chat.example", "PROPFIND")
+        assert "method" in assert_envelope(refused, 400, "cors_not_allowed")["message"]
+        private = preflight("https://chat.example", **{"Access-Control-Request-Private-Network": "true"})
+        assert "private-network" in assert_envelope(private, 400, "cors_not_allowed")["message"]
+        assert preflight("https://chat.example").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_a_listed_origin_may_send_what_the_openai_sdk_sends(upstream, tmp_path_factory):
     """The OpenAI SDK's requests carry `x-stainless-*` headers: a browser asks for them in the preflight, which was
     refused (400 "Disallowed CORS headers") while they were not all listed, so no SDK could call from a page."""

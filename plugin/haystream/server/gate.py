@@ -24,6 +24,7 @@ from haystream.openai import OpenAIError, loads_json_body
 from haystream.server.asgi import (
     BoundedBody,
     ClientDisconnected,
+    Message,
     Receive,
     Scope,
     Send,
@@ -89,7 +90,37 @@ class Gate:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
+        if self._origins and _is_preflight(scope):
+            send = self._shaped_preflight_refusals(scope, send)
         await self._entry(scope, receive, send)
+
+    def _shaped_preflight_refusals(self, scope: Scope, send: Send) -> Send:
+        """Starlette's CORS middleware refuses a preflight with a plain-text 400 ("Disallowed CORS origin, method"):
+        the OpenAI envelope instead, a 403 `origin_not_allowed` for an origin, as its request without a preflight
+        gets. Its CORS headers are kept."""
+        held: Message | None = None
+
+        async def shaped(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                held = message
+                return
+            if held is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            failures = message.get("body", b"").decode("latin-1").removeprefix("Disallowed CORS ").split(", ")
+            kept = [(n, v) for n, v in held["headers"] if n.lower() not in (b"content-type", b"content-length")]
+            if "origin" in failures:
+                error = _origin_not_allowed((header(scope, b"origin") or b"").decode("latin-1"))
+            else:
+                error = OpenAIError(
+                    400,
+                    f"The CORS preflight asks for what this server does not allow: {', '.join(failures)}.",
+                    code="cors_not_allowed",
+                )
+            await send_error(send, error, headers=kept)
+
+        return shaped
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         is_http = scope["type"] == "http"
@@ -208,11 +239,7 @@ class Gate:
         host = (header(scope, b"host") or b"").decode("latin-1").lower()
         if host and _netloc(text) == host:
             return  # same origin (e.g. hayhooks' own /docs page, when enabled)
-        raise OpenAIError(
-            403,
-            f"Requests from the web origin {text[:100]!r} are not allowed; list it in HAYSTREAM_CORS_ORIGINS.",
-            code="origin_not_allowed",
-        )
+        raise _origin_not_allowed(text)
 
     def _check_deploy(self, can_deploy: bool) -> None:
         if not self.settings.enable_deploy:
@@ -302,6 +329,14 @@ def _parses_as_ip(name: str) -> bool:
     return True
 
 
+def _origin_not_allowed(origin: str) -> OpenAIError:
+    return OpenAIError(
+        403,
+        f"Requests from the web origin {origin[:100]!r} are not allowed; list it in HAYSTREAM_CORS_ORIGINS.",
+        code="origin_not_allowed",
+    )
+
+
 def _netloc(url: str) -> str | None:
     """The lower-cased host and port of `url`, or None for one that is not a URL: `urlsplit` raises on an unclosed
     IPv6 bracket (`http://[evil`), which was a plain-text 500, before any key was asked for."""
@@ -318,6 +353,16 @@ def _normalise(path: str) -> str:
 def without_private_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The request's headers without credentials (Authorization, Cookie): what wrappers get by default."""
     return [(name, value) for name, value in scope.get("headers", ()) if name not in _PRIVATE_HEADERS]
+
+
+def _is_preflight(scope: Scope) -> bool:
+    """A CORS preflight, as Starlette's middleware tells one (and answers it itself)."""
+    return (
+        scope["type"] == "http"
+        and scope["method"] == "OPTIONS"
+        and header(scope, b"origin") is not None
+        and header(scope, b"access-control-request-method") is not None
+    )
 
 
 def _is_json(scope: Scope) -> bool:
