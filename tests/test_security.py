@@ -319,6 +319,11 @@ def test_a_chat_key_cannot_deploy_when_deploy_keys_are_set(locked):
     admin = {"Authorization": f"Bearer {DEPLOY_KEY}"}
     assert assert_envelope(httpx.post(locked.url + "/deploy_files", json=traversal, headers=admin), 400)["param"]
     assert registry.get("evil") is None
+    # The name hayhooks undeploys is the path's: a valid name in the body does not vouch for it.
+    for name in ("%2E%2E", "a.b"):
+        undeploy = httpx.post(locked.url + f"/undeploy/{name}", json={"name": "probe"}, headers=admin)
+        assert assert_envelope(undeploy, 400)["param"] == "name", undeploy.text
+    assert registry.get("probe") is not None
     # a deploy key is an admin key: it may chat too
     assert httpx.get(locked.url + "/v1/models", headers=admin).status_code == 200
 
