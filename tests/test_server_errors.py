@@ -565,6 +565,20 @@ def test_an_unpaired_surrogate_on_a_run_route_is_a_400_not_a_500(http, path):
 
 
 @pytest.mark.parametrize(
+    "value", [b"NaN", b"-Infinity", b"Infinity", b"1e999", b"-1E+400", b"1" * 400 + b".5", b'["x", NaN]']
+)
+def test_nan_infinity_and_out_of_range_numbers_on_a_run_route_are_a_400_not_a_500(http, value):
+    # Not JSON (RFC 8259), but hayhooks' parser (Python's json) takes them, as float nan and inf; its validation error
+    # then failed to echo the value back ("Out of range float values are not JSON compliant"): a 500.
+    answered = http.post("/api_only/run", content=b'{"text": %s}' % value, headers=JSON)
+    assert "not JSON" in assert_envelope(answered, 400, "invalid_json")["message"]
+    # Numbers in range, and the words inside strings, pass as before.
+    for fine in (b'"NaN and Infinity"', b'"1e999"'):
+        assert http.post("/api_only/run", content=b'{"text": %s}' % fine, headers=JSON).status_code == 200
+    assert_envelope(http.post("/api_only/run", content=b'{"text": 1e300}', headers=JSON), 422)  # not a string
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b'{"text": "a\xed\xa0\x80"}',  # the surrogate as UTF-8 bytes (CESU-8), which Python's json takes
