@@ -18,10 +18,10 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 def relative_redirects(scope: Scope, send: Send) -> Send:
     """`send`, with the `Location` of a redirect to the request's own host made relative."""
-    own = _own_netlocs(scope)
 
     async def relative(message: Message) -> None:
         if message["type"] == "http.response.start" and message["status"] in _REDIRECTS:
+            own = _own_netlocs(scope)  # only for a redirect: not a cost on every answer
             headers = [
                 (name, _relative(value, own) if name.lower() == b"location" else value)
                 for name, value in message.get("headers", ())
