@@ -1149,6 +1149,35 @@ def test_a_body_still_arriving_after_its_refusal_is_cut():
             assert client.get("/health").status_code == 200
 
 
+def test_a_malformed_websocket_upgrade_gets_the_error_envelope_at_once():
+    """uvicorn hands a request with `Upgrade: websocket` to its WebSocket protocol before any app (or key) sees it: a
+    POST was never answered and its connection held for good, past the head timeout, without a key; a bad key or
+    version got a plain-text 400 from the WebSocket library. Now each gets the envelope, and the connection is
+    closed; a well-formed handshake still reaches the gate (403 without a key)."""
+    upgrade = (
+        b"%s /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: %s\r\n\r\n"
+    )
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    with cli_server(1, HAYSTREAM_HEAD_TIMEOUT_SECONDS="60") as port:
+
+        def answer(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                return b"".join(iter(lambda: sock.recv(65536), b""))  # to the close
+
+        for method, sent_key, version, status in (
+            (b"POST", key, b"13", b"400"),
+            (b"GET", b"abc", b"13", b"400"),
+            (b"GET", key, b"8", b"426"),
+        ):
+            answered = answer(upgrade % (method, sent_key, version))
+            assert answered.startswith(b"HTTP/1.1 " + status), answered[:200]
+            assert b"application/json" in answered and b'"error"' in answered, answered
+        assert b"sec-websocket-version: 13" in answer(upgrade % (b"GET", key, b"8")).lower()
+        assert answer(upgrade % (b"GET", key, b"13")).startswith(b"HTTP/1.1 403")
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_request_head_that_never_completes_is_cut_without_a_key(workers):
     """uvicorn times out idle keep-alive connections only, and any byte stops that timer: a connection that sent

@@ -13,11 +13,16 @@ and on the time a body left unread by its answer may go on arriving.
   or time limit) may go on sending it; uvicorn drops it, but each byte stopped the keep-alive timer, so an endless
   chunked body trickled a byte a second held the connection for good, without a key. The rest of the body must now
   arrive within `body_timeout` seconds of the answer; then the connection is closed.
+- WebSocket upgrades: uvicorn hands one to its WebSocket protocol before any app sees it; one that protocol cannot
+  take (a POST, a bad key or version) is refused here with the envelope (a POST was held open for good, unanswered).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+from collections.abc import Iterable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -29,17 +34,25 @@ HEAD_TIMEOUT_SECONDS = 30.0
 BODY_TIMEOUT_SECONDS = 30.0
 
 
-def _refusal(status: bytes, message: bytes) -> bytes:
+def _refusal(status: bytes, message: bytes, extra_headers: bytes = b"") -> bytes:
     body = b'{"error":{"message":"%s","type":"invalid_request_error","param":null,"code":null}}' % message
-    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n%s" % (
         status,
         len(body),
+        extra_headers,
         body,
     )
 
 
 _TOO_LARGE = _refusal(b"431 Request Header Fields Too Large", b"Request headers too large.")
 _TOO_SLOW = _refusal(b"408 Request Timeout", b"The request headers took too long to arrive.")
+_WEBSOCKET_NOT_GET = _refusal(b"400 Bad Request", b"A WebSocket upgrade must be a GET request.")
+_WEBSOCKET_BAD_KEY = _refusal(
+    b"400 Bad Request", b"A WebSocket upgrade needs one Sec-WebSocket-Key: 16 bytes in base64."
+)
+_WEBSOCKET_BAD_VERSION = _refusal(
+    b"426 Upgrade Required", b"A WebSocket upgrade needs Sec-WebSocket-Version: 13.", b"sec-websocket-version: 13\r\n"
+)
 
 
 _UNTIL_CLOSE = 1 << 62  # "no length": what a close-delimited body may still send
@@ -141,6 +154,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self.cycle is not previous and self.scope["http_version"] == "1.0":
             close_delimited(self.cycle)
 
+    def handle_websocket_upgrade(self) -> None:
+        """A request with `Upgrade: websocket` goes to uvicorn's WebSocket protocol before any app (or key) sees it:
+        one that protocol cannot take is refused here with the envelope. A POST was never answered, and its
+        connection held for good (the head's deadline ends with the head), without a key; a bad key or version got
+        the WebSocket library's plain-text 400."""
+        refusal = _bad_websocket_upgrade(self.scope["method"], self.scope["headers"])
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        super().handle_websocket_upgrade()
+
     def send_400_response(self, msg: str) -> None:
         """A request httptools cannot parse (`Transfer-Encoding` with `Content-Length`, two lengths, a bad method):
         the OpenAI error envelope, as for the refusals above, not uvicorn's plain text."""
@@ -178,3 +202,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._disarm_head_deadline()
         self.transport.write(answer)
         self.transport.close()
+
+
+def _bad_websocket_upgrade(method: str, headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The refusal for a WebSocket handshake that RFC 6455 §4.2.1 does not allow, or None for a well-formed one."""
+    if method != "GET":
+        return _WEBSOCKET_NOT_GET
+    keys = [value for name, value in headers if name == b"sec-websocket-key"]
+    versions = [value for name, value in headers if name == b"sec-websocket-version"]
+    if versions != [b"13"]:
+        return _WEBSOCKET_BAD_VERSION
+    try:
+        if len(keys) != 1 or len(base64.b64decode(keys[0].strip(), validate=True)) != 16:
+            return _WEBSOCKET_BAD_KEY
+    except binascii.Error:
+        return _WEBSOCKET_BAD_KEY
+    return None
