@@ -685,6 +685,21 @@ def body_probe(request):
         yield probe, server
 
 
+def test_a_fault_behind_the_gate_is_answered_with_the_envelope_not_uvicorns_text(caplog):
+    """A fault nobody foresaw anywhere behind the gate (its own checks, hayhooks' middleware) reached uvicorn, which
+    answers a plain-text 500: the Origin check's did, before any key was asked for. The gate answers it instead, with
+    the envelope and without the fault's text, which goes to the log with its traceback."""
+
+    async def faulty(scope, receive, send) -> None:
+        raise RuntimeError("fault at /srv/secret/path")
+
+    with ServerThread(Gate(faulty, ServerSettings())) as server:
+        answered = httpx.get(server.url + "/v1/models")
+    error = assert_envelope(answered, 500, "internal_error")
+    assert "fault" not in answered.text and "/srv" not in answered.text, error
+    assert any("fault at /srv/secret/path" in (r.exc_text or "") for r in caplog.records if r.exc_info)
+
+
 def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
