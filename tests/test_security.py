@@ -279,6 +279,27 @@ def test_slash_variants_of_the_openai_routes_are_behind_the_gate_and_never_redir
         assert_envelope(httpx.post(open_server.url + path, json=body, headers=evil), 400, "host_not_allowed")
 
 
+def test_hayhooks_slash_redirects_are_relative_and_never_name_the_host_sent(locked, rooted):
+    """hayhooks' router answers its routes with a trailing slash (`/status/`, `/{name}/run/`) with a 307 whose
+    `Location` it builds from the `Host` the client sent and the scheme uvicorn saw: `http://evil.example/status`,
+    and behind a TLS proxy an `http://` URL to which a client re-sends its POST body in the clear. A relative
+    reference keeps whatever scheme, host and port the client used."""
+    evil = {**AUTH, "Host": "evil.example"}
+    for path, location in (("/status/", "/status"), ("/status/?x=1", "/status?x=1"), ("/probe/run/", "/probe/run")):
+        answered = httpx.post(locked.url + path, json={"text": "x"}, headers=evil)
+        if path.startswith("/status"):
+            answered = httpx.get(locked.url + path, headers=evil)
+        assert answered.status_code == 307 and answered.headers["location"] == location, (path, answered.headers)
+    for host in ("EVIL.example:8080", "a@b"):  # any case and port; a Host that is no host name: the server's address
+        answered = httpx.get(locked.url + "/status/", headers={**AUTH, "Host": host})
+        assert answered.headers["location"] == "/status", (host, answered.headers)
+    assert_envelope(httpx.get(locked.url + "/status/"), 401)  # still behind the gate
+    followed = httpx.post(locked.url + "/probe/run/", json={"text": "x"}, headers=AUTH, follow_redirects=True)
+    assert followed.status_code == 200 and orjson.loads(followed.json()["result"])["text"] == "X"
+    under_root = httpx.get(rooted.url + "/api/status/", headers={**AUTH, "Host": "evil.example"})
+    assert under_root.status_code == 307 and under_root.headers["location"] == "/api/status"
+
+
 def test_docs_and_draw_are_off_by_default(open_server):
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/draw/probe", "//docs", "/DOCS/"):
         assert_envelope(httpx.get(open_server.url + path), 404, "not_found")
@@ -298,6 +319,11 @@ def test_a_chat_key_cannot_deploy_when_deploy_keys_are_set(locked):
     admin = {"Authorization": f"Bearer {DEPLOY_KEY}"}
     assert assert_envelope(httpx.post(locked.url + "/deploy_files", json=traversal, headers=admin), 400)["param"]
     assert registry.get("evil") is None
+    # The name hayhooks undeploys is the path's: a valid name in the body does not vouch for it.
+    for name in ("%2E%2E", "a.b"):
+        undeploy = httpx.post(locked.url + f"/undeploy/{name}", json={"name": "probe"}, headers=admin)
+        assert assert_envelope(undeploy, 400)["param"] == "name", undeploy.text
+    assert registry.get("probe") is not None
     # a deploy key is an admin key: it may chat too
     assert httpx.get(locked.url + "/v1/models", headers=admin).status_code == 200
 
@@ -397,6 +423,22 @@ def test_a_foreign_web_page_cannot_drive_a_local_server(open_server):
     assert httpx.post(open_server.url + "/probe_open/run", json={"text": "x"}, headers=same).status_code == 200
 
 
+@pytest.mark.parametrize("origin", ["http://[evil", "http://[::1", "https://[v1.x]:80", "http://a]b[c"])
+def test_a_malformed_origin_is_refused_with_a_403_not_a_500(locked, open_server, origin):
+    """An `Origin` that is not a URL (an unclosed IPv6 bracket) made the same-origin check raise: a plain-text 500
+    and a traceback in the log, for anyone, before any key was asked for."""
+    for server, auth in ((locked, AUTH), (locked, {}), (open_server, {})):
+        answered = httpx.get(server.url + "/v1/models", headers={"Origin": origin, **auth})
+        assert_envelope(answered, 403, "origin_not_allowed")
+    handshake = (
+        b"GET /anything HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Origin: %s\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ) % origin.encode()
+    with socket.create_connection(("127.0.0.1", open_server.port), timeout=30) as sock:
+        sock.sendall(handshake)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 403")
+
+
 def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
     # An extension's or a desktop app's own origin is listed as the browser sends it (the settings check knows only
     # http(s) origins' form, and refused these at first).
@@ -421,6 +463,31 @@ def test_cors_origins_allow_a_listed_origin(upstream, tmp_path_factory):
         assert_envelope(foreign, 403, "origin_not_allowed")
         from_extension = httpx.get(server.url + "/v1/models", headers={**AUTH, "Origin": extension})
         assert from_extension.status_code == 200 and from_extension.headers["access-control-allow-origin"] == extension
+    finally:
+        server.stop()
+
+
+def test_a_refused_preflight_gets_the_error_envelope(upstream, tmp_path_factory):
+    """With origins listed, Starlette's CORS middleware answers preflights itself, and refused one from another
+    origin (or asking for a method or private-network access it does not allow) with a plain-text 400 "Disallowed
+    CORS origin": the same page's request without a preflight got 403 `origin_not_allowed`."""
+    server = serve(
+        upstream, tmp_path_factory, name="probe_preflight", api_keys=KEY, cors_origins="https://chat.example"
+    )
+    try:
+
+        def preflight(origin: str, method: str = "POST", **extra: str) -> httpx.Response:
+            headers = {"Origin": origin, "Access-Control-Request-Method": method, **extra}
+            return httpx.options(server.url + "/v1/chat/completions", headers=headers)
+
+        for origin in ("https://evil.example", "http://[evil", "null"):
+            error = assert_envelope(preflight(origin), 403, "origin_not_allowed")
+            assert "HAYSTREAM_CORS_ORIGINS" in error["message"]
+        refused = preflight("https://chat.example", "PROPFIND")
+        assert "method" in assert_envelope(refused, 400, "cors_not_allowed")["message"]
+        private = preflight("https://chat.example", **{"Access-Control-Request-Private-Network": "true"})
+        assert "private-network" in assert_envelope(private, 400, "cors_not_allowed")["message"]
+        assert preflight("https://chat.example").status_code == 200
     finally:
         server.stop()
 
@@ -616,6 +683,21 @@ def body_probe(request):
     settings = ServerSettings(max_body_bytes=2048, body_timeout_seconds=request.param)
     with ServerThread(Gate(probe, settings)) as server:
         yield probe, server
+
+
+def test_a_fault_behind_the_gate_is_answered_with_the_envelope_not_uvicorns_text(caplog):
+    """A fault nobody foresaw anywhere behind the gate (its own checks, hayhooks' middleware) reached uvicorn, which
+    answers a plain-text 500: the Origin check's did, before any key was asked for. The gate answers it instead, with
+    the envelope and without the fault's text, which goes to the log with its traceback."""
+
+    async def faulty(scope, receive, send) -> None:
+        raise RuntimeError("fault at /srv/secret/path")
+
+    with ServerThread(Gate(faulty, ServerSettings())) as server:
+        answered = httpx.get(server.url + "/v1/models")
+    error = assert_envelope(answered, 500, "internal_error")
+    assert "fault" not in answered.text and "/srv" not in answered.text, error
+    assert any("fault at /srv/secret/path" in (r.exc_text or "") for r in caplog.records if r.exc_info)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -1051,6 +1133,64 @@ def test_the_head_bounds_cost_no_memory_per_connection():
     stock, bounded = made
     assert bounded.__dict__.keys() == stock.__dict__.keys()
     assert sys.getsizeof(bounded.__dict__) == sys.getsizeof(stock.__dict__)
+
+
+def test_a_body_still_arriving_after_its_refusal_is_cut():
+    """A request refused before its body was read whole (no key: 401; past the size or time limit: 413, 408) has its
+    answer, but its body may go on arriving: uvicorn drops it, and each byte stopped its keep-alive timer. A client
+    sending a byte a second of an endless chunked body held the connection for good, past the head and body
+    timeouts, without a key. Now the rest of the body has `HAYSTREAM_BODY_TIMEOUT_SECONDS` from the answer."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n%s\r\n"
+    with cli_server(1, HAYSTREAM_BODY_TIMEOUT_SECONDS="1", HAYSTREAM_MAX_BODY_BYTES="1024") as port:
+        for auth, status in ((b"", b"401"), (b"Authorization: Bearer %s\r\n" % KEY.encode(), b"413")):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(head % auth + b"800\r\n" + b"x" * 2048 + b"\r\n")
+                answer = b""
+                for _ in range(100):  # a chunk every 0.1 s for up to 10 s: ten body timeouts
+                    if select.select([sock], [], [], 0.1)[0]:
+                        received = sock.recv(65536)
+                        if not received:
+                            break  # closed
+                        answer += received
+                    with contextlib.suppress(OSError):  # the close may reset a send in flight
+                        sock.sendall(b"1\r\nx\r\n")
+                else:
+                    pytest.fail(f"the connection was still open after 10 s: {answer[:100]!r}")
+            assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        # A body that ends in time leaves the connection serving the next request.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(2):
+                assert_envelope(client.post("/v1/chat/completions", content=b"x" * 32), 401)
+            assert client.get("/health").status_code == 200
+
+
+def test_a_malformed_websocket_upgrade_gets_the_error_envelope_at_once():
+    """uvicorn hands a request with `Upgrade: websocket` to its WebSocket protocol before any app (or key) sees it: a
+    POST was never answered and its connection held for good, past the head timeout, without a key; a bad key or
+    version got a plain-text 400 from the WebSocket library. Now each gets the envelope, and the connection is
+    closed; a well-formed handshake still reaches the gate (403 without a key)."""
+    upgrade = (
+        b"%s /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: %s\r\n\r\n"
+    )
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    with cli_server(1, HAYSTREAM_HEAD_TIMEOUT_SECONDS="60") as port:
+
+        def answer(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                return b"".join(iter(lambda: sock.recv(65536), b""))  # to the close
+
+        for method, sent_key, version, status in (
+            (b"POST", key, b"13", b"400"),
+            (b"GET", b"abc", b"13", b"400"),
+            (b"GET", key, b"8", b"426"),
+        ):
+            answered = answer(upgrade % (method, sent_key, version))
+            assert answered.startswith(b"HTTP/1.1 " + status), answered[:200]
+            assert b"application/json" in answered and b'"error"' in answered, answered
+        assert b"sec-websocket-version: 13" in answer(upgrade % (b"GET", key, b"8")).lower()
+        assert answer(upgrade % (b"GET", key, b"13")).startswith(b"HTTP/1.1 403")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

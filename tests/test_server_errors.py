@@ -436,6 +436,53 @@ def test_content_parts_are_capped_in_all_messages_together(upstream):
         assert http.post("/v1/responses", json={**responses, "input": two_and_two}).status_code == 200
 
 
+def test_an_assistants_tool_calls_count_against_the_content_parts_cap(upstream):
+    # Each tool call is converted on its way to the model like a part: 40,000 calls in one assistant message (3 MB)
+    # held the event loop 3.4 s, uncounted by either cap.
+    def turn(calls: int, parts: int = 0) -> list[dict]:
+        asked = [{"role": "user", "content": [{"type": "text", "text": "w"}] * parts or "w"}]
+        ids = [f"call_{n}" for n in range(calls)]
+        call = [{"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in ids]
+        return [
+            *asked,
+            {"role": "assistant", "tool_calls": call},
+            *({"role": "tool", "tool_call_id": i, "content": "r"} for i in ids),
+        ]
+
+    with serving(upstream, max_content_parts=4) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        for calls, parts in ((5, 0), (3, 2)):
+            chat = {"model": "fake_async", "mode": "string", "messages": turn(calls, parts)}
+            error = assert_envelope(http.post("/v1/chat/completions", json=chat), 400, "array_above_max_length")
+            assert error["param"] == "messages" and "at most 4" in error["message"] and "got 5" in error["message"]
+            assert "tool calls" in error["message"]
+        fits = {"model": "fake_async", "mode": "string", "messages": turn(2, 2)}
+        assert http.post("/v1/chat/completions", json=fits).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_arguments_nested_too_deep_are_a_400_not_a_500(http, upstream, stream):
+    # Haystack parses an assistant's tool call arguments (a JSON string) with Python's json: 1,200 levels raised
+    # RecursionError (a 500 on chat and Responses); from ~500 a Pipeline's deep copy of its inputs raises it instead.
+    def chat(depth: int) -> httpx.Response:
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * depth + "]" * depth}}
+        messages = [
+            *USER,
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c", "content": "r"},
+        ]
+        body = {"model": "fake_async", "scenario": unique(), "stream": stream, "messages": messages}
+        return http.post("/v1/chat/completions", json=body)
+
+    for depth in (MAX_JSON_DEPTH + 1, 600, 1200, 100_000):
+        error = assert_envelope(chat(depth), 400, "invalid_json")
+        assert error["param"] == "messages.1" and f"more than {MAX_JSON_DEPTH} levels" in error["message"], error
+    assert chat(MAX_JSON_DEPTH).status_code == 200
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "[" * 1200 + "]" * 1200}
+    items = [call, {"type": "function_call_output", "call_id": "c", "output": "r"}]
+    responses = {"model": "fake_async", "mode": "string", "stream": stream, "input": items}
+    assert_envelope(http.post("/v1/responses", json=responses), 400, "invalid_json")
+
+
 def test_the_caps_hold_for_a_conversation_chained_by_previous_response_id(upstream):
     # Each request's own input was capped, but previous_response_id adds the stored conversation to it: 20 chained
     # requests of 2,000 items each made a 40,000-message conversation that held the event loop for 15 s.
@@ -515,6 +562,20 @@ def test_an_unpaired_surrogate_on_a_run_route_is_a_400_not_a_500(http, path):
     # A pair written as escapes, and an escaped backslash before "ud800", are text: hayhooks still answers them.
     paired = http.post("/api_only/run", content=b'{"text": "\\ud83d\\ude00 \\\\ud800"}', headers=headers)
     assert paired.status_code == 200 and paired.json()["result"] == "\U0001f600 \\UD800"
+
+
+@pytest.mark.parametrize(
+    "value", [b"NaN", b"-Infinity", b"Infinity", b"1e999", b"-1E+400", b"1" * 400 + b".5", b'["x", NaN]']
+)
+def test_nan_infinity_and_out_of_range_numbers_on_a_run_route_are_a_400_not_a_500(http, value):
+    # Not JSON (RFC 8259), but hayhooks' parser (Python's json) takes them, as float nan and inf; its validation error
+    # then failed to echo the value back ("Out of range float values are not JSON compliant"): a 500.
+    answered = http.post("/api_only/run", content=b'{"text": %s}' % value, headers=JSON)
+    assert "not JSON" in assert_envelope(answered, 400, "invalid_json")["message"]
+    # Numbers in range, and the words inside strings, pass as before.
+    for fine in (b'"NaN and Infinity"', b'"1e999"'):
+        assert http.post("/api_only/run", content=b'{"text": %s}' % fine, headers=JSON).status_code == 200
+    assert_envelope(http.post("/api_only/run", content=b'{"text": 1e300}', headers=JSON), 422)  # not a string
 
 
 @pytest.mark.parametrize(

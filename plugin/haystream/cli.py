@@ -118,7 +118,7 @@ def serve(
         # A backstop only: the drain ends running streams itself at drain_timeout after the signal. uvicorn counts
         # from when it stops listening, at the end of the grace: 5 s after the drain's own end, not grace + 5 s.
         "timeout_graceful_shutdown": math.ceil(max(settings.drain_timeout - settings.drain_grace_seconds, 0)) + 5,
-        "http": _http_protocol(settings.head_timeout_seconds),
+        "http": _http_protocol(settings.head_timeout_seconds, settings.body_timeout_seconds),
     }
     config = uvicorn.Config("haystream.server.app:create_app", **options)
     if settings.workers > 1:
@@ -326,14 +326,14 @@ class _client:
             _fail(f"The connection to haystream at {self.url} was lost ({type(exc).__name__}): did the server stop?")
 
 
-def _http_protocol(head_timeout: float) -> Any:
-    """uvicorn's httptools protocol with bounds on request heads (see haystream.server.protocol); a partial of a
-    module-level class, so that it reaches spawned workers."""
+def _http_protocol(head_timeout: float, body_timeout: float) -> Any:
+    """uvicorn's httptools protocol with bounds on request heads and unread bodies (see haystream.server.protocol); a
+    partial of a module-level class, so that it reaches spawned workers."""
     from functools import partial
 
     from haystream.server.protocol import BoundedHeadProtocol
 
-    return partial(BoundedHeadProtocol, head_timeout=head_timeout)
+    return partial(BoundedHeadProtocol, head_timeout=head_timeout, body_timeout=body_timeout)
 
 
 def _check_can_serve(pipelines_dir: str, host: str, port: int) -> None:

@@ -114,7 +114,10 @@ class ServerSettings(BaseSettings):
         "conversation in all (400 above).",
     )
     max_content_parts: int = Field(
-        4096, ge=1, description="Most content parts (text, images, ...) all messages of a request may carry together."
+        4096,
+        ge=1,
+        description="Most content parts (text, images, ...) and assistant tool calls all messages of a request may "
+        "carry together.",
     )
     max_tokens: int = Field(32768, ge=1, description="Largest max_tokens / max_completion_tokens a client may ask.")
     responses_ttl_seconds: float = Field(

@@ -6,6 +6,7 @@ from typing import Any
 
 from haystack.dataclasses import ChatMessage
 
+from haystream.openai.depth import MAX_JSON_DEPTH, nested_deeper_than
 from haystream.openai.errors import OpenAIError
 
 
@@ -23,10 +24,24 @@ def chat_messages(messages: list[dict[str, Any]], *, images: bool = True) -> lis
         if not images or _has_remote_image(message):
             message = _images_as_text(message, keep_data_urls=images)
         try:
-            converted.append(ChatMessage.from_openai_dict_format(message))
+            chat_message = ChatMessage.from_openai_dict_format(message)
         except (ValueError, TypeError, KeyError, AttributeError) as error:  # e.g. `"function": "f"`: not an object
             raise OpenAIError(400, f"messages.{position}: {error}", param=f"messages.{position}") from None
+        except RecursionError:  # Python's json, parsing a tool call's arguments: ~1,000 levels (was a 500)
+            raise _arguments_too_deep(position) from None
+        if any(nested_deeper_than(call.arguments, MAX_JSON_DEPTH) for call in chat_message.tool_calls):
+            raise _arguments_too_deep(position)  # a Pipeline's deep copy of them raised it from ~500 levels
+        converted.append(chat_message)
     return converted
+
+
+def _arguments_too_deep(position: int) -> OpenAIError:
+    return OpenAIError(
+        400,
+        f"messages.{position}: a tool call's arguments are nested more than {MAX_JSON_DEPTH} levels deep.",
+        param=f"messages.{position}",
+        code="invalid_json",
+    )
 
 
 def _has_remote_image(message: dict[str, Any]) -> bool:

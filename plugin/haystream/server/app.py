@@ -55,6 +55,7 @@ from haystream.server.drain import Drain
 from haystream.server.gate import CALLER_KEY, Gate, allowed_hosts, without_private_headers
 from haystream.server.hayhooks_errors import INTERNAL_ERROR, openai_shaped_errors
 from haystream.server.limits import StreamLimits
+from haystream.server.redirects import relative_redirects
 from haystream.server.response_store import create_store
 from haystream.server.responses import ResponsesEndpoint, wrapper_body
 from haystream.server.wrappers import (
@@ -139,7 +140,8 @@ class HaystreamApp:
             elif match := RESPONSE_PATH.fullmatch(path):
                 await self._response(scope, receive, send, match.group(1), action=match.group(2))
             else:
-                await self.hayhooks_app(scope, receive, openai_shaped_errors(scope, send, self._redacted))
+                shaped = openai_shaped_errors(scope, relative_redirects(scope, send), self._redacted)
+                await self.hayhooks_app(scope, receive, shaped)
         except OpenAIError as error:
             if path in CHAT_PATHS:
                 metrics.refused(_chat_route(for_openwebui), error.status)

@@ -111,9 +111,11 @@ def check_deploy_request(route_path: str, body: Any) -> None:
 
     :raises OpenAIError: 400 with what is wrong; nothing has been written yet.
     """
-    name = route_path.rstrip("/").rsplit("/", 1)[-1] if route_path.startswith("/undeploy/") else None
+    # Both names: hayhooks undeploys the path's, and a valid name in the body must not vouch for it.
+    names = [route_path.rstrip("/").rsplit("/", 1)[-1]] if route_path.startswith("/undeploy/") else []
     if isinstance(body, dict):
-        name = body.get("name", name)
+        if "name" in body:
+            names.append(body["name"])
         files = body.get("files")
         if files is not None:
             if not isinstance(files, dict):
@@ -123,8 +125,9 @@ def check_deploy_request(route_path: str, body: Any) -> None:
                     raise OpenAIError(
                         400, f"Unsafe file name {file_name!r}: use relative paths without '..'.", param="files"
                     )
-    if name is not None and not (isinstance(name, str) and PIPELINE_NAME.fullmatch(name)):
-        raise OpenAIError(400, f"Invalid pipeline name {name!r}: use letters, digits, '_' and '-'.", param="name")
+    for name in names:
+        if name is not None and not (isinstance(name, str) and PIPELINE_NAME.fullmatch(name)):
+            raise OpenAIError(400, f"Invalid pipeline name {name!r}: use letters, digits, '_' and '-'.", param="name")
 
 
 def _safe_relative_path(file_name: Any) -> bool:
