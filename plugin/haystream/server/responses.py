@@ -391,7 +391,8 @@ class ResponsesEndpoint:
                 events = local[0].log.follow(after, self._keepalive)
             else:  # a run elsewhere (or ended): the shutdown must end this stream itself
                 events = self.store.follow(id, after, self._keepalive)
-            await run_until_disconnect(self._stream(send, events, extensions=False, follower=local is None), receive)
+            stream = self._stream(send, events, extensions=False, follower=local is None, after=after)
+            await run_until_disconnect(stream, receive)
 
     async def input_items(self, id: str, key_id: str, query: bytes, send: Send) -> None:
         """`GET /v1/responses/{id}/input_items`: a page of the items the response was created with (`after`,
@@ -517,17 +518,24 @@ class ResponsesEndpoint:
         await send_json(send, 200, response)
 
     async def _stream(
-        self, send: Send, events: AsyncIterator[Batch], *, extensions: bool, follower: bool = False
+        self,
+        send: Send,
+        events: AsyncIterator[Batch],
+        *,
+        extensions: bool,
+        follower: bool = False,
+        after: int = -1,
     ) -> None:
         """Send a log's events as SSE, pinging when idle; a client that reads nothing is dropped. `extensions`: with
         the log's extension lines (the run's own client, which the run made them for; not a resume). `follower`: the
-        events come from a run that the shutdown does not end here, so the shutdown ends the stream itself."""
+        events come from a run that the shutdown does not end here, so the shutdown ends the stream itself. `after`:
+        the sequence number the events start after (a resume's `starting_after`)."""
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         task = asyncio.current_task()
         assert task is not None
         if follower:
             self._followers.add(task)
-        sequence_number = -1
+        sequence_number = after  # the last event the client has: from the stream, or before it (a resume)
         ended_by: OpenAIError | None = None
         try:
             async for batch in events:
@@ -562,12 +570,15 @@ class ResponsesEndpoint:
                 f"with starting_after={sequence_number}."
             )
         if ended_by is not None:
+            # Not an event of the log, so no number of its own: it repeats the last event's (as an extension line
+            # does). With the next event's number, a client resuming with the last number it saw (the SDK's
+            # `starting_after`, Open WebUI) skipped that event.
             error_event = {
                 "type": "error",
                 "code": ended_by.code,
                 "message": ended_by.message,
                 "param": None,
-                "sequence_number": sequence_number + 1,
+                "sequence_number": sequence_number,
             }
             await send({"type": "http.response.body", "body": event_frame(error_event), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
