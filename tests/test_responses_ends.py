@@ -6,12 +6,17 @@ streams and on the events read, never on time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 import openai
+import orjson
 import pytest
 
-from support import OPS_WRAPPERS, ServerThread, serving
+from haystream.server.response_store import RedisStore, StoredResponse
+from support import OPS_WRAPPERS, ServerThread, redis_client, serving
 from test_drain_responses import held, until_first_text
+from test_response_store import heard
 
 
 def text(tokens: int) -> str:
@@ -19,7 +24,20 @@ def text(tokens: int) -> str:
 
 
 def sdk(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    # Pings come every 15 s (the default): a stream that waits for an end that never comes fails on this timeout.
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+
+
+@contextlib.contextmanager
+def redis_refuses_xadd(url: str) -> Iterator[None]:
+    """Redis refuses `XADD` (adding to an event log, also inside the store's scripts) and takes every other command:
+    a store that fails for one write, and only for the test's block."""
+    with redis_client(url) as redis:
+        redis.execute_command("ACL", "SETUSER", "default", "-xadd")
+        try:
+            yield
+        finally:
+            redis.execute_command("ACL", "SETUSER", "default", "+xadd")
 
 
 def on_loop(server: ServerThread, call) -> None:
@@ -77,3 +95,57 @@ def test_a_resume_with_the_number_of_an_error_event_loses_and_repeats_nothing(up
         assert resumed[-1].type == "response.completed"
         deltas = [event.delta for event in seen + resumed if event.type == "response.output_text.delta"]
         assert "".join(deltas) == text(5)
+
+
+def test_a_background_responses_end_that_redis_did_not_take_is_stored_once_it_does(upstream, replicas, redis_url):
+    """The run's last write (its final record and terminal events) fails: the record said `completed` (stored
+    first), its log had no terminal event, and a resume on any replica sent pings until the record expired. Now the
+    record and its last events are stored in one script, and the run stores them again until Redis takes them."""
+    running, following = replicas
+    scenario = held(tokens=1)  # after its one token and the release, the run's only write is its end
+    with sdk(running) as a, sdk(following) as b:
+        created = a.responses.create(model="scenario", input=scenario, background=True)
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        resumed = iter(b.responses.retrieve(created.id, stream=True))
+        seen = until_first_text(resumed)  # the token's event is in Redis: every write before the end was taken
+        with heard("the response store (Redis) is unavailable") as failures, redis_refuses_xadd(redis_url):
+            record.release()
+            assert failures.wait_for(1)  # the end's write failed
+        rest = list(resumed)  # the resume on the other replica gets the end once stored, and stops
+        assert [event.type for event in rest][-1] == "response.completed"
+        assert rest[0].sequence_number == seen[-1].sequence_number + 1
+        stored = b.responses.retrieve(created.id)
+        assert (stored.status, stored.output_text) == ("completed", "t0 ")
+        again = list(b.responses.retrieve(created.id, stream=True, starting_after=seen[-1].sequence_number))
+        assert [(event.type, event.sequence_number) for event in again] == [
+            (event.type, event.sequence_number) for event in rest
+        ]
+
+
+async def test_events_written_again_after_a_lost_reply_are_added_once(redis_url):
+    """redis-py sends a command again, on a fresh connection, when the connection failed: also one that Redis had
+    run, its reply lost. A script that added events then failed on them (XADD takes only ids past the stream's
+    last): a 503, and a run whose end's write failed so would have written it again forever."""
+    store = RedisStore(redis_url, ttl_seconds=60, max_stored=1000, max_bytes=2**20)
+    running = StoredResponse("key", {"id": "resp_again", "status": "in_progress"})
+    finished = StoredResponse("key", {"id": "resp_again", "status": "completed"})
+    first = [{"type": "response.created", "sequence_number": 0}]
+    end = [
+        {"type": "response.output_text.done", "sequence_number": 1},
+        {"type": "response.completed", "sequence_number": 2},
+    ]
+    try:
+        for _ in range(2):
+            await store.save(running, events=first)
+        await store.append("resp_again", "key", end[:1])
+        for _ in range(2):
+            await store.append("resp_again", "key", end[:1])
+            await store.save(finished, events=end)
+        async with contextlib.aclosing(store.follow("resp_again", -1, 10)) as batches:
+            logged = [event async for batch in batches if batch for event in batch]
+        assert logged == first + end
+        with redis_client(redis_url) as redis:
+            counted = int(redis.hget("haystream:responses:key:key:sizes", "resp_again:events"))
+        assert counted == sum(len(orjson.dumps(event)) for event in first + end)  # each event counted once
+    finally:
+        await store.close()

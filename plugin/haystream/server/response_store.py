@@ -123,9 +123,12 @@ class EventLog:
 class ResponseStore(Protocol):
     """What the Responses endpoint needs from a store."""
 
-    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+    async def save(
+        self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         """Create or replace a record (`log`: the run's local event log, which the memory store keeps); past its key
-        id's bounds, drop that key's oldest finished records."""
+        id's bounds, drop that key's oldest finished records. `events` go into its log in the same step: stored
+        together, or neither (a finished record whose log lacks its terminal event left a resume waiting for it)."""
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         """The record if it exists, has not expired, and belongs to `key_id`."""
@@ -168,6 +171,14 @@ class _MemoryEntry:
     def size(self) -> int:
         """What the size bound counts."""
         return self.record_size + self.events_size
+
+    def count_coming(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Count `events`, saved with the record, which the run appends to its log right after this save (a first or
+        a terminal batch: without extension lines, so these are the log's next entries): counted here, as nothing
+        may be stored after them."""
+        if self.log is not None and events:
+            self.counted += len(events)
+            self.events_size += len(orjson.dumps(events))
 
     def count_new_events(self) -> int:
         """Count the events the log gained since they were last counted (each event once, not the whole log at
@@ -217,7 +228,9 @@ class MemoryStore:
         self._shares: dict[str, _KeyShare] = {}
         self._on_cancel: Callable[[str], None] = lambda id: None
 
-    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+    async def save(
+        self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         id = record.response["id"]
         old = self._forget(id)
         if log is None and old is not None:
@@ -230,6 +243,7 @@ class MemoryStore:
         if old is not None and old.log is log:
             entry.events_size, entry.counted = old.events_size, old.counted
         entry.count_new_events()
+        entry.count_coming(events)
         now = time.monotonic()
         self._drop_expired(now)
         entry.expires = now + self.ttl
@@ -328,10 +342,29 @@ local function forget(id)
   redis.call('ZREM', running, id)
   redis.call('DEL', prefix .. id, prefix .. id .. ':events')
 end
+-- ARGV[first], ARGV[first + 1], ...: a stream id and an event's JSON per event, added to id's log (counted in the
+-- key's size) but for those it has: a script sent again after its reply was lost (redis-py retries a command on a
+-- fresh connection) would fail on them, XADD taking only ids past the last.
+local function add_events(id, first, ttl_ms)
+  local log, size, top = prefix .. id .. ':events', 0, -1
+  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+  if last then top = tonumber(string.match(last[1], '%-(%d+)$')) end
+  for i = first, #ARGV, 2 do
+    if tonumber(string.match(ARGV[i], '%-(%d+)$')) > top then
+      redis.call('XADD', log, ARGV[i], 'e', ARGV[i + 1])
+      size = size + #ARGV[i + 1]
+    end
+  end
+  redis.call('PEXPIRE', log, ttl_ms)
+  redis.call('HINCRBY', sizes, id .. ':events', size)
+  redis.call('HINCRBY', sizes, 'total', size)
+end
 """
 
-# ARGV: prefix, id, record JSON, TTL in seconds, 1 if running, the key's count bound, its size bound. Atomic (one
-# script), so replicas and concurrent writers of one key never overshoot its bounds, nor drop another key's records.
+# ARGV: prefix, id, record JSON, TTL in seconds, 1 if running, the key's count bound, its size bound, then a stream
+# id and an event's JSON per event to add to its log. Atomic (one script), so replicas and concurrent writers of one
+# key never overshoot its bounds, nor drop another key's records, and a record is never stored without the events
+# saved with it (its terminal ones: a resume on any replica that finds it finished finds its end in the log).
 _SAVE = (
     _INDEX
     + """
@@ -347,6 +380,9 @@ for _, index in ipairs({finished, running}) do
     if gone ~= id then forget(gone) end
   end
 end
+-- The events first: a script that fails midway keeps what it did, and a log's end without its finished record is
+-- read to its end, where a finished record without its log's end was followed until it expired.
+if #ARGV >= 8 then add_events(id, 8, ttl) end
 local before = tonumber(redis.call('HGET', sizes, id)) or 0
 redis.call('SET', prefix .. id, payload, 'PX', ttl)
 redis.call('HSET', sizes, id, #payload)
@@ -382,16 +418,9 @@ return dropped
 _APPEND = (
     _INDEX
     + """
-local id, ttl = ARGV[2], tonumber(ARGV[3])
+local id = ARGV[2]
 if redis.call('HEXISTS', sizes, id) == 0 then return 0 end
-local log, size = prefix .. id .. ':events', 0
-for i = 4, #ARGV, 2 do
-  redis.call('XADD', log, ARGV[i], 'e', ARGV[i + 1])
-  size = size + #ARGV[i + 1]
-end
-redis.call('EXPIRE', log, ttl)
-redis.call('HINCRBY', sizes, id .. ':events', size)
-redis.call('HINCRBY', sizes, 'total', size)
+add_events(id, 4, tonumber(ARGV[3]) * 1000)
 return 1
 """
 )
@@ -483,7 +512,9 @@ class RedisStore:
             logger.warning("the response store (Redis) is unavailable: %s", error)
             raise StoreUnavailable from error
 
-    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+    async def save(
+        self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         payload = orjson.dumps(
             {
                 "key_id": record.key_id,
@@ -494,6 +525,7 @@ class RedisStore:
         )
         running = record.response.get("status") in RUNNING_STATUSES
         arguments = [record.response["id"], payload, self.ttl, int(running), self.max_stored, self.max_bytes]
+        arguments += _stream_entries(events)
         with self._reachable():
             await self._save(keys=self._index(record.key_id), args=[self._prefix, *arguments])
 
@@ -521,10 +553,7 @@ class RedisStore:
         return True
 
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
-        # Stream ids "0-(n+1)" for sequence number n: XREAD after "0-(N+1)" is exactly "starting_after=N".
-        entries: list[Any] = []
-        for event in events:
-            entries += [f"0-{event['sequence_number'] + 1}", orjson.dumps(event)]
+        entries = _stream_entries(events)
         with self._reachable():
             await self._append(keys=self._index(key_id), args=[self._prefix, id, self.ttl, *entries])
 
@@ -629,6 +658,15 @@ class RedisStore:
 
     def _log(self, id: str) -> str:
         return f"{self._prefix}{id}:events"
+
+
+def _stream_entries(events: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """A stream id and the JSON of each event, for the scripts' XADD: stream id "0-(n+1)" for sequence number n, so
+    that XREAD after "0-(N+1)" is exactly "starting_after=N"."""
+    entries: list[Any] = []
+    for event in events:
+        entries += [f"0-{event['sequence_number'] + 1}", orjson.dumps(event)]
+    return entries
 
 
 @contextlib.contextmanager
