@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from haystream.server.response_store import RedisStore, StoredResponse
-from support import OPS_WRAPPERS, ServerThread, redis_client, serving
+from support import OPS_WRAPPERS, ServerThread, redis_client, serving, unique
 from test_drain_responses import held, until_first_text
 from test_response_store import heard
 
@@ -149,3 +149,47 @@ async def test_events_written_again_after_a_lost_reply_are_added_once(redis_url)
         assert counted == sum(len(orjson.dumps(event)) for event in first + end)  # each event counted once
     finally:
         await store.close()
+
+
+STOPS = {
+    "shutdown": lambda endpoint, run: endpoint.end_for_shutdown(),
+    "cancel": lambda endpoint, run: endpoint._cancel_local(run.id),  # what a cancel from any replica calls
+}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_background_run_stopped_before_its_first_step_stores_its_end(upstream, request, store, stop):
+    """A task cancelled before its first step never runs its code: a background response stopped (the shutdown, a
+    cancel) right after it was created stayed `queued`, a running response outside its key's bounds, until its TTL,
+    and its place among its key's streams stayed taken for good. Stopped here in the loop turn that creates it."""
+    settings = {"redis_url": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    with serving(upstream, pipelines_dir=str(OPS_WRAPPERS), max_streams_per_key=1, **settings) as server:
+        responses = endpoint(server)
+        start_background = responses._start_background
+
+        async def then_stop(run, admission) -> None:
+            await start_background(run, admission)
+            STOPS[stop](responses, run)  # no await between: the run's task has not taken its first step
+
+        responses._start_background = then_stop
+        with sdk(server) as client:
+            created = client.responses.create(model="scenario", input=held(), background=True)
+            assert created.status == "queued"
+            if stop == "shutdown":
+                with pytest.raises(openai.APIError) as failed:  # the SDK raises on `response.failed`
+                    list(client.responses.retrieve(created.id, stream=True))
+                assert failed.value.code == "server_shutting_down"
+                stored = client.responses.retrieve(created.id)
+                assert stored.status == "failed"
+                assert stored.error is not None and "shut down" in stored.error.message
+            else:
+                events = list(client.responses.retrieve(created.id, stream=True))
+                assert [event.type for event in events][-1] == "response.cancelled"
+                assert client.responses.retrieve(created.id).status == "cancelled"
+            responses._start_background = start_background
+            # The key's one place among the streams is free again (it was taken for good: 429).
+            again = client.responses.create(model="scenario", input=unique("fake?tokens=2"), background=True)
+            assert [event.type for event in client.responses.retrieve(again.id, stream=True)][-1] == (
+                "response.completed"
+            )

@@ -98,6 +98,8 @@ class ResponseRun:
         self._secrets = secrets
         self._saved_final = False
         self.deleted = False  # a DELETE while running: nothing may store the record again
+        self._started = False  # the run's task has taken its first step
+        self._stop_at_start = False  # stopped before that: it ends (and stores its end) at its first step
         self._store_end_now: asyncio.Event | None = None  # while its end waits for the store: set to try at once
 
     @property
@@ -125,7 +127,10 @@ class ResponseRun:
         items: AsyncIterator[Any] | None = None
         first_item: asyncio.Future[list[Any]] | None = None
         mapper = DeltaMapper()
+        self._started = True
         try:
+            if self._stop_at_start:
+                raise asyncio.CancelledError  # see `stop`
             if self.request.background:
                 await self._emit(self.events.started())
                 await self.save()  # in_progress for a GET on another replica too, not queued until the end
@@ -187,9 +192,14 @@ class ResponseRun:
     def stop(self, task: asyncio.Task[None]) -> None:
         """Stop this run (running in `task`): a cancel, a delete, the shutdown (`self.shutdown` set first).
 
-        A run that has ended and waits to store its end tries again at once (a cancel or delete has just reached the
-        store) and goes on trying, but for the shutdown, which ends it."""
-        if self._store_end_now is None:
+        A task cancelled before its first step never runs its code, so a run not yet started is told instead and
+        ends at its first step as if cancelled there: cancelled, its background response stayed `queued` (stored,
+        running, outside its key's bounds) until the TTL, and its place among the streams stayed taken. A run that
+        has ended and waits to store its end tries again at once (a cancel or delete has just reached the store)
+        and goes on trying, but for the shutdown, which ends it."""
+        if not self._started:
+            self._stop_at_start = True
+        elif self._store_end_now is None:
             _stop(task)
         elif self.shutdown is None:
             self._store_end_now.set()
