@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import orjson
 import pytest
 
 from haystream.server.response_store import RedisStore, StoredResponse
-from support import OPS_WRAPPERS, ServerThread, redis_client, serving, unique
+from support import OPS_WRAPPERS, ServerThread, redis_client, serving, sse, unique
+from test_drain import serving_process
 from test_drain_responses import held, until_first_text
 from test_response_store import heard
 
@@ -193,3 +196,51 @@ def test_a_background_run_stopped_before_its_first_step_stores_its_end(upstream,
             assert [event.type for event in client.responses.retrieve(again.id, stream=True)][-1] == (
                 "response.completed"
             )
+
+
+@pytest.mark.parametrize("reader", ["follower", "get"])
+def test_a_response_whose_replica_died_is_reported_failed_by_the_next_reader(upstream, redis_url, reader):
+    """A replica killed mid-run leaves its background response running in Redis: `in_progress` to every `GET` and a
+    resume that pings, until its TTL, outside its key's bounds. Once the replica's lease has expired (here: removed,
+    as 30 s without renewal would), the next reader (a follower's idle check, a `GET`) stores it `failed`, with a
+    `response.failed` right after its last event, and in its key's finished responses."""
+    with (
+        serving_process(upstream, HAYSTREAM_REDIS_URL=redis_url) as (process, base),
+        serving(upstream, pipelines_dir=str(OPS_WRAPPERS), redis_url=redis_url, keepalive_seconds=1) as other,
+        openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=10) as dying,
+        sdk(other) as client,
+        redis_client(redis_url) as redis,
+    ):
+        created = dying.responses.create(model="scenario", input=held(), background=True)
+        # Followed here (or, for a `GET` alone to find it, on the replica that dies: its stream dies with it).
+        follower = other.url if reader == "follower" else base
+        with httpx.stream("GET", f"{follower}/v1/responses/{created.id}?stream=true", timeout=10) as followed:
+            lines = followed.iter_lines()
+            next(line for line in lines if line == "event: response.output_text.delta")
+            last = orjson.loads(next(lines)[len("data: ") :])["sequence_number"]
+            owner = redis.get(f"haystream:responses:{created.id}:owner")
+            process.kill()
+            process.wait()
+            if owner is not None:
+                redis.delete(f"haystream:responses:replica:{owner.decode()}")  # its lease ran out
+            if reader == "follower":  # already following: it finds out at its next idle check (a second here)
+                deadline = time.monotonic() + 30  # pings come every second: a follower that waits for ever fails
+                rest = []
+                for line in lines:
+                    assert time.monotonic() < deadline, "the follower was not told the response failed"
+                    rest.append(line)
+                failed = orjson.loads(rest[-2][len("data: ") :])  # the last event, then its blank line
+                assert (failed["type"], failed["sequence_number"]) == ("response.failed", last + 1)
+                assert failed["error"]["code"] == "replica_lost"
+        stored = client.responses.retrieve(created.id)
+        assert stored.status == "failed"
+        assert stored.error is not None and "stopped without ending it" in stored.error.message
+        assert stored.output_text == "t0 "  # what it had written is kept
+        with httpx.Client(timeout=10) as http:
+            resumed = http.get(f"{other.url}/v1/responses/{created.id}?stream=true&starting_after={last}")
+        assert [(name, event["sequence_number"]) for name, event in sse(resumed.text)] == [
+            ("response.failed", last + 1)
+        ]
+        index = "haystream:responses:key:anonymous"
+        assert redis.zscore(f"{index}:finished", created.id) is not None  # within its key's bounds again
+        assert redis.zscore(f"{index}:running", created.id) is None
