@@ -416,13 +416,23 @@ else
   redis.call('ZREM', running, id)
   redis.call('DEL', prefix .. id .. ':owner')
 end
--- Past the bounds, this key's oldest finished record goes (never a running one, never the one just stored).
+-- A running record whose owner gives no sign of life (its lease expired: see RedisStore): it will not end, and counts
+-- in its key's bounds like a finished one. Among the first few running records only: this stays O(1).
+local function abandoned_one()
+  for _, other in ipairs(redis.call('ZRANGE', running, 0, 15)) do
+    local owner = redis.call('GET', prefix .. other .. ':owner')
+    if other ~= id and owner and redis.call('EXISTS', prefix .. 'replica:' .. owner) == 0 then return other end
+  end
+end
+-- Past the bounds, this key's oldest finished record goes (never the one just stored), else an abandoned running
+-- one (never a running one whose replica lives).
 local dropped = 0
 while redis.call('ZCARD', finished) + redis.call('ZCARD', running) > max_stored
     or tonumber(redis.call('HGET', sizes, 'total')) > max_bytes do
   local oldest = redis.call('ZRANGE', finished, 0, 1)
   local victim = oldest[1]
   if victim == id then victim = oldest[2] end
+  victim = victim or abandoned_one()
   if not victim then break end
   forget(victim)
   dropped = dropped + 1
