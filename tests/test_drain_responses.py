@@ -178,6 +178,7 @@ def test_a_resume_on_a_draining_replica_ends_with_an_error_event_and_the_run_goe
             assert [event.type for event in rest] == ["error"]  # not a bare cut, and not the run's end
             assert rest[0].code == "server_shutting_down"
             assert f"starting_after={last}" in rest[0].message
+            assert rest[0].sequence_number == last  # no event's number: a resume with it loses nothing
             assert process.wait(30) == 0
             record.release()  # the run, on the other replica, goes on
             resumed = list(running.responses.retrieve(created.id, stream=True, starting_after=last))

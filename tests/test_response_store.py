@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
@@ -40,16 +41,23 @@ class LogHeard(logging.Handler):
             return self._changed.wait_for(lambda: self.count >= count, timeout)
 
 
+@contextlib.contextmanager
+def heard(text: str) -> Iterator[LogHeard]:
+    """The `haystream.server` log records that contain `text`, from now to the end of the block."""
+    handler = LogHeard(text)
+    logger = logging.getLogger("haystream.server")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 @pytest.fixture
 def reconnected() -> Iterator[LogHeard]:
     """Each cancel listener that subscribed again after Redis was unreachable."""
-    heard = LogHeard("reachable again; cancels are heard")
-    logger = logging.getLogger("haystream.server")
-    logger.addHandler(heard)
-    try:
-        yield heard
-    finally:
-        logger.removeHandler(heard)
+    with heard("reachable again; cancels are heard") as handler:
+        yield handler
 
 
 def ask(scenario: str = "fake?tokens=3", **fields: object) -> dict[str, object]:

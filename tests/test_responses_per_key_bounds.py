@@ -312,6 +312,31 @@ async def test_a_running_record_deleted_before_its_runs_last_save_stays_deleted(
         await store.close()
 
 
+async def test_a_running_record_whose_replica_died_is_dropped_to_make_room(redis):
+    """A running record whose replica died will not end, and counted in its key's bounds, never dropped, until its
+    TTL: a key whose replicas died mid-run filled its bounds with records nobody could end. Past the bounds, one whose
+    owner's lease expired goes when no finished one is left to drop; a running one whose replica lives stays."""
+    url = fresh_database(redis)
+    dead = RedisStore(url, 60, max_stored=2, max_bytes=10**9, owner="dead")
+    live = RedisStore(url, 60, max_stored=2, max_bytes=10**9, owner="live")
+    try:
+        await dead.save(record(FLOOD, "resp_abandoned", status="in_progress"))
+        await live.save(record(FLOOD, "resp_running", status="in_progress"))
+        with redis_client(url) as direct:
+            direct.delete("haystream:responses:replica:dead")  # its lease ran out
+        await live.save(record(FLOOD, "resp_new"))
+        await live.save(record(FLOOD, "resp_newer"))
+        assert await live.get("resp_abandoned", FLOOD) is None
+        assert [await live.get(id, FLOOD) is not None for id in ("resp_running", "resp_new", "resp_newer")] == [
+            True,
+            False,  # the oldest finished, next: none was left to drop before it
+            True,
+        ]
+    finally:
+        await dead.close()
+        await live.close()
+
+
 @pytest.mark.parametrize("id", ["resp_x:events", f"key:{FLOOD}:sizes", f"key:{FLOOD}:finished"])
 async def test_an_id_naming_another_redis_key_is_not_found(redis, id):
     # `previous_response_id` comes from the body unchecked: an id naming an event log or a key's index read a stream,

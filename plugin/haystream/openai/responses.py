@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
@@ -691,6 +691,27 @@ class ResponseEvents:
         number = self._sequence
         self._sequence += 1
         return number
+
+
+def output_of(events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The output items that a response's events built, as far as they go (a log cut short ends with an item still
+    `in_progress`)."""
+    output: list[dict[str, Any]] = []
+    for event in events:
+        kind = event["type"]
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            item = snapshot(event["item"])
+            if event["output_index"] < len(output):
+                output[event["output_index"]] = item
+            else:
+                output.append(item)
+        elif kind == "response.content_part.added":
+            output[event["output_index"]]["content"].append(snapshot(event["part"]))
+        elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
+            output[event["output_index"]]["content"][event["content_index"]]["text"] += event["delta"]
+        elif kind == "response.function_call_arguments.delta":
+            output[event["output_index"]]["arguments"] += event["delta"]
+    return output
 
 
 def snapshot(response: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Protocol, cast
 import orjson
 
 from haystream.openai import OpenAIError
-from haystream.openai.responses import TERMINAL_EVENTS
+from haystream.openai.responses import TERMINAL_EVENTS, output_of, snapshot
 
 logger = logging.getLogger("haystream.server")
 
@@ -123,9 +124,12 @@ class EventLog:
 class ResponseStore(Protocol):
     """What the Responses endpoint needs from a store."""
 
-    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+    async def save(
+        self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         """Create or replace a record (`log`: the run's local event log, which the memory store keeps); past its key
-        id's bounds, drop that key's oldest finished records."""
+        id's bounds, drop that key's oldest finished records. `events` go into its log in the same step: stored
+        together, or neither (a finished record whose log lacks its terminal event left a resume waiting for it)."""
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         """The record if it exists, has not expired, and belongs to `key_id`."""
@@ -168,6 +172,14 @@ class _MemoryEntry:
     def size(self) -> int:
         """What the size bound counts."""
         return self.record_size + self.events_size
+
+    def count_coming(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Count `events`, saved with the record, which the run appends to its log right after this save (a first or
+        a terminal batch: without extension lines, so these are the log's next entries): counted here, as nothing
+        may be stored after them."""
+        if self.log is not None and events:
+            self.counted += len(events)
+            self.events_size += len(orjson.dumps(events))
 
     def count_new_events(self) -> int:
         """Count the events the log gained since they were last counted (each event once, not the whole log at
@@ -217,7 +229,9 @@ class MemoryStore:
         self._shares: dict[str, _KeyShare] = {}
         self._on_cancel: Callable[[str], None] = lambda id: None
 
-    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+    async def save(
+        self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
         id = record.response["id"]
         old = self._forget(id)
         if log is None and old is not None:
@@ -230,6 +244,7 @@ class MemoryStore:
         if old is not None and old.log is log:
             entry.events_size, entry.counted = old.events_size, old.counted
         entry.count_new_events()
+        entry.count_coming(events)
         now = time.monotonic()
         self._drop_expired(now)
         entry.expires = now + self.ttl
@@ -326,19 +341,56 @@ local function forget(id)
   redis.call('HINCRBY', sizes, 'total', -size)
   redis.call('ZREM', finished, id)
   redis.call('ZREM', running, id)
-  redis.call('DEL', prefix .. id, prefix .. id .. ':events')
+  redis.call('DEL', prefix .. id, prefix .. id .. ':events', prefix .. id .. ':owner')
+end
+-- A replica that writes a running record or its events gives a sign of life: its lease (see RedisStore) is renewed.
+local function alive(owner, lease_ms)
+  redis.call('SET', prefix .. 'replica:' .. owner, 1, 'PX', lease_ms)
+end
+-- ARGV[first], ARGV[first + 1], ...: a stream id and an event's JSON per event, added to id's log (counted in the
+-- key's size) but for those it has: a script sent again after its reply was lost (redis-py retries a command on a
+-- fresh connection) would fail on them, XADD taking only ids past the last.
+local function add_events(id, first, ttl_ms)
+  local log, size, top = prefix .. id .. ':events', 0, -1
+  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+  if last then top = tonumber(string.match(last[1], '%-(%d+)$')) end
+  for i = first, #ARGV, 2 do
+    if tonumber(string.match(ARGV[i], '%-(%d+)$')) > top then
+      redis.call('XADD', log, ARGV[i], 'e', ARGV[i + 1])
+      size = size + #ARGV[i + 1]
+    end
+  end
+  redis.call('PEXPIRE', log, ttl_ms)
+  redis.call('HINCRBY', sizes, id .. ':events', size)
+  redis.call('HINCRBY', sizes, 'total', size)
 end
 """
 
-# ARGV: prefix, id, record JSON, TTL in seconds, 1 if running, the key's count bound, its size bound. Atomic (one
-# script), so replicas and concurrent writers of one key never overshoot its bounds, nor drop another key's records.
+# ARGV: prefix, id, record JSON, TTL in seconds, 1 if running, the key's count bound, its size bound, the writing
+# replica's id (a running record's owner), '' or (a takeover) the log's last stream id as the taker read it, the
+# length of a replica's lease in ms, then a stream id and an event's JSON per event to add to its log. Atomic (one
+# script), so replicas and concurrent writers of one key never overshoot its bounds, nor drop another key's records,
+# and a record is never stored without the events saved with it (its terminal ones: a resume on any replica that
+# finds it finished finds its end in the log).
 _SAVE = (
     _INDEX
     + """
 local id, payload, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]) * 1000
 local max_stored, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
--- Deleted while it ran: its run (on any replica, told too late or not at all) must not store it again.
-if redis.call('EXISTS', prefix .. id .. ':deleted') == 1 then return -1 end
+-- Deleted while it ran: its run (on any replica, told too late or not at all) must not store it again; taken over
+-- (its owner gave no sign of life): its owner, alive after all, must not store it again either.
+local taken = prefix .. id .. ':taken'
+if redis.call('EXISTS', prefix .. id .. ':deleted') == 1 or redis.call('EXISTS', taken) == 1 then return -1 end
+if ARGV[9] ~= '' then
+  -- A takeover, only of a record still running, whose owner still gives no sign of life, and whose log has not
+  -- grown since the taker read it (nobody else took it over or ended it meanwhile).
+  local owner = redis.call('GET', prefix .. id .. ':owner')
+  if not redis.call('ZSCORE', running, id) or not owner then return -2 end
+  if redis.call('EXISTS', prefix .. 'replica:' .. owner) == 1 then return -2 end
+  local last = redis.call('XREVRANGE', prefix .. id .. ':events', '+', '-', 'COUNT', 1)[1]
+  if (last and last[1] or '0-0') ~= ARGV[9] then return -2 end
+  redis.call('SET', taken, 1, 'PX', ttl)
+end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 -- Records that expired (Redis dropped them by their TTL) leave the index too: a few per save, each once.
@@ -347,6 +399,9 @@ for _, index in ipairs({finished, running}) do
     if gone ~= id then forget(gone) end
   end
 end
+-- The events first: a script that fails midway keeps what it did, and a log's end without its finished record is
+-- read to its end, where a finished record without its log's end was followed until it expired.
+if #ARGV >= 11 then add_events(id, 11, ttl) end
 local before = tonumber(redis.call('HGET', sizes, id)) or 0
 redis.call('SET', prefix .. id, payload, 'PX', ttl)
 redis.call('HSET', sizes, id, #payload)
@@ -354,17 +409,30 @@ redis.call('HINCRBY', sizes, 'total', #payload - before)
 if ARGV[5] == '1' then
   redis.call('ZADD', running, now + ttl, id)
   redis.call('ZREM', finished, id)
+  redis.call('SET', prefix .. id .. ':owner', ARGV[8], 'PX', ttl)
+  alive(ARGV[8], tonumber(ARGV[10]))
 else
   redis.call('ZADD', finished, now + ttl, id)
   redis.call('ZREM', running, id)
+  redis.call('DEL', prefix .. id .. ':owner')
 end
--- Past the bounds, this key's oldest finished record goes (never a running one, never the one just stored).
+-- A running record whose owner gives no sign of life (its lease expired: see RedisStore): it will not end, and counts
+-- in its key's bounds like a finished one. Among the first few running records only: this stays O(1).
+local function abandoned_one()
+  for _, other in ipairs(redis.call('ZRANGE', running, 0, 15)) do
+    local owner = redis.call('GET', prefix .. other .. ':owner')
+    if other ~= id and owner and redis.call('EXISTS', prefix .. 'replica:' .. owner) == 0 then return other end
+  end
+end
+-- Past the bounds, this key's oldest finished record goes (never the one just stored), else an abandoned running
+-- one (never a running one whose replica lives).
 local dropped = 0
 while redis.call('ZCARD', finished) + redis.call('ZCARD', running) > max_stored
     or tonumber(redis.call('HGET', sizes, 'total')) > max_bytes do
   local oldest = redis.call('ZRANGE', finished, 0, 1)
   local victim = oldest[1]
   if victim == id then victim = oldest[2] end
+  victim = victim or abandoned_one()
   if not victim then break end
   forget(victim)
   dropped = dropped + 1
@@ -377,21 +445,17 @@ return dropped
 """
 )
 
-# ARGV: prefix, id, TTL in seconds, then a stream id and an event's JSON per event. A record that is gone (deleted,
+# ARGV: prefix, id, TTL in seconds, the writing replica's id, the length of its lease in ms, then a stream id and an
+# event's JSON per event. A record that is gone (deleted,
 # dropped, expired) gets no events: they would be a log without a record, uncounted, for a TTL.
 _APPEND = (
     _INDEX
     + """
-local id, ttl = ARGV[2], tonumber(ARGV[3])
+local id = ARGV[2]
 if redis.call('HEXISTS', sizes, id) == 0 then return 0 end
-local log, size = prefix .. id .. ':events', 0
-for i = 4, #ARGV, 2 do
-  redis.call('XADD', log, ARGV[i], 'e', ARGV[i + 1])
-  size = size + #ARGV[i + 1]
-end
-redis.call('EXPIRE', log, ttl)
-redis.call('HINCRBY', sizes, id .. ':events', size)
-redis.call('HINCRBY', sizes, 'total', size)
+if redis.call('EXISTS', prefix .. id .. ':taken') == 1 then return 0 end  -- its end is written (see _SAVE)
+alive(ARGV[4], tonumber(ARGV[5]))
+add_events(id, 6, tonumber(ARGV[3]) * 1000)
 return 1
 """
 )
@@ -412,11 +476,26 @@ forget(id)
 )
 
 
+# ARGV: prefix, id, the reading replica's id. 1 if the record names an owner (it is running), not the reader, and
+# that replica gives no sign of life: its lease key (`replica:<owner>`, renewed while it serves) expired.
+_ABANDONED = """
+local owner = redis.call('GET', ARGV[1] .. ARGV[2] .. ':owner')
+if not owner or owner == ARGV[3] or redis.call('EXISTS', ARGV[1] .. 'replica:' .. owner) == 1 then return 0 end
+return 1
+"""
+
+
 class RedisStore:
     """Records as JSON keys with a TTL, event logs as Redis streams (`XADD`, `XREAD BLOCK`), cancels by pub/sub.
 
     Bounded per key id like the memory store, by an index per key id that Lua scripts keep (atomic in Redis, so across
     replicas); the scripts name record keys they compute, so one Redis (or primary), not a Redis Cluster.
+
+    Each replica holds a lease in Redis while it serves (renewed every third of `OWNER_LEASE_SECONDS`, and by each
+    write of a running record or of events), and its running records name it as their owner. A running record whose
+    owner's lease expired (the replica crashed, was killed, or lost Redis that long) is taken over by the first
+    replica that reads it (a `GET`, a resume, a follower's idle check; nothing scans for them): stored `failed` with
+    its `response.failed`, once, atomically.
     """
 
     CANCEL_CHANNEL = "haystream:responses:cancel"
@@ -427,6 +506,8 @@ class RedisStore:
     SPARE_CONNECTIONS = 32
     #: How long a command waits for a free connection when every one is in use, before the store is unavailable.
     CONNECTION_WAIT_SECONDS = 10.0
+    #: How long a replica's running responses outlive its last sign of life before a reader reports them failed.
+    OWNER_LEASE_SECONDS = 30.0
 
     def __init__(
         self,
@@ -437,6 +518,7 @@ class RedisStore:
         prefix: str = "haystream:responses:",
         *,
         max_streams: int = 1024,
+        owner: str | None = None,
     ) -> None:
         try:
             from redis import asyncio as aioredis
@@ -471,8 +553,11 @@ class RedisStore:
         self._save = self._redis.register_script(_SAVE)
         self._append = self._redis.register_script(_APPEND)
         self._delete = self._redis.register_script(_DELETE)
+        self._abandoned = self._redis.register_script(_ABANDONED)
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
+        self.owner = owner or uuid.uuid4().hex  # this replica, as the owner of the records of its runs
+        self._lease: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -483,7 +568,14 @@ class RedisStore:
             logger.warning("the response store (Redis) is unavailable: %s", error)
             raise StoreUnavailable from error
 
-    async def save(self, record: StoredResponse, log: EventLog | None = None) -> None:
+    async def save(
+        self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        with self._reachable():
+            await self._write(record, events)
+
+    async def _write(self, record: StoredResponse, events: Sequence[Mapping[str, Any]], taking: str = "") -> int:
+        """Run `_SAVE` (`taking`: for a takeover, the log's last stream id as read); what it returned."""
         payload = orjson.dumps(
             {
                 "key_id": record.key_id,
@@ -493,9 +585,10 @@ class RedisStore:
             }
         )
         running = record.response.get("status") in RUNNING_STATUSES
-        arguments = [record.response["id"], payload, self.ttl, int(running), self.max_stored, self.max_bytes]
-        with self._reachable():
-            await self._save(keys=self._index(record.key_id), args=[self._prefix, *arguments])
+        id = record.response["id"]
+        arguments: list[Any] = [self._prefix, id, payload, self.ttl, int(running), self.max_stored, self.max_bytes]
+        arguments += [self.owner, taking, self._lease_ms, *_stream_entries(events)]
+        return cast(int, await self._save(keys=self._index(record.key_id), args=arguments))
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         if ":" in id:
@@ -503,14 +596,53 @@ class RedisStore:
             # log, an index or a marker, which read as a record failed with WRONGTYPE, a 503 logged as an outage.
             return None
         with self._reachable():
-            raw = await self._redis.get(self._key(id))
+            record = await self._read(id)
+            if record is None or record.key_id != key_id:
+                return None
+            if record.response.get("status") in RUNNING_STATUSES and await self._take_over_if_abandoned(id):
+                record = await self._read(id)
+        return record
+
+    async def _read(self, id: str) -> StoredResponse | None:
+        raw = await self._redis.get(self._key(id))
         if raw is None:
             return None
         data = orjson.loads(raw)
-        if data["key_id"] != key_id:
-            return None
         # A record stored by a version before input items has none: it lists as empty.
         return StoredResponse(data["key_id"], data["response"], data["messages"], data.get("input_items", []))
+
+    async def _take_over_if_abandoned(self, id: str) -> bool:
+        """If `id` runs on a replica whose lease expired, store it failed (with its `response.failed`, for a
+        background response) unless someone else ended it first; whether it was tried (read it again)."""
+        if not await self._abandoned(args=[self._prefix, id, self.owner]):
+            return False
+        record = await self._read(id)
+        if record is None or record.response.get("status") not in RUNNING_STATUSES:
+            return True
+        # The record was stored at the run's start: the output so far is in its log (read once, at the takeover).
+        logged: Any = await self._redis.xrange(self._log(id))
+        top = logged[-1][0].decode() if logged else "0-0"
+        response = record.response
+        if logged:
+            response = {**response, "output": output_of(orjson.loads(fields[b"e"]) for _, fields in logged)}
+        failure = OpenAIError(
+            503,
+            f"The replica that ran this response stopped without ending it: it gave no sign of life for "
+            f"{self.OWNER_LEASE_SECONDS:g}s (it crashed, was killed, or lost the response store). The output so far "
+            "is kept.",
+            type="server_error",
+            code="replica_lost",
+        )
+        response = abandoned(response, failure)
+        events: list[dict[str, Any]] = []
+        if response.get("background"):  # the only responses whose events are kept
+            sequence_number = int(top.split("-")[1])  # stream id "0-(n+1)" is event n: this one is the next
+            events.append({"type": "response.failed", "sequence_number": sequence_number, "response": response})
+            events[0]["error"] = dict(failure.to_dict()["error"])
+        failed = StoredResponse(record.key_id, response, record.messages, record.input_items)
+        if await self._write(failed, events, taking=top) >= 0:
+            logger.warning("response %s: its replica gave no sign of life; stored as failed", id)
+        return True
 
     async def delete(self, id: str, key_id: str) -> bool:
         """Also stops a running record's run on whichever replica runs it (see `_DELETE`)."""
@@ -521,12 +653,10 @@ class RedisStore:
         return True
 
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
-        # Stream ids "0-(n+1)" for sequence number n: XREAD after "0-(N+1)" is exactly "starting_after=N".
-        entries: list[Any] = []
-        for event in events:
-            entries += [f"0-{event['sequence_number'] + 1}", orjson.dumps(event)]
+        entries = _stream_entries(events)
         with self._reachable():
-            await self._append(keys=self._index(key_id), args=[self._prefix, id, self.ttl, *entries])
+            arguments = [self._prefix, id, self.ttl, self.owner, self._lease_ms, *entries]
+            await self._append(keys=self._index(key_id), args=arguments)
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         log = self._log(id)
@@ -548,6 +678,8 @@ class RedisStore:
                     raise ResponseGone(id)
                 if not found and await self._ended_within(log, after):
                     return  # it ended with an event at or before `after`: nothing more will come
+                if not found and await self._take_over_if_abandoned(id):
+                    continue  # its end is in the log now (or another's, who ended it first)
             if not found:
                 if loop.time() >= quiet_until:
                     yield None
@@ -567,7 +699,11 @@ class RedisStore:
 
     async def start(self, on_cancel: Callable[[str], None]) -> None:
         """Listen for cancels in a task that subscribes, and subscribes again after Redis was unreachable. Returns
-        once subscribed, or after the first failed attempt (logged): the server starts without Redis."""
+        once subscribed, or after the first failed attempt (logged): the server starts without Redis. Takes this
+        replica's lease first and renews it until `close()`."""
+        with contextlib.suppress(self._errors):
+            await self._renew_lease()
+        self._lease = asyncio.create_task(self._keep_lease())
         self._listener = asyncio.create_task(self._listen(on_cancel))
         first_attempt = asyncio.ensure_future(self._listening.wait())
         await asyncio.wait({first_attempt, self._listener}, return_when=asyncio.FIRST_COMPLETED)
@@ -604,11 +740,34 @@ class RedisStore:
             await asyncio.sleep(wait)
             wait = min(wait * 2, self.RECONNECT_MAX_SECONDS)
 
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.OWNER_LEASE_SECONDS * 1000)
+
+    async def _renew_lease(self) -> None:
+        await self._redis.set(self._replica_key(self.owner), 1, px=self._lease_ms)
+
+    async def _keep_lease(self) -> None:
+        """Renew this replica's lease every third of its length: a timer, one write per replica, not per run."""
+        while True:
+            try:
+                await self._renew_lease()
+                wait = self.OWNER_LEASE_SECONDS / 3
+            except self._errors:
+                wait = 1.0  # Redis is back soon: renew before a reader takes this replica's runs over
+            await asyncio.sleep(wait)
+
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listener
+        """Stop listening and release the lease (the server ended its runs before: any still running in the store
+        had their end unstored, and readers now report them failed at once) and the connections."""
+        for task in (self._listener, self._lease):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._lease is not None:
+            with contextlib.suppress(self._errors):
+                await self._redis.delete(self._replica_key(self.owner))
         await self._redis.aclose()
 
     def _key(self, id: str) -> str:
@@ -629,6 +788,31 @@ class RedisStore:
 
     def _log(self, id: str) -> str:
         return f"{self._prefix}{id}:events"
+
+    def _replica_key(self, owner: str) -> str:
+        """The lease of replica `owner`: present while it serves."""
+        return f"{self._prefix}replica:{owner}"
+
+
+def abandoned(response: dict[str, Any], failure: OpenAIError) -> dict[str, Any]:
+    """`response` (running) as failed with `failure`, its unfinished output items incomplete, as a run that fails
+    leaves it."""
+    failed = snapshot(response)
+    failed["status"] = "failed"
+    failed["error"] = {"code": "server_error", "message": failure.message}  # one of the Responses API's codes
+    for item in failed.get("output") or []:
+        if isinstance(item, dict) and item.get("status") == "in_progress":
+            item["status"] = "incomplete"
+    return failed
+
+
+def _stream_entries(events: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """A stream id and the JSON of each event, for the scripts' XADD: stream id "0-(n+1)" for sequence number n, so
+    that XREAD after "0-(N+1)" is exactly "starting_after=N"."""
+    entries: list[Any] = []
+    for event in events:
+        entries += [f"0-{event['sequence_number'] + 1}", orjson.dumps(event)]
+    return entries
 
 
 @contextlib.contextmanager

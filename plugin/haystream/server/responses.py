@@ -60,6 +60,8 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 CANCEL_WAIT_SECONDS = 10.0
+#: Waits between attempts to store a background response's end while the store is unavailable: doubling up to this.
+END_RETRY_MAX_SECONDS = 30.0
 
 
 class ResponseRun:
@@ -96,14 +98,18 @@ class ResponseRun:
         self._secrets = secrets
         self._saved_final = False
         self.deleted = False  # a DELETE while running: nothing may store the record again
+        self._started = False  # the run's task has taken its first step
+        self._stop_at_start = False  # stopped before that: it ends (and stores its end) at its first step
+        self._store_end_now: asyncio.Event | None = None  # while its end waits for the store: set to try at once
 
     @property
     def id(self) -> str:
         """The response id."""
         return self.events.id
 
-    async def save(self) -> None:
-        """Store the record as it stands (with the conversation once the response is done)."""
+    async def save(self, events: Sequence[Any] = ()) -> None:
+        """Store the record as it stands (with the conversation once the response is done), and with it those of
+        `events` that its stored log keeps (see `ResponseStore.save`)."""
         if not self.request.store or self.deleted:
             return
         response = snapshot(self.events.response)
@@ -113,6 +119,7 @@ class ResponseRun:
         await self._store.save(
             StoredResponse(self.key_id, response, messages, self._input_items),
             self.log if self.request.background else None,
+            self._kept(events),
         )
 
     async def run(self) -> None:
@@ -120,7 +127,10 @@ class ResponseRun:
         items: AsyncIterator[Any] | None = None
         first_item: asyncio.Future[list[Any]] | None = None
         mapper = DeltaMapper()
+        self._started = True
         try:
+            if self._stop_at_start:
+                raise asyncio.CancelledError  # see `stop`
             if self.request.background:
                 await self._emit(self.events.started())
                 await self.save()  # in_progress for a GET on another replica too, not queued until the end
@@ -141,6 +151,9 @@ class ResponseRun:
                     await self._feed(mapper, item)
             await self._emit(self.events.finish(*mapper.finish()))
         except asyncio.CancelledError:
+            if self.log.ended:  # it had ended; the shutdown gave up storing its end (the store was unavailable)
+                logger.error("response %s: its end was not stored (the store is unavailable)", self.id)
+                raise
             if first_item is not None and not first_item.done():
                 first_item.cancel()
                 await asyncio.wait({first_item})  # let the wrapper unwind before its iterator is closed
@@ -174,7 +187,24 @@ class ResponseRun:
         self.shutdown = shutdown_error(
             f"The server shut down before the response was complete (request id {self._request_id})."
         )
-        _stop(task)
+        self.stop(task)
+
+    def stop(self, task: asyncio.Task[None]) -> None:
+        """Stop this run (running in `task`): a cancel, a delete, the shutdown (`self.shutdown` set first).
+
+        A task cancelled before its first step never runs its code, so a run not yet started is told instead and
+        ends at its first step as if cancelled there: cancelled, its background response stayed `queued` (stored,
+        running, outside its key's bounds) until the TTL, and its place among the streams stayed taken. A run that
+        has ended and waits to store its end tries again at once (a cancel or delete has just reached the store)
+        and goes on trying, but for the shutdown, which ends it."""
+        if not self._started:
+            self._stop_at_start = True
+        elif self._store_end_now is None:
+            _stop(task)
+        elif self.shutdown is None:
+            self._store_end_now.set()
+        else:
+            task.cancel()  # even while it unwinds from a cancel: it waits for the store in its unwinding
 
     async def _fail(self, failure: OpenAIError) -> None:
         """End with `failure`: an HTTP error if nothing was sent yet, else `response.failed` (stored, logged)."""
@@ -223,23 +253,57 @@ class ResponseRun:
             await self._emit(events)
 
     async def _emit(self, events: list[Any]) -> None:
-        ending = bool(events) and events[-1]["type"] in TERMINAL_EVENTS
-        if ending:
-            # Stored before anyone can see the end: a GET after the terminal event finds the final response.
-            self._saved_final = True
-            await self.save()
-        elif self.request.store and not self.log.events:
+        if events and events[-1]["type"] in TERMINAL_EVENTS:
+            await self._store_end(events)
+            return
+        if self.request.store and not self.log.events:
             # Stored as in progress before anyone sees it: a GET finds it, and a store that is down is then an
             # HTTP 503, not a stream that fails at once.
             await self.save()
         self.log.append(events)
-        if self.request.store and self.request.background:
-            # Only a background response's events are kept: it is the one a client can resume (as with OpenAI).
-            # A foreground response's log would hold ~0.4 KB per token for the whole TTL, for nobody. Extension lines
-            # are for the client that asked only: a resume may come from any client.
-            kept = [event for event in events if not is_extension(event)]
-            if kept:
-                await self._store.append(self.id, self.key_id, kept)
+        kept = self._kept(events)
+        if kept:
+            await self._store.append(self.id, self.key_id, kept)
+
+    async def _store_end(self, events: list[Any]) -> None:
+        """Store the final record with its last events (one step), then end the log with them: stored before anyone
+        can see the end, so that a GET after the terminal event finds the final response.
+
+        A background response whose end the store does not take (Redis unreachable) ends here at once (its followers
+        in this process get the end) and its end is stored again and again, waiting longer each time, until it is
+        stored (or deleted, or the shutdown ends the run, which stores nothing more): its record, `in_progress`
+        meanwhile, is read on every replica, and a resume there follows it to its end once stored. A foreground one
+        fails (`_fail`): its client is waiting for it."""
+        self._saved_final = True
+        wait = 0.5
+        while True:
+            try:
+                await self.save(events)
+                break
+            except StoreUnavailable:
+                if not self.request.background or self.shutdown is not None:
+                    raise
+            if not self.log.ended:
+                self.log.append(events)
+                logger.warning("response %s: its end could not be stored; storing it again until it is", self.id)
+            self._store_end_now = now = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await now.wait()  # see `stop`
+            wait = min(wait * 2, END_RETRY_MAX_SECONDS)
+        self._store_end_now = None
+        if self.log.ended:
+            logger.warning("response %s: its end is stored", self.id)
+        else:
+            self.log.append(events)
+
+    def _kept(self, events: Sequence[Any]) -> list[Any]:
+        """Those of `events` that the stored log keeps. Only a background response's events are kept: it is the one
+        a client can resume (as with OpenAI). A foreground response's log would hold ~0.4 KB per token for the whole
+        TTL, for nobody. Extension lines are for the client that asked only: a resume may come from any client."""
+        if not (self.request.store and self.request.background):
+            return []
+        return [event for event in events if not is_extension(event)]
 
 
 class ResponsesEndpoint:
@@ -391,7 +455,8 @@ class ResponsesEndpoint:
                 events = local[0].log.follow(after, self._keepalive)
             else:  # a run elsewhere (or ended): the shutdown must end this stream itself
                 events = self.store.follow(id, after, self._keepalive)
-            await run_until_disconnect(self._stream(send, events, extensions=False, follower=local is None), receive)
+            stream = self._stream(send, events, extensions=False, follower=local is None, after=after)
+            await run_until_disconnect(stream, receive)
 
     async def input_items(self, id: str, key_id: str, query: bytes, send: Send) -> None:
         """`GET /v1/responses/{id}/input_items`: a page of the items the response was created with (`after`,
@@ -425,7 +490,7 @@ class ResponsesEndpoint:
             raise _not_found(id)
         if local is not None:
             local[0].deleted = True  # its cancellation must not store it again
-            _stop(local[1])
+            local[0].stop(local[1])
         await send_json(send, 200, {"id": id, "object": "response.deleted", "deleted": True})
 
     async def cancel(self, id: str, key_id: str, send: Send, *, admission: Admission) -> None:
@@ -440,7 +505,7 @@ class ResponsesEndpoint:
         if record.response["status"] in RUNNING_STATUSES:
             local = self._runs.get(id)
             if local is not None:
-                _stop(local[1])
+                local[0].stop(local[1])
                 await asyncio.wait({local[1]})
             else:
                 await self.store.request_cancel(id)
@@ -475,10 +540,10 @@ class ResponsesEndpoint:
     async def _start_background(self, run: ResponseRun, admission: Admission) -> None:
         admission.__enter__()  # held until the run ends, not until this request ends
         try:
-            run.log.append(run.events.created())
-            # The record first: the store keeps events only for a record it holds (and counts them in its key's size).
-            await run.save()
-            await self.store.append(run.id, run.key_id, run.log.events)
+            created = run.events.created()
+            # With the record: the store keeps events only for a record it holds (and counts them in its key's size).
+            await run.save(created)
+            run.log.append(created)
         except BaseException:
             admission.__exit__(None, None, None)
             raise
@@ -517,17 +582,24 @@ class ResponsesEndpoint:
         await send_json(send, 200, response)
 
     async def _stream(
-        self, send: Send, events: AsyncIterator[Batch], *, extensions: bool, follower: bool = False
+        self,
+        send: Send,
+        events: AsyncIterator[Batch],
+        *,
+        extensions: bool,
+        follower: bool = False,
+        after: int = -1,
     ) -> None:
         """Send a log's events as SSE, pinging when idle; a client that reads nothing is dropped. `extensions`: with
         the log's extension lines (the run's own client, which the run made them for; not a resume). `follower`: the
-        events come from a run that the shutdown does not end here, so the shutdown ends the stream itself."""
+        events come from a run that the shutdown does not end here, so the shutdown ends the stream itself. `after`:
+        the sequence number the events start after (a resume's `starting_after`)."""
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         task = asyncio.current_task()
         assert task is not None
         if follower:
             self._followers.add(task)
-        sequence_number = -1
+        sequence_number = after  # the last event the client has: from the stream, or before it (a resume)
         ended_by: OpenAIError | None = None
         try:
             async for batch in events:
@@ -562,12 +634,15 @@ class ResponsesEndpoint:
                 f"with starting_after={sequence_number}."
             )
         if ended_by is not None:
+            # Not an event of the log, so no number of its own: it repeats the last event's (as an extension line
+            # does). With the next event's number, a client resuming with the last number it saw (the SDK's
+            # `starting_after`, Open WebUI) skipped that event.
             error_event = {
                 "type": "error",
                 "code": ended_by.code,
                 "message": ended_by.message,
                 "param": None,
-                "sequence_number": sequence_number + 1,
+                "sequence_number": sequence_number,
             }
             await send({"type": "http.response.body", "body": event_frame(error_event), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -575,7 +650,7 @@ class ResponsesEndpoint:
     def _cancel_local(self, id: str) -> None:
         local = self._runs.get(id)
         if local is not None:
-            _stop(local[1])
+            local[0].stop(local[1])
 
 
 def _stop(run: asyncio.Task[None]) -> None:
