@@ -1,5 +1,5 @@
 """What a write to the Redis response store costs as one API key's stored responses grow, and how much memory Redis
-uses per byte the per-key size bound counts.
+uses per byte the per-key size bound counts; and what appending a streamed event to a running response costs.
 
     redis-server --port 6390 --save '' --appendonly no &
     python bench/bench_response_store.py redis://127.0.0.1:6390/15     # flushes that database first
@@ -45,6 +45,21 @@ async def save_cost(store: RedisStore, direct: redis.Redis, key_id: str) -> tupl
     return statistics.median(times) * 1e6, in_redis
 
 
+async def append_cost(store: RedisStore, direct: redis.Redis) -> tuple[float, float]:
+    """Median client round trip and Redis CPU per append of one event to a running response's log, in µs (what a
+    background response pays per streamed event)."""
+    await store.save(response("appending", "resp_appending", "", "in_progress"))
+    delta = {"type": "response.output_text.delta", "delta": "tok ", "item_id": "msg_0123456789abcdef"}
+    direct.config_resetstat()
+    times = []
+    for n in range(TIMED):
+        start = time.perf_counter()
+        await store.append("resp_appending", "appending", [{**delta, "sequence_number": n}])
+        times.append(time.perf_counter() - start)
+    in_redis = direct.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+    return statistics.median(times) * 1e6, in_redis
+
+
 async def memory_per_counted_byte(store: RedisStore, direct: redis.Redis) -> None:
     cases = (("small", 5_000, "x" * 300, 0), ("large", 200, "x" * 40_000, 0), ("background", 50, "x" * 100, 500))
     for key_id, count, text, events in cases:
@@ -76,6 +91,8 @@ async def main(url: str) -> None:
         await fill(bounded, "bounded", 1_000)
         client, in_redis = await save_cost(bounded, direct, "bounded")
         print(f"  at the bound (1,000), each save dropping one: {client:5.0f} µs, {in_redis:5.1f} µs in Redis")
+        client, in_redis = await append_cost(unbounded, direct)
+        print(f"append of one event to a running response: {client:5.0f} µs, {in_redis:5.1f} µs in Redis")
     finally:
         await unbounded.close()
         await bounded.close()
