@@ -244,3 +244,49 @@ def test_a_response_whose_replica_died_is_reported_failed_by_the_next_reader(ups
         index = "haystream:responses:key:anonymous"
         assert redis.zscore(f"{index}:finished", created.id) is not None  # within its key's bounds again
         assert redis.zscore(f"{index}:running", created.id) is None
+
+
+@pytest.mark.parametrize("owner_then", ["writes", "holds"])
+def test_a_replica_alive_after_all_ends_its_taken_over_response_as_the_store_does(upstream, redis_url, owner_then):
+    """A replica that gave no sign of life for a lease (its renewals lost: Redis out of its reach, the renewal task
+    gone) while its run held still had its response taken over by a reader elsewhere: `failed` (`replica_lost`) in
+    the store. Back, it was not told: its run went on for nobody (the store dropped its events without a word) and
+    its own followers saw `response.completed`, an end no other replica would ever show. Now the taker tells it (a
+    cancel), and a write the store refuses tells it too: either way its run stops and ends as stored."""
+    with (
+        serving(upstream, pipelines_dir=str(OPS_WRAPPERS), redis_url=redis_url) as owning,
+        serving(upstream, pipelines_dir=str(OPS_WRAPPERS), redis_url=redis_url) as reading,
+        sdk(owning) as a,
+        sdk(reading) as b,
+        redis_client(redis_url) as redis,
+    ):
+        scenario = held()
+        created = a.responses.create(model="scenario", input=scenario, background=True)
+        record = upstream.wait_for_requests(1, model=scenario)[0]
+        followed = iter(a.responses.retrieve(created.id, stream=True))  # on the owner: its local log
+        seen = until_first_text(followed)
+        store = endpoint(owning).store
+        on_loop(owning, store._lease.cancel)  # no renewal from here on, as if Redis were out of its reach
+        if owner_then == "writes":  # nor are cancels heard: its run finds out when it writes
+            on_loop(owning, store._listener.cancel)
+        redis.delete(f"haystream:responses:replica:{store.owner}")  # and the lease ran out
+        with heard("another replica reported it failed") as told:
+            assert b.responses.retrieve(created.id).status == "failed"  # taken over by this reader
+            if owner_then == "writes":
+                record.release()
+            rest = []
+            with pytest.raises(openai.APIError) as failed:  # the SDK raises on `response.failed`
+                rest += followed
+            assert told.wait_for(1)
+        record.release()
+        # Its run stopped at its first write after the takeover (that write's events are in its log here only).
+        assert len([event for event in rest if event.type == "response.output_text.delta"]) <= 1
+        assert failed.value.code == "replica_lost"  # this replica's stream ends as the store says
+        stored = b.responses.retrieve(created.id)
+        assert stored.status == "failed"
+        assert stored.output_text == "t0 "  # what the owner wrote after the takeover was not added
+        logged = [orjson.loads(fields[b"e"]) for _, fields in redis.xrange(f"haystream:responses:{created.id}:events")]
+        assert [event["type"] for event in logged].count("response.failed") == 1
+        assert logged[-1]["type"] == "response.failed"
+        assert [event["sequence_number"] for event in logged] == list(range(len(logged)))
+        assert seen[-1].sequence_number < logged[-1]["sequence_number"]

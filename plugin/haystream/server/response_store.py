@@ -57,6 +57,27 @@ class ResponseGone(OpenAIError):
         )
 
 
+class ResponseTakenOver(Exception):
+    """Another replica took this replica's running response over (its lease had expired: see `RedisStore`) and
+    stored it failed: its run, alive after all, must stop and end as the store says (`failure`)."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"response {id} was taken over by another replica")
+        self.failure = replica_lost()
+
+
+def replica_lost() -> OpenAIError:
+    """Why a response taken over from a replica that gave no sign of life failed."""
+    return OpenAIError(
+        503,
+        f"The replica that ran this response stopped without ending it: it gave no sign of life for "
+        f"{RedisStore.OWNER_LEASE_SECONDS:g}s (it crashed, was killed, or lost the response store). The output so far "
+        "is kept.",
+        type="server_error",
+        code="replica_lost",
+    )
+
+
 @dataclass
 class StoredResponse:
     """One stored response: whose it is, the `response` object, the conversation up to and including it, and its own
@@ -129,7 +150,8 @@ class ResponseStore(Protocol):
     ) -> None:
         """Create or replace a record (`log`: the run's local event log, which the memory store keeps); past its key
         id's bounds, drop that key's oldest finished records. `events` go into its log in the same step: stored
-        together, or neither (a finished record whose log lacks its terminal event left a resume waiting for it)."""
+        together, or neither (a finished record whose log lacks its terminal event left a resume waiting for it).
+        `ResponseTakenOver` if another replica stored it failed meanwhile (Redis only)."""
 
     async def get(self, id: str, key_id: str) -> StoredResponse | None:
         """The record if it exists, has not expired, and belongs to `key_id`."""
@@ -139,7 +161,7 @@ class ResponseStore(Protocol):
 
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
         """Add events to the log of `key_id`'s response `id` (counted in the key's size; nothing once the record is
-        gone)."""
+        gone); `ResponseTakenOver` if another replica stored it failed meanwhile (Redis only)."""
 
     def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         """Replay the events after `after`, then follow live until a terminal event (`ResponseGone` if the response
@@ -377,10 +399,12 @@ _SAVE = (
     + """
 local id, payload, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]) * 1000
 local max_stored, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
--- Deleted while it ran: its run (on any replica, told too late or not at all) must not store it again; taken over
--- (its owner gave no sign of life): its owner, alive after all, must not store it again either.
+-- Deleted while it ran: its run (on any replica, told too late or not at all) must not store it again (-1); taken
+-- over (its owner gave no sign of life): its owner, alive after all, must not store it again either, and is told
+-- (-3: it stops, and ends as stored).
 local taken = prefix .. id .. ':taken'
-if redis.call('EXISTS', prefix .. id .. ':deleted') == 1 or redis.call('EXISTS', taken) == 1 then return -1 end
+if redis.call('EXISTS', prefix .. id .. ':deleted') == 1 then return -1 end
+if redis.call('EXISTS', taken) == 1 then return -3 end
 if ARGV[9] ~= '' then
   -- A takeover, only of a record still running, whose owner still gives no sign of life, and whose log has not
   -- grown since the taker read it (nobody else took it over or ended it meanwhile).
@@ -446,14 +470,14 @@ return dropped
 )
 
 # ARGV: prefix, id, TTL in seconds, the writing replica's id, the length of its lease in ms, then a stream id and an
-# event's JSON per event. A record that is gone (deleted,
-# dropped, expired) gets no events: they would be a log without a record, uncounted, for a TTL.
+# event's JSON per event. A record that is gone (deleted, dropped, expired) gets no events: they would be a log
+# without a record, uncounted, for a TTL (0). One taken over gets none either, and its writer is told (-1).
 _APPEND = (
     _INDEX
     + """
 local id = ARGV[2]
 if redis.call('HEXISTS', sizes, id) == 0 then return 0 end
-if redis.call('EXISTS', prefix .. id .. ':taken') == 1 then return 0 end  -- its end is written (see _SAVE)
+if redis.call('EXISTS', prefix .. id .. ':taken') == 1 then return -1 end  -- its end is written (see _SAVE)
 alive(ARGV[4], tonumber(ARGV[5]))
 add_events(id, 6, tonumber(ARGV[3]) * 1000)
 return 1
@@ -572,7 +596,9 @@ class RedisStore:
         self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
     ) -> None:
         with self._reachable():
-            await self._write(record, events)
+            written = await self._write(record, events)
+        if written == -3:
+            raise ResponseTakenOver(record.response["id"])
 
     async def _write(self, record: StoredResponse, events: Sequence[Mapping[str, Any]], taking: str = "") -> int:
         """Run `_SAVE` (`taking`: for a takeover, the log's last stream id as read); what it returned."""
@@ -625,14 +651,7 @@ class RedisStore:
         response = record.response
         if logged:
             response = {**response, "output": output_of(orjson.loads(fields[b"e"]) for _, fields in logged)}
-        failure = OpenAIError(
-            503,
-            f"The replica that ran this response stopped without ending it: it gave no sign of life for "
-            f"{self.OWNER_LEASE_SECONDS:g}s (it crashed, was killed, or lost the response store). The output so far "
-            "is kept.",
-            type="server_error",
-            code="replica_lost",
-        )
+        failure = replica_lost()
         response = abandoned(response, failure)
         events: list[dict[str, Any]] = []
         if response.get("background"):  # the only responses whose events are kept
@@ -642,6 +661,9 @@ class RedisStore:
         failed = StoredResponse(record.key_id, response, record.messages, record.input_items)
         if await self._write(failed, events, taking=top) >= 0:
             logger.warning("response %s: its replica gave no sign of life; stored as failed", id)
+            # Its replica may be alive after all (Redis was out of its reach): told, its run stops now, not at its
+            # next write, which may be far off (a long first token) or never come.
+            await self._redis.publish(self.CANCEL_CHANNEL, id)
         return True
 
     async def delete(self, id: str, key_id: str) -> bool:
@@ -656,7 +678,9 @@ class RedisStore:
         entries = _stream_entries(events)
         with self._reachable():
             arguments = [self._prefix, id, self.ttl, self.owner, self._lease_ms, *entries]
-            await self._append(keys=self._index(key_id), args=arguments)
+            added = await self._append(keys=self._index(key_id), args=arguments)
+        if added == -1:
+            raise ResponseTakenOver(id)
 
     async def follow(self, id: str, after: int, idle: float) -> AsyncGenerator[Batch, None]:
         log = self._log(id)

@@ -48,8 +48,10 @@ from haystream.server.response_store import (
     EventLog,
     ResponseGone,
     ResponseStore,
+    ResponseTakenOver,
     StoredResponse,
     StoreUnavailable,
+    abandoned,
 )
 
 logger = logging.getLogger("haystream.server")
@@ -167,6 +169,9 @@ class ResponseRun:
             assert task is not None
             task.uncancel()
             await self._fail(self.shutdown)
+        except ResponseTakenOver as taken:  # an event it wrote was refused: the store says it failed
+            self._saved_final = True
+            self._end_taken_over(taken.failure)
         except Exception as error:
             await self._fail(failure_error(error, self._request_id, self._secrets))
         finally:
@@ -280,6 +285,10 @@ class ResponseRun:
             try:
                 await self.save(events)
                 break
+            except ResponseTakenOver as taken:
+                self._store_end_now = None
+                self._end_taken_over(taken.failure, events)
+                return
             except StoreUnavailable:
                 if not self.request.background or self.shutdown is not None:
                     raise
@@ -296,6 +305,25 @@ class ResponseRun:
             logger.warning("response %s: its end is stored", self.id)
         else:
             self.log.append(events)
+
+    def _end_taken_over(self, failure: OpenAIError, ending: Sequence[Any] = ()) -> None:
+        """Another replica took this run's response over (this replica gave no sign of life for a lease: Redis was
+        out of its reach) and stored it failed: the run stops, and its log here ends with `response.failed` as the
+        store's does, not with an end (`ending`, its terminal events unwritten) that no other replica shows. Its
+        numbers go on from this log's, which may hold events the store refused after the takeover."""
+        self.failure = failure
+        if self.log.ended:  # its end, stored nowhere, was already seen here (see `_store_end`)
+            logger.error("response %s: its end was not stored: another replica reported it failed", self.id)
+            return
+        logger.warning("response %s: another replica reported it failed; its run stops", self.id)
+        if ending:
+            last = ending[-1]
+            response = abandoned(last["response"], failure)
+            error = dict(failure.to_dict()["error"])
+            lost = {"type": "response.failed", "sequence_number": last["sequence_number"], "response": response}
+            self.log.append([*ending[:-1], {**lost, "error": error}])
+        else:
+            self.log.append(self.events.fail(failure))
 
     def _kept(self, events: Sequence[Any]) -> list[Any]:
         """Those of `events` that the stored log keeps. Only a background response's events are kept: it is the one
