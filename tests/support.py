@@ -119,7 +119,8 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         assert self.binary is not None and self._process is None
-        options = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._workdir.name]
+        # Tests take a fresh database each (`fresh_database`): more than Redis' default 16.
+        options = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._workdir.name, "--databases", "64"]
         self._process = subprocess.Popen(
             [self.binary, *options, "--save", "", "--appendonly", "no"],
             stdout=subprocess.PIPE,

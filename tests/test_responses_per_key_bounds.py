@@ -16,7 +16,7 @@ import openai
 import orjson
 import pytest
 
-from haystream.server.response_store import EventLog, MemoryStore, RedisStore, StoredResponse
+from haystream.server.response_store import EventLog, MemoryStore, RedisStore, ResponseTakenOver, StoredResponse
 from support import RedisServer, redis_client, start_server, unique
 
 # See tests/test_responses.py: servers started after the session's use the sync wrapper.
@@ -335,6 +335,31 @@ async def test_a_running_record_whose_replica_died_is_dropped_to_make_room(redis
     finally:
         await dead.close()
         await live.close()
+
+
+async def test_a_replica_alive_after_all_cannot_bring_back_its_dropped_running_record(redis):
+    """A replica cut off from Redis for longer than its lease is only taken for dead: its running record, dropped to
+    make room, came back whole at its next save (its end, stored once Redis was back), over a log holding only its
+    last events, and its writes before that were dropped without a word, its run going on for nobody. Now its
+    writes are refused and it is told (`ResponseTakenOver`): its run stops, and the record stays dropped."""
+    url = fresh_database(redis)
+    cut_off = RedisStore(url, 60, max_stored=1, max_bytes=10**9, owner="cut-off")
+    other = RedisStore(url, 60, max_stored=1, max_bytes=10**9, owner="other")
+    try:
+        await cut_off.save(record(FLOOD, "resp_dropped", status="in_progress"))
+        with redis_client(url) as direct:
+            direct.delete("haystream:responses:replica:cut-off")  # its lease ran out
+        await other.save(record(FLOOD, "resp_new"))
+        assert await other.get("resp_dropped", FLOOD) is None
+        with pytest.raises(ResponseTakenOver):
+            await cut_off.append("resp_dropped", FLOOD, [{"type": "response.in_progress", "sequence_number": 1}])
+        with pytest.raises(ResponseTakenOver):
+            await cut_off.save(record(FLOOD, "resp_dropped", status="completed"))
+        assert await other.get("resp_dropped", FLOOD) is None
+        assert await other.get("resp_new", FLOOD) is not None  # not dropped for it either
+    finally:
+        await cut_off.close()
+        await other.close()
 
 
 @pytest.mark.parametrize("id", ["resp_x:events", f"key:{FLOOD}:sizes", f"key:{FLOOD}:finished"])

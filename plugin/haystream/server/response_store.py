@@ -59,7 +59,8 @@ class ResponseGone(OpenAIError):
 
 class ResponseTakenOver(Exception):
     """Another replica took this replica's running response over (its lease had expired: see `RedisStore`) and
-    stored it failed: its run, alive after all, must stop and end as the store says (`failure`)."""
+    stored it failed, or dropped it past its key's bounds: its run, alive after all, must stop and end failed
+    (`failure`)."""
 
     def __init__(self, id: str) -> None:
         super().__init__(f"response {id} was taken over by another replica")
@@ -456,8 +457,13 @@ while redis.call('ZCARD', finished) + redis.call('ZCARD', running) > max_stored
   local oldest = redis.call('ZRANGE', finished, 0, 1)
   local victim = oldest[1]
   if victim == id then victim = oldest[2] end
-  victim = victim or abandoned_one()
-  if not victim then break end
+  if not victim then
+    victim = abandoned_one()
+    if not victim then break end
+    -- Its replica may be alive after all (cut off from Redis for that long): refused and told like a taken-over
+    -- one's, it stops, and its next save cannot bring the record back over a log reduced to its last events.
+    redis.call('SET', prefix .. victim .. ':taken', 1, 'PX', ttl)
+  end
   forget(victim)
   dropped = dropped + 1
 end
@@ -471,13 +477,14 @@ return dropped
 
 # ARGV: prefix, id, TTL in seconds, the writing replica's id, the length of its lease in ms, then a stream id and an
 # event's JSON per event. A record that is gone (deleted, dropped, expired) gets no events: they would be a log
-# without a record, uncounted, for a TTL (0). One taken over gets none either, and its writer is told (-1).
+# without a record, uncounted, for a TTL (0). One taken over (or dropped as abandoned) gets none either, and its writer
+# is told (-1).
 _APPEND = (
     _INDEX
     + """
 local id = ARGV[2]
+if redis.call('EXISTS', prefix .. id .. ':taken') == 1 then return -1 end  -- its end is written, or it was dropped
 if redis.call('HEXISTS', sizes, id) == 0 then return 0 end
-if redis.call('EXISTS', prefix .. id .. ':taken') == 1 then return -1 end  -- its end is written (see _SAVE)
 alive(ARGV[4], tonumber(ARGV[5]))
 add_events(id, 6, tonumber(ARGV[3]) * 1000)
 return 1
