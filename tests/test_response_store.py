@@ -333,3 +333,23 @@ async def test_a_cancel_that_waits_for_another_replicas_run_takes_a_place_among_
     finally:
         await crashed.close()
         redis.close()
+
+
+async def test_an_events_append_writes_no_lease(redis_url):
+    """A background stream's appends are the store's hot path (one per flush of events). Each renewed its replica's
+    lease too, one more write (replicated, in the AOF) per append for what a timer does once every ten seconds per
+    replica; the running record's saves still renew it."""
+    store = RedisStore(redis_url, 60, max_stored=10, max_bytes=10**9)  # not started: no renewal timer
+    try:
+        record = StoredResponse("key", {"id": "resp_hot", "status": "in_progress", "output": []})
+        await store.save(record)
+        with redis_client(redis_url) as redis:
+            lease = f"haystream:responses:replica:{store.owner}"
+            assert redis.exists(lease)  # a running record's save renews it
+            redis.delete(lease)
+            for number in range(1, 4):
+                await store.append("resp_hot", "key", [{"type": "response.in_progress", "sequence_number": number}])
+            assert not redis.exists(lease)
+            assert len(redis.xrange("haystream:responses:resp_hot:events")) == 3
+    finally:
+        await store.close()

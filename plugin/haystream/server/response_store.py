@@ -366,7 +366,7 @@ local function forget(id)
   redis.call('ZREM', running, id)
   redis.call('DEL', prefix .. id, prefix .. id .. ':events', prefix .. id .. ':owner')
 end
--- A replica that writes a running record or its events gives a sign of life: its lease (see RedisStore) is renewed.
+-- A replica that writes a running record gives a sign of life: its lease (see RedisStore) is renewed.
 local function alive(owner, lease_ms)
   redis.call('SET', prefix .. 'replica:' .. owner, 1, 'PX', lease_ms)
 end
@@ -475,18 +475,17 @@ return dropped
 """
 )
 
-# ARGV: prefix, id, TTL in seconds, the writing replica's id, the length of its lease in ms, then a stream id and an
-# event's JSON per event. A record that is gone (deleted, dropped, expired) gets no events: they would be a log
-# without a record, uncounted, for a TTL (0). One taken over (or dropped as abandoned) gets none either, and its writer
-# is told (-1).
+# ARGV: prefix, id, TTL in seconds, then a stream id and an event's JSON per event. A record that is gone (deleted,
+# dropped, expired) gets no events: they would be a log without a record, uncounted, for a TTL (0). One taken over
+# (or dropped as abandoned) gets none either, and its writer is told (-1). No lease renewal here: this is the hot
+# path of a background stream, and the timer renews it.
 _APPEND = (
     _INDEX
     + """
 local id = ARGV[2]
 if redis.call('EXISTS', prefix .. id .. ':taken') == 1 then return -1 end  -- its end is written, or it was dropped
 if redis.call('HEXISTS', sizes, id) == 0 then return 0 end
-alive(ARGV[4], tonumber(ARGV[5]))
-add_events(id, 6, tonumber(ARGV[3]) * 1000)
+add_events(id, 4, tonumber(ARGV[3]) * 1000)
 return 1
 """
 )
@@ -523,10 +522,10 @@ class RedisStore:
     replicas); the scripts name record keys they compute, so one Redis (or primary), not a Redis Cluster.
 
     Each replica holds a lease in Redis while it serves (renewed every third of `OWNER_LEASE_SECONDS`, and by each
-    write of a running record or of events), and its running records name it as their owner. A running record whose
-    owner's lease expired (the replica crashed, was killed, or lost Redis that long) is taken over by the first
-    replica that reads it (a `GET`, a resume, a follower's idle check; nothing scans for them): stored `failed` with
-    its `response.failed`, once, atomically.
+    save of a running record, not by each append of events: the hot path), and its running records name it as their
+    owner. A running record whose owner's lease expired (the replica crashed, was killed, or lost Redis that long) is
+    taken over by the first replica that reads it (a `GET`, a resume, a follower's idle check; nothing scans for
+    them): stored `failed` with its `response.failed`, once, atomically.
     """
 
     CANCEL_CHANNEL = "haystream:responses:cancel"
@@ -684,7 +683,7 @@ class RedisStore:
     async def append(self, id: str, key_id: str, events: Sequence[Mapping[str, Any]]) -> None:
         entries = _stream_entries(events)
         with self._reachable():
-            arguments = [self._prefix, id, self.ttl, self.owner, self._lease_ms, *entries]
+            arguments = [self._prefix, id, self.ttl, *entries]
             added = await self._append(keys=self._index(key_id), args=arguments)
         if added == -1:
             raise ResponseTakenOver(id)
@@ -786,6 +785,9 @@ class RedisStore:
                 wait = self.OWNER_LEASE_SECONDS / 3
             except self._errors:
                 wait = 1.0  # Redis is back soon: renew before a reader takes this replica's runs over
+            except Exception:  # a fault nobody foresaw must not end the renewals: this replica's runs would be lost
+                logger.exception("the renewal of this replica's lease in the response store failed")
+                wait = 1.0
             await asyncio.sleep(wait)
 
     async def close(self) -> None:
