@@ -246,6 +246,20 @@ def test_a_response_whose_replica_died_is_reported_failed_by_the_next_reader(ups
         assert redis.zscore(f"{index}:running", created.id) is None
 
 
+@contextlib.contextmanager
+def owner_and_reader(upstream, owner_url: str, reader_url: str):
+    """Two replicas on one Redis (the owner's URL may name another Redis user): the owning server, an SDK client of
+    each, and a Redis client."""
+    with (
+        serving(upstream, pipelines_dir=str(OPS_WRAPPERS), redis_url=owner_url) as owning,
+        serving(upstream, pipelines_dir=str(OPS_WRAPPERS), redis_url=reader_url) as reading,
+        sdk(owning) as a,
+        sdk(reading) as b,
+        redis_client(reader_url) as redis,
+    ):
+        yield owning, a, b, redis
+
+
 @pytest.mark.parametrize("owner_then", ["writes", "holds"])
 def test_a_replica_alive_after_all_ends_its_taken_over_response_as_the_store_does(upstream, redis_url, owner_then):
     """A replica that gave no sign of life for a lease (its renewals lost: Redis out of its reach, the renewal task
@@ -253,13 +267,7 @@ def test_a_replica_alive_after_all_ends_its_taken_over_response_as_the_store_doe
     the store. Back, it was not told: its run went on for nobody (the store dropped its events without a word) and
     its own followers saw `response.completed`, an end no other replica would ever show. Now the taker tells it (a
     cancel), and a write the store refuses tells it too: either way its run stops and ends as stored."""
-    with (
-        serving(upstream, pipelines_dir=str(OPS_WRAPPERS), redis_url=redis_url) as owning,
-        serving(upstream, pipelines_dir=str(OPS_WRAPPERS), redis_url=redis_url) as reading,
-        sdk(owning) as a,
-        sdk(reading) as b,
-        redis_client(redis_url) as redis,
-    ):
+    with owner_and_reader(upstream, redis_url, redis_url) as (owning, a, b, redis):
         scenario = held()
         created = a.responses.create(model="scenario", input=scenario, background=True)
         record = upstream.wait_for_requests(1, model=scenario)[0]
@@ -290,3 +298,56 @@ def test_a_replica_alive_after_all_ends_its_taken_over_response_as_the_store_doe
         assert logged[-1]["type"] == "response.failed"
         assert [event["sequence_number"] for event in logged] == list(range(len(logged)))
         assert seen[-1].sequence_number < logged[-1]["sequence_number"]
+
+
+def test_a_replica_cut_off_from_redis_past_its_lease_cannot_end_its_taken_over_response_twice(
+    upstream, redis_url, monkeypatch
+):
+    """The owner is really cut off (its Redis user turned off, its connections killed) while its run ends: its end
+    waits for Redis, its lease runs out, a reader elsewhere takes the response over, and then Redis lets the owner back
+    in. Its end must not be stored over the takeover's (one terminal event, `failed`), and it must not log that it
+    was: it logged "its end is stored" while Redis had refused it."""
+    monkeypatch.setattr(RedisStore, "OWNER_LEASE_SECONDS", 1.5)  # both replicas are in this process
+    database = redis_url.rsplit("/", 1)[1]
+    with redis_client(redis_url) as redis:
+        redis.execute_command("ACL", "SETUSER", "cutoff", "on", ">secret", "~*", "&*", "+@all")
+        redis.config_set("notify-keyspace-events", "Ex")
+    owner_url = redis_url.replace("redis://", "redis://cutoff:secret@")
+    try:
+        with owner_and_reader(upstream, owner_url, redis_url) as (owning, a, b, redis):
+            scenario = held(tokens=1)  # after its one token and the release, the run's only write is its end
+            created = a.responses.create(model="scenario", input=scenario, background=True)
+            record = upstream.wait_for_requests(1, model=scenario)[0]
+            until_first_text(iter(b.responses.retrieve(created.id, stream=True)))
+            lease = f"haystream:responses:replica:{endpoint(owning).store.owner}"
+            expired = redis.pubsub()
+            expired.subscribe(f"__keyevent@{database}__:expired")
+            assert expired.get_message(timeout=10)["type"] == "subscribe"
+            with (
+                heard("its end could not be stored") as waiting,
+                heard("its end was not stored: another replica reported it failed") as refused,
+                heard("its end is stored") as stored_claim,
+            ):
+                redis.execute_command("ACL", "SETUSER", "cutoff", "off")
+                redis.execute_command("CLIENT", "KILL", "USER", "cutoff")
+                record.release()
+                assert waiting.wait_for(1)
+                while (message := expired.get_message(timeout=10)) is None or message["data"] != lease.encode():
+                    assert message is not None, "the owner's lease did not run out"
+                assert b.responses.retrieve(created.id).status == "failed"  # taken over
+                redis.execute_command("ACL", "SETUSER", "cutoff", "on")  # the owner is let back in
+                assert refused.wait_for(1, timeout=30)
+                assert stored_claim.count == 0
+            expired.close()
+            stored = b.responses.retrieve(created.id)
+            assert stored.status == "failed"
+            assert stored.error is not None and "stopped without ending it" in stored.error.message
+            logged = [
+                orjson.loads(fields[b"e"]) for _, fields in redis.xrange(f"haystream:responses:{created.id}:events")
+            ]
+            assert [event["type"] for event in logged].count("response.failed") == 1
+            assert not {"response.completed", "response.cancelled"} & {event["type"] for event in logged}
+    finally:
+        with redis_client(redis_url) as redis:
+            redis.execute_command("ACL", "DELUSER", "cutoff")
+            redis.config_set("notify-keyspace-events", "")
