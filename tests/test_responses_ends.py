@@ -15,6 +15,7 @@ import openai
 import orjson
 import pytest
 
+from haystream.server import responses as responses_module
 from haystream.server.response_store import RedisStore, StoredResponse
 from support import OPS_WRAPPERS, ServerThread, redis_client, serving, sse, unique
 from test_drain import serving_process
@@ -300,6 +301,33 @@ def test_a_replica_alive_after_all_ends_its_taken_over_response_as_the_store_doe
         assert seen[-1].sequence_number < logged[-1]["sequence_number"]
 
 
+@contextlib.contextmanager
+def an_owner_to_cut_off(upstream, redis_url: str):
+    """A held one-token background response on an owner whose Redis user (its own) `cut(True)` turns off (its
+    connections killed: Redis out of its reach) and `cut(False)` lets back in, followed by a reader's resume past its
+    first text. Yields the owning server, the reader's client, a Redis client, the response, its upstream record and
+    `cut`; after its one token and the release, the run's only write is its end."""
+    with redis_client(redis_url) as redis:
+        redis.execute_command("ACL", "SETUSER", "cutoff", "on", ">secret", "~*", "&*", "+@all")
+
+    def cut(off: bool) -> None:
+        redis.execute_command("ACL", "SETUSER", "cutoff", "off" if off else "on")
+        if off:
+            redis.execute_command("CLIENT", "KILL", "USER", "cutoff")
+
+    try:
+        owner_url = redis_url.replace("redis://", "redis://cutoff:secret@")
+        with owner_and_reader(upstream, owner_url, redis_url) as (owning, a, b, redis):
+            scenario = held(tokens=1)
+            created = a.responses.create(model="scenario", input=scenario, background=True)
+            record = upstream.wait_for_requests(1, model=scenario)[0]
+            until_first_text(iter(b.responses.retrieve(created.id, stream=True)))
+            yield owning, b, redis, created, record, cut
+    finally:
+        with redis_client(redis_url) as redis:
+            redis.execute_command("ACL", "DELUSER", "cutoff")
+
+
 def test_a_replica_cut_off_from_redis_past_its_lease_cannot_end_its_taken_over_response_twice(
     upstream, redis_url, monkeypatch
 ):
@@ -309,18 +337,11 @@ def test_a_replica_cut_off_from_redis_past_its_lease_cannot_end_its_taken_over_r
     was: it logged "its end is stored" while Redis had refused it."""
     monkeypatch.setattr(RedisStore, "OWNER_LEASE_SECONDS", 1.5)  # both replicas are in this process
     database = redis_url.rsplit("/", 1)[1]
-    with redis_client(redis_url) as redis:
-        redis.execute_command("ACL", "SETUSER", "cutoff", "on", ">secret", "~*", "&*", "+@all")
+    with an_owner_to_cut_off(upstream, redis_url) as (owning, b, redis, created, record, cut):
+        lease = f"haystream:responses:replica:{endpoint(owning).store.owner}"
         redis.config_set("notify-keyspace-events", "Ex")
-    owner_url = redis_url.replace("redis://", "redis://cutoff:secret@")
-    try:
-        with owner_and_reader(upstream, owner_url, redis_url) as (owning, a, b, redis):
-            scenario = held(tokens=1)  # after its one token and the release, the run's only write is its end
-            created = a.responses.create(model="scenario", input=scenario, background=True)
-            record = upstream.wait_for_requests(1, model=scenario)[0]
-            until_first_text(iter(b.responses.retrieve(created.id, stream=True)))
-            lease = f"haystream:responses:replica:{endpoint(owning).store.owner}"
-            expired = redis.pubsub()
+        expired = redis.pubsub()
+        try:
             expired.subscribe(f"__keyevent@{database}__:expired")
             assert expired.get_message(timeout=10)["type"] == "subscribe"
             with (
@@ -328,26 +349,43 @@ def test_a_replica_cut_off_from_redis_past_its_lease_cannot_end_its_taken_over_r
                 heard("its end was not stored: another replica reported it failed") as refused,
                 heard("its end is stored") as stored_claim,
             ):
-                redis.execute_command("ACL", "SETUSER", "cutoff", "off")
-                redis.execute_command("CLIENT", "KILL", "USER", "cutoff")
+                cut(True)
                 record.release()
                 assert waiting.wait_for(1)
                 while (message := expired.get_message(timeout=10)) is None or message["data"] != lease.encode():
                     assert message is not None, "the owner's lease did not run out"
                 assert b.responses.retrieve(created.id).status == "failed"  # taken over
-                redis.execute_command("ACL", "SETUSER", "cutoff", "on")  # the owner is let back in
+                cut(False)  # the owner is let back in
                 assert refused.wait_for(1, timeout=30)
                 assert stored_claim.count == 0
+        finally:
             expired.close()
-            stored = b.responses.retrieve(created.id)
-            assert stored.status == "failed"
-            assert stored.error is not None and "stopped without ending it" in stored.error.message
-            logged = [
-                orjson.loads(fields[b"e"]) for _, fields in redis.xrange(f"haystream:responses:{created.id}:events")
-            ]
-            assert [event["type"] for event in logged].count("response.failed") == 1
-            assert not {"response.completed", "response.cancelled"} & {event["type"] for event in logged}
-    finally:
-        with redis_client(redis_url) as redis:
-            redis.execute_command("ACL", "DELUSER", "cutoff")
             redis.config_set("notify-keyspace-events", "")
+        stored = b.responses.retrieve(created.id)
+        assert stored.status == "failed"
+        assert stored.error is not None and "stopped without ending it" in stored.error.message
+        logged = [orjson.loads(fields[b"e"]) for _, fields in redis.xrange(f"haystream:responses:{created.id}:events")]
+        assert [event["type"] for event in logged].count("response.failed") == 1
+        assert not {"response.completed", "response.cancelled"} & {event["type"] for event in logged}
+
+
+def test_an_end_that_waits_for_redis_is_stored_once_redis_answers_again(upstream, redis_url, monkeypatch):
+    """A background response's end that Redis did not take waited between attempts, doubling up to 30 s: after an
+    outage, the record stayed `in_progress` (and resumes pinged) for up to 30 s more while Redis answered. Now the
+    replica's lease renewal, which tries every second while Redis is out of reach, wakes it when Redis is back."""
+    monkeypatch.setattr(responses_module, "END_RETRY_FIRST_SECONDS", 60.0)  # its next attempt: far off
+    monkeypatch.setattr(RedisStore, "OWNER_LEASE_SECONDS", 1.5)  # renewals every 0.5 s: the outage is seen at once
+    with an_owner_to_cut_off(upstream, redis_url) as (_, b, _redis, created, record, cut):
+        with (
+            heard("its end could not be stored") as waiting,
+            heard("lease in the response store (Redis) is not renewed") as lost,
+            heard("answers again: this replica's lease is renewed") as back,
+        ):
+            cut(True)
+            record.release()
+            assert waiting.wait_for(1) and lost.wait_for(1)
+            cut(False)
+            assert back.wait_for(1)  # its lease is renewed: no reader takes its response over
+        resumed = list(b.responses.retrieve(created.id, stream=True))  # 10 s of SDK timeout, not 60
+        assert resumed[-1].type == "response.completed"
+        assert b.responses.retrieve(created.id).status == "completed"

@@ -174,6 +174,10 @@ class ResponseStore(Protocol):
     async def start(self, on_cancel: Callable[[str], None]) -> None:
         """Begin serving (e.g. listen for cancel requests from other replicas)."""
 
+    def reachable_again(self) -> asyncio.Event:
+        """An event set when the store answers again after this replica found it unreachable (each outage its own
+        event: call again after it is set). Never set for a store that is always reachable."""
+
     async def close(self) -> None:
         """Release connections."""
 
@@ -251,6 +255,10 @@ class MemoryStore:
         self._records: OrderedDict[str, _MemoryEntry] = OrderedDict()  # every key's, in the order they expire
         self._shares: dict[str, _KeyShare] = {}
         self._on_cancel: Callable[[str], None] = lambda id: None
+        self._never = asyncio.Event()
+
+    def reachable_again(self) -> asyncio.Event:
+        return self._never
 
     async def save(
         self, record: StoredResponse, log: EventLog | None = None, events: Sequence[Mapping[str, Any]] = ()
@@ -588,6 +596,7 @@ class RedisStore:
         self._listening = asyncio.Event()
         self.owner = owner or uuid.uuid4().hex  # this replica, as the owner of the records of its runs
         self._lease: asyncio.Task[None] | None = None
+        self._back = asyncio.Event()  # see `reachable_again`: set by the lease's renewal after it failed
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -777,13 +786,27 @@ class RedisStore:
     async def _renew_lease(self) -> None:
         await self._redis.set(self._replica_key(self.owner), 1, px=self._lease_ms)
 
+    def reachable_again(self) -> asyncio.Event:
+        return self._back
+
     async def _keep_lease(self) -> None:
-        """Renew this replica's lease every third of its length: a timer, one write per replica, not per run."""
+        """Renew this replica's lease every third of its length: a timer, one write per replica, not per run. Its
+        first renewal after failing ones says that Redis is back (`reachable_again`): runs whose end waits for Redis
+        store it then, not at their next attempt, up to `END_RETRY_MAX_SECONDS` later."""
+        lost = False
         while True:
             try:
                 await self._renew_lease()
                 wait = self.OWNER_LEASE_SECONDS / 3
-            except self._errors:
+                if lost:
+                    logger.warning("the response store (Redis) answers again: this replica's lease is renewed")
+                    self._back.set()
+                    self._back = asyncio.Event()
+                lost = False
+            except self._errors as error:
+                if not lost:
+                    logger.warning("this replica's lease in the response store (Redis) is not renewed: %s", error)
+                lost = True
                 wait = 1.0  # Redis is back soon: renew before a reader takes this replica's runs over
             except Exception:  # a fault nobody foresaw must not end the renewals: this replica's runs would be lost
                 logger.exception("the renewal of this replica's lease in the response store failed")

@@ -62,7 +62,9 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 CANCEL_WAIT_SECONDS = 10.0
-#: Waits between attempts to store a background response's end while the store is unavailable: doubling up to this.
+#: Waits between attempts to store a background response's end while the store is unavailable: doubling from the
+#: first up to the last, or until the store answers again (`ResponseStore.reachable_again`).
+END_RETRY_FIRST_SECONDS = 0.5
 END_RETRY_MAX_SECONDS = 30.0
 
 
@@ -275,12 +277,12 @@ class ResponseRun:
         can see the end, so that a GET after the terminal event finds the final response.
 
         A background response whose end the store does not take (Redis unreachable) ends here at once (its followers
-        in this process get the end) and its end is stored again and again, waiting longer each time, until it is
-        stored (or deleted, or the shutdown ends the run, which stores nothing more): its record, `in_progress`
-        meanwhile, is read on every replica, and a resume there follows it to its end once stored. A foreground one
-        fails (`_fail`): its client is waiting for it."""
+        in this process get the end) and its end is stored again and again, waiting longer each time or until the
+        store answers again, until it is stored (or deleted, or the shutdown ends the run, which stores nothing more):
+        its record, `in_progress` meanwhile, is read on every replica, and a resume there follows it to its end once
+        stored. A foreground one fails (`_fail`): its client is waiting for it."""
         self._saved_final = True
-        wait = 0.5
+        wait = END_RETRY_FIRST_SECONDS
         while True:
             try:
                 await self.save(events)
@@ -296,9 +298,12 @@ class ResponseRun:
                 self.log.append(events)
                 logger.warning("response %s: its end could not be stored; storing it again until it is", self.id)
             self._store_end_now = now = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await now.wait()  # see `stop`
+            woken = [asyncio.ensure_future(now.wait()), asyncio.ensure_future(self._store.reachable_again().wait())]
+            try:
+                await asyncio.wait(woken, timeout=wait, return_when=asyncio.FIRST_COMPLETED)  # `now`: see `stop`
+            finally:
+                for waiting in woken:
+                    waiting.cancel()
             wait = min(wait * 2, END_RETRY_MAX_SECONDS)
         self._store_end_now = None
         if self.log.ended:
