@@ -209,8 +209,13 @@ class AccessLog:
                 duration_ms,
                 f" request_id={request_id}" if request_id else "",
             )
-            fields = {"client": where, "method": method, "path": path, "status": status or None}
-            fields["duration_ms"] = duration_ms
+            fields: dict[str, Any] = {
+                "client": where,
+                "method": method,
+                "path": path,
+                "status": status or None,
+                "duration_ms": duration_ms,
+            }
             if handler := _access_output.direct():
                 _access_output.write(handler, _ACCESS_LINE % args, fields)
             else:
